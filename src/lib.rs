@@ -1,0 +1,25 @@
+//! Stead: a CSI driver and dynamic provisioner for node-local volumes.
+//!
+//! Layers (see DESIGN.md): `storage` and `mount` know nothing of gRPC or
+//! Kubernetes; `csi` maps CSI requests onto storage; `registration` serves
+//! kubelet's plugin-registration API; `provisioner` turns claims into volumes
+//! and PersistentVolumes through kube-rs.
+
+pub mod proto {
+    //! Generated protocol code.
+    pub mod csi {
+        pub mod v1 {
+            #![allow(clippy::all, clippy::pedantic)]
+            tonic::include_proto!("csi.v1");
+        }
+    }
+    pub mod pluginregistration {
+        #![allow(clippy::all, clippy::pedantic)]
+        tonic::include_proto!("pluginregistration");
+    }
+}
+
+/// The CSI driver name, as registered with kubelet and named by StorageClasses.
+pub const DRIVER_NAME: &str = "stead.csi.dev";
+/// The topology key that pins a volume to its node.
+pub const TOPOLOGY_KEY: &str = "topology.stead.csi.dev/node";

@@ -1,0 +1,3 @@
+fn main() {
+    println!("stead {}", env!("CARGO_PKG_VERSION"));
+}
