@@ -23,3 +23,5 @@ pub mod proto {
 pub const DRIVER_NAME: &str = "stead.csi.dev";
 /// The topology key that pins a volume to its node.
 pub const TOPOLOGY_KEY: &str = "topology.stead.csi.dev/node";
+
+pub mod provisioner;

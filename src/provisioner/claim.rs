@@ -1,0 +1,391 @@
+//! Which claims this agent acts on, and the CreateVolume request a claim
+//! becomes. Pure functions of the objects: tested without a cluster.
+
+use std::collections::HashMap;
+
+use k8s_openapi::api::core::v1::PersistentVolumeClaim;
+
+use super::class::ClassSpec;
+use super::quantity;
+use crate::TOPOLOGY_KEY;
+use crate::proto::csi::v1::{
+    CapacityRange, CreateVolumeRequest, Topology, TopologyRequirement, VolumeCapability,
+    volume_capability::{self, AccessMode, AccessType, access_mode::Mode},
+};
+
+/// Set by the scheduler (WaitForFirstConsumer) or by a Stead agent that won
+/// an Immediate claim: the node whose agent provisions the claim.
+pub const ANN_SELECTED_NODE: &str = "volume.kubernetes.io/selected-node";
+/// Pre-1.26 way to name a claim's class; still honoured by Kubernetes.
+const ANN_BETA_CLASS: &str = "volume.beta.kubernetes.io/storage-class";
+
+/// The volume (and PV) name of a claim: `pvc-<uid>`.
+pub fn volume_name(pvc: &PersistentVolumeClaim) -> Option<String> {
+    pvc.metadata.uid.as_ref().map(|uid| format!("pvc-{uid}"))
+}
+
+/// The class a claim names, if any.
+pub fn class_name(pvc: &PersistentVolumeClaim) -> Option<&str> {
+    pvc.spec
+        .as_ref()
+        .and_then(|s| s.storage_class_name.as_deref())
+        .or_else(|| {
+            pvc.metadata
+                .annotations
+                .as_ref()?
+                .get(ANN_BETA_CLASS)
+                .map(String::as_str)
+        })
+        .filter(|s| !s.is_empty())
+}
+
+pub fn selected_node(pvc: &PersistentVolumeClaim) -> Option<&str> {
+    pvc.metadata
+        .annotations
+        .as_ref()?
+        .get(ANN_SELECTED_NODE)
+        .map(String::as_str)
+}
+
+/// What the agent on `node` does with a claim of a Stead class.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// Nothing to do here (with the reason, for the debug log).
+    Skip(&'static str),
+    /// Immediate binding and no node chosen yet: try to take it.
+    Claim,
+    /// This node is the claim's node: create the volume and the PV.
+    Provision,
+}
+
+/// Decides for a claim whose class is a Stead class (`class`).
+pub fn decide(pvc: &PersistentVolumeClaim, class: &ClassSpec, node: &str) -> Decision {
+    if pvc.metadata.deletion_timestamp.is_some() {
+        return Decision::Skip("claim is being deleted");
+    }
+    let spec = pvc.spec.as_ref();
+    if spec
+        .and_then(|s| s.volume_name.as_deref())
+        .is_some_and(|v| !v.is_empty())
+    {
+        return Decision::Skip("claim already names its volume");
+    }
+    if pvc.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Bound") {
+        return Decision::Skip("claim is bound");
+    }
+    match selected_node(pvc) {
+        Some(n) if n == node => Decision::Provision,
+        Some(_) => Decision::Skip("claim is assigned to another node"),
+        None if class.wait_for_first_consumer => Decision::Skip("waiting for the scheduler"),
+        None => Decision::Claim,
+    }
+}
+
+/// Why a claim cannot become a CreateVolume request.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ClaimError {
+    #[error("claim {claim}: {field} is missing")]
+    Missing { claim: String, field: &'static str },
+    #[error("claim {claim}: {field}: {reason}")]
+    Invalid {
+        claim: String,
+        field: &'static str,
+        reason: String,
+    },
+}
+
+pub fn claim_key(pvc: &PersistentVolumeClaim) -> String {
+    format!(
+        "{}/{}",
+        pvc.metadata.namespace.as_deref().unwrap_or(""),
+        pvc.metadata.name.as_deref().unwrap_or("")
+    )
+}
+
+/// The bytes a claim asks for (`requests.storage`) and its optional limit.
+pub fn requested_bytes(pvc: &PersistentVolumeClaim) -> Result<(i64, i64), ClaimError> {
+    let claim = claim_key(pvc);
+    let resources = pvc.spec.as_ref().and_then(|s| s.resources.as_ref());
+    let parse =
+        |field: &'static str,
+         q: Option<&k8s_openapi::apimachinery::pkg::api::resource::Quantity>| {
+            q.map(|q| {
+                quantity::to_bytes(&q.0).map_err(|e| ClaimError::Invalid {
+                    claim: claim.clone(),
+                    field,
+                    reason: e.to_string(),
+                })
+            })
+            .transpose()
+        };
+    let required = parse(
+        "spec.resources.requests.storage",
+        resources
+            .and_then(|r| r.requests.as_ref())
+            .and_then(|m| m.get("storage")),
+    )?
+    .ok_or_else(|| ClaimError::Missing {
+        claim: claim.clone(),
+        field: "spec.resources.requests.storage",
+    })?;
+    let limit = parse(
+        "spec.resources.limits.storage",
+        resources
+            .and_then(|r| r.limits.as_ref())
+            .and_then(|m| m.get("storage")),
+    )?
+    .unwrap_or(0);
+    Ok((required, limit))
+}
+
+/// Whether the claim wants a raw block device.
+pub fn is_block(pvc: &PersistentVolumeClaim) -> bool {
+    pvc.spec.as_ref().and_then(|s| s.volume_mode.as_deref()) == Some("Block")
+}
+
+/// Kubernetes access modes → CSI access modes. Node-local volumes serve one
+/// node, so the multi-node modes are refused here, before any volume exists.
+fn access_modes(pvc: &PersistentVolumeClaim) -> Result<Vec<Mode>, ClaimError> {
+    let claim = claim_key(pvc);
+    let modes = pvc
+        .spec
+        .as_ref()
+        .and_then(|s| s.access_modes.clone())
+        .unwrap_or_default();
+    if modes.is_empty() {
+        return Err(ClaimError::Missing {
+            claim,
+            field: "spec.accessModes",
+        });
+    }
+    modes
+        .iter()
+        .map(|m| match m.as_str() {
+            "ReadWriteOnce" => Ok(Mode::SingleNodeWriter),
+            "ReadWriteOncePod" => Ok(Mode::SingleNodeSingleWriter),
+            other => Err(ClaimError::Invalid {
+                claim: claim.clone(),
+                field: "spec.accessModes",
+                reason: format!(
+                    "{other} is not supported: Stead volumes are node-local (use ReadWriteOnce or ReadWriteOncePod)"
+                ),
+            }),
+        })
+        .collect()
+}
+
+/// The volume capabilities of a claim of `class`.
+pub fn capabilities(
+    pvc: &PersistentVolumeClaim,
+    class: &ClassSpec,
+) -> Result<Vec<VolumeCapability>, ClaimError> {
+    let access_type = if is_block(pvc) {
+        AccessType::Block(volume_capability::BlockVolume {})
+    } else {
+        AccessType::Mount(volume_capability::MountVolume {
+            fs_type: class.fs_type.clone().unwrap_or_default(),
+            mount_flags: class.mount_options.clone(),
+            volume_mount_group: String::new(),
+        })
+    };
+    Ok(access_modes(pvc)?
+        .into_iter()
+        .map(|mode| VolumeCapability {
+            access_mode: Some(AccessMode { mode: mode as i32 }),
+            access_type: Some(access_type.clone()),
+        })
+        .collect())
+}
+
+/// The topology segment that means "this node".
+pub fn node_topology(node: &str) -> Topology {
+    Topology {
+        segments: HashMap::from([(TOPOLOGY_KEY.to_string(), node.to_string())]),
+    }
+}
+
+/// The CreateVolume request for a claim of `class`, on `node`.
+pub fn create_request(
+    pvc: &PersistentVolumeClaim,
+    class: &ClassSpec,
+    node: &str,
+) -> Result<CreateVolumeRequest, ClaimError> {
+    let name = volume_name(pvc).ok_or_else(|| ClaimError::Missing {
+        claim: claim_key(pvc),
+        field: "metadata.uid",
+    })?;
+    if pvc
+        .spec
+        .as_ref()
+        .is_some_and(|s| s.data_source.is_some() || s.data_source_ref.is_some())
+    {
+        return Err(ClaimError::Invalid {
+            claim: claim_key(pvc),
+            field: "spec.dataSource",
+            reason: "Stead does not populate volumes from snapshots or other claims".into(),
+        });
+    }
+    let (required_bytes, limit_bytes) = requested_bytes(pvc)?;
+    Ok(CreateVolumeRequest {
+        name,
+        capacity_range: Some(CapacityRange {
+            required_bytes,
+            limit_bytes,
+        }),
+        volume_capabilities: capabilities(pvc, class)?,
+        parameters: class.csi_parameters().into_iter().collect(),
+        accessibility_requirements: Some(TopologyRequirement {
+            requisite: vec![node_topology(node)],
+            preferred: vec![node_topology(node)],
+        }),
+        ..Default::default()
+    })
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::provisioner::class::{self, tests::class as sc};
+    use k8s_openapi::api::core::v1::{
+        PersistentVolumeClaimSpec, PersistentVolumeClaimStatus, VolumeResourceRequirements,
+    };
+    use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
+    use std::collections::BTreeMap;
+
+    pub fn pvc(name: &str, size: &str, selected: Option<&str>) -> PersistentVolumeClaim {
+        PersistentVolumeClaim {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                namespace: Some("db".into()),
+                uid: Some("0a1b2c3d-0000-4000-8000-000000000001".into()),
+                annotations: selected
+                    .map(|n| BTreeMap::from([(ANN_SELECTED_NODE.to_string(), n.to_string())])),
+                ..Default::default()
+            },
+            spec: Some(PersistentVolumeClaimSpec {
+                access_modes: Some(vec!["ReadWriteOnce".into()]),
+                storage_class_name: Some("stead".into()),
+                resources: Some(VolumeResourceRequirements {
+                    requests: Some(BTreeMap::from([("storage".into(), Quantity(size.into()))])),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn wffc() -> ClassSpec {
+        class::parse(&sc(
+            "stead",
+            &[("pool", "image")],
+            "WaitForFirstConsumer",
+            "Delete",
+        ))
+        .unwrap()
+    }
+
+    fn immediate() -> ClassSpec {
+        class::parse(&sc("stead-now", &[], "Immediate", "Delete")).unwrap()
+    }
+
+    #[test]
+    fn wffc_claim_is_provisioned_only_by_the_selected_node() {
+        let c = wffc();
+        assert_eq!(
+            decide(&pvc("a", "1Gi", Some("n1")), &c, "n1"),
+            Decision::Provision
+        );
+        assert!(matches!(
+            decide(&pvc("a", "1Gi", Some("n2")), &c, "n1"),
+            Decision::Skip(_)
+        ));
+        assert!(matches!(
+            decide(&pvc("a", "1Gi", None), &c, "n1"),
+            Decision::Skip(_)
+        ));
+    }
+
+    #[test]
+    fn immediate_claim_without_node_is_claimed() {
+        let c = immediate();
+        assert_eq!(decide(&pvc("a", "1Gi", None), &c, "n1"), Decision::Claim);
+        assert_eq!(
+            decide(&pvc("a", "1Gi", Some("n1")), &c, "n1"),
+            Decision::Provision
+        );
+        assert!(matches!(
+            decide(&pvc("a", "1Gi", Some("n2")), &c, "n1"),
+            Decision::Skip(_)
+        ));
+    }
+
+    #[test]
+    fn bound_or_deleted_claims_are_left_alone() {
+        let c = wffc();
+        let mut bound = pvc("a", "1Gi", Some("n1"));
+        bound.status = Some(PersistentVolumeClaimStatus {
+            phase: Some("Bound".into()),
+            ..Default::default()
+        });
+        assert!(matches!(decide(&bound, &c, "n1"), Decision::Skip(_)));
+        let mut named = pvc("a", "1Gi", Some("n1"));
+        named.spec.as_mut().unwrap().volume_name = Some("pv-x".into());
+        assert!(matches!(decide(&named, &c, "n1"), Decision::Skip(_)));
+        let mut deleted = pvc("a", "1Gi", Some("n1"));
+        deleted.metadata.deletion_timestamp = Some(Time(Default::default()));
+        assert!(matches!(decide(&deleted, &c, "n1"), Decision::Skip(_)));
+    }
+
+    #[test]
+    fn create_request_carries_size_pool_mode_and_node() {
+        let req =
+            create_request(&pvc("db-vol-db-ss-0", "500Mi", Some("n1")), &wffc(), "n1").unwrap();
+        assert_eq!(req.name, "pvc-0a1b2c3d-0000-4000-8000-000000000001");
+        assert_eq!(req.capacity_range.unwrap().required_bytes, 500 << 20);
+        assert_eq!(
+            req.parameters.get("pool").map(String::as_str),
+            Some("image")
+        );
+        let cap = &req.volume_capabilities[0];
+        assert_eq!(cap.access_mode.unwrap().mode, Mode::SingleNodeWriter as i32);
+        assert!(matches!(cap.access_type, Some(AccessType::Mount(_))));
+        let topo = &req.accessibility_requirements.unwrap().requisite[0];
+        assert_eq!(
+            topo.segments.get(TOPOLOGY_KEY).map(String::as_str),
+            Some("n1")
+        );
+    }
+
+    #[test]
+    fn block_and_rwop_claims_map_to_block_and_single_writer() {
+        let mut p = pvc("raw", "64Mi", Some("n1"));
+        let spec = p.spec.as_mut().unwrap();
+        spec.volume_mode = Some("Block".into());
+        spec.access_modes = Some(vec!["ReadWriteOncePod".into()]);
+        let req = create_request(&p, &wffc(), "n1").unwrap();
+        let cap = &req.volume_capabilities[0];
+        assert_eq!(
+            cap.access_mode.unwrap().mode,
+            Mode::SingleNodeSingleWriter as i32
+        );
+        assert!(matches!(cap.access_type, Some(AccessType::Block(_))));
+    }
+
+    #[test]
+    fn multi_node_modes_and_bad_sizes_are_refused_naming_the_field() {
+        let mut p = pvc("shared", "1Gi", Some("n1"));
+        p.spec.as_mut().unwrap().access_modes = Some(vec!["ReadWriteMany".into()]);
+        let e = create_request(&p, &wffc(), "n1").unwrap_err();
+        assert!(e.to_string().contains("spec.accessModes"), "{e}");
+        assert!(e.to_string().contains("node-local"), "{e}");
+
+        let e = create_request(&pvc("bad", "lots", Some("n1")), &wffc(), "n1").unwrap_err();
+        assert!(
+            e.to_string().contains("spec.resources.requests.storage"),
+            "{e}"
+        );
+        assert!(e.to_string().contains("db/bad"), "{e}");
+    }
+}

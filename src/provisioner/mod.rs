@@ -1,0 +1,237 @@
+//! The provisioner inside every `stead node` agent: it turns the claims of
+//! Stead StorageClasses that land on its node into volumes and bound
+//! PersistentVolumes, deletes released volumes, reclaims leaks, and publishes
+//! the node's free capacity for the scheduler. It talks to Kubernetes only
+//! through kube-rs and to storage only through the CSI controller service.
+
+pub mod capacity;
+pub mod claim;
+pub mod class;
+pub mod client;
+pub mod ledger;
+pub mod pv;
+pub mod quantity;
+mod reclaim;
+mod reconcile;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::{FutureExt, StreamExt};
+use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
+use k8s_openapi::api::storage::v1::StorageClass;
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{Controller, WatchStreamExt, controller, watcher};
+use kube::{Api, Client, ResourceExt};
+use tokio::sync::Notify;
+
+use crate::proto::csi::v1::controller_server::Controller as CsiController;
+
+/// How the provisioner runs; every field has a flag in `stead node`.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// This agent's Kubernetes node name.
+    pub node: String,
+    /// Claims (and PVs) reconciled at once.
+    pub workers: u16,
+    /// Where the provisioner keeps its intents (see `ledger`).
+    pub state_dir: PathBuf,
+    /// Namespace of the CSIStorageCapacity objects.
+    pub capacity_namespace: String,
+    /// How often capacity is re-published when nothing changes.
+    pub capacity_interval: Duration,
+    /// How long a volume may stay without PV or claim before it is reclaimed.
+    pub leak_grace: Duration,
+    /// The agent's own pod, for owner references (downward API).
+    pub pod_name: Option<String>,
+    pub pod_namespace: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error(transparent)]
+    Ledger(#[from] ledger::LedgerError),
+    #[error("{op} of volume {volume} on node {node} failed: {code:?}: {message}")]
+    Csi {
+        op: &'static str,
+        volume: String,
+        node: String,
+        code: tonic::Code,
+        message: String,
+    },
+    #[error("watch of {0} ended")]
+    WatchEnded(&'static str),
+}
+
+/// What every reconcile needs.
+pub(crate) struct Ctx<C> {
+    client: Client,
+    csi: Arc<C>,
+    config: Config,
+    classes: Store<StorageClass>,
+    claims: Store<PersistentVolumeClaim>,
+    volumes: Store<PersistentVolume>,
+    recorder: Recorder,
+    ledger: ledger::Ledger,
+    capacity_changed: Arc<Notify>,
+    /// Consecutive failures per object uid, for backoff.
+    failures: Mutex<HashMap<String, u32>>,
+}
+
+impl<C> Ctx<C> {
+    /// Exponential backoff per object: 1 s, 2 s, 4 s … 5 min.
+    fn backoff(&self, uid: &str) -> Duration {
+        let mut failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        let n = failures.entry(uid.to_string()).or_insert(0);
+        *n = (*n + 1).min(9);
+        Duration::from_secs(1 << (*n - 1)).min(Duration::from_secs(300))
+    }
+
+    fn succeeded(&self, uid: &str) {
+        self.failures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(uid);
+    }
+}
+
+/// Runs the provisioner until `shutdown` resolves.
+pub async fn run<C, F>(
+    client: Client,
+    csi: Arc<C>,
+    config: Config,
+    shutdown: F,
+) -> Result<(), Error>
+where
+    C: CsiController,
+    F: std::future::Future<Output = ()> + Send + Sync + 'static,
+{
+    let ledger = ledger::Ledger::open(&config.state_dir)?;
+    let shutdown = shutdown.shared();
+
+    let (classes, class_writer) = reflector::store();
+    let class_events = reflector::reflector(
+        class_writer,
+        watcher(
+            Api::<StorageClass>::all(client.clone()),
+            watcher::Config::default(),
+        ),
+    )
+    .default_backoff()
+    .applied_objects();
+
+    let claims_ctrl = Controller::new(
+        Api::<PersistentVolumeClaim>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .with_config(controller::Config::default().concurrency(config.workers));
+    let claims = claims_ctrl.store();
+    // A StorageClass created (or fixed) after its claims re-triggers them.
+    let claims_of_class = claims.clone();
+    let claims_ctrl = claims_ctrl.watches(
+        Api::<StorageClass>::all(client.clone()),
+        watcher::Config::default(),
+        move |sc| {
+            let name = sc.name_any();
+            claims_of_class
+                .state()
+                .into_iter()
+                .filter(|c| claim::class_name(c) == Some(name.as_str()))
+                .map(|c| reflector::ObjectRef::from_obj(&*c))
+                .collect::<Vec<_>>()
+        },
+    );
+
+    let volumes_ctrl = Controller::new(
+        Api::<PersistentVolume>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .with_config(controller::Config::default().concurrency(config.workers));
+    let volumes = volumes_ctrl.store();
+
+    let reporter = Reporter {
+        controller: crate::DRIVER_NAME.to_string(),
+        instance: Some(
+            config
+                .pod_name
+                .clone()
+                .unwrap_or_else(|| config.node.clone()),
+        ),
+    };
+    let ctx = Arc::new(Ctx {
+        recorder: Recorder::new(client.clone(), reporter),
+        client,
+        csi,
+        config,
+        classes: classes.clone(),
+        claims,
+        volumes,
+        ledger,
+        capacity_changed: Arc::new(Notify::new()),
+        failures: Mutex::default(),
+    });
+
+    tracing::info!(
+        node = %ctx.config.node,
+        workers = ctx.config.workers,
+        "provisioner started"
+    );
+
+    let class_watch = {
+        let ctx = ctx.clone();
+        async move {
+            let mut events = std::pin::pin!(class_events);
+            while let Some(ev) = events.next().await {
+                match ev {
+                    Ok(sc) if class::is_stead(&sc) => ctx.capacity_changed.notify_one(),
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "StorageClass watch error"),
+                }
+            }
+        }
+    };
+    let claims_run = claims_ctrl
+        .graceful_shutdown_on(shutdown.clone())
+        .run(reconcile::reconcile, reconcile::error_policy, ctx.clone())
+        .for_each(|r| async move {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "claim reconcile");
+            }
+        });
+    let volumes_run = volumes_ctrl
+        .graceful_shutdown_on(shutdown.clone())
+        .run(reclaim::reconcile, reclaim::error_policy, ctx.clone())
+        .for_each(|r| async move {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "volume reconcile");
+            }
+        });
+    let capacity = capacity::run(ctx.clone());
+    let reaper = reclaim::reap_leaks(ctx.clone());
+
+    tokio::select! {
+        _ = async { tokio::join!(claims_run, volumes_run) } => {}
+        _ = class_watch => return Err(Error::WatchEnded("StorageClasses")),
+        r = capacity => r?,
+        r = reaper => r?,
+        _ = shutdown => {}
+    }
+    tracing::info!("provisioner stopped");
+    Ok(())
+}
+
+/// Maps a CSI status to the provisioner's error, naming the volume and node.
+pub(crate) fn csi_error(op: &'static str, volume: &str, node: &str, s: tonic::Status) -> Error {
+    Error::Csi {
+        op,
+        volume: volume.to_string(),
+        node: node.to_string(),
+        code: s.code(),
+        message: s.message().to_string(),
+    }
+}

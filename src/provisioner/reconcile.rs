@@ -1,0 +1,293 @@
+//! Claim → volume → PersistentVolume, for the claims this node owns.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
+use kube::api::{Patch, PatchParams, PostParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType};
+use kube::runtime::reflector::ObjectRef;
+use kube::{Api, Resource, ResourceExt};
+use serde_json::json;
+use tonic::Code;
+
+use super::claim::{self, Decision};
+use super::class::{self, ClassSpec};
+use super::{Ctx, Error, csi_error, pv, quantity};
+use crate::proto::csi::v1::controller_server::Controller as CsiController;
+use crate::proto::csi::v1::{GetCapacityRequest, Volume};
+
+/// How long to wait before looking again at a claim that cannot succeed
+/// until somebody changes it (its class, its size): the watch re-triggers
+/// on any change anyway.
+const RECHECK: Duration = Duration::from_secs(300);
+
+impl<C: CsiController> Ctx<C> {
+    async fn event(
+        &self,
+        pvc: &PersistentVolumeClaim,
+        type_: EventType,
+        reason: &str,
+        note: String,
+    ) {
+        let ev = Event {
+            type_,
+            reason: reason.to_string(),
+            note: Some(note),
+            action: "Provision".to_string(),
+            secondary: None,
+        };
+        if let Err(e) = self.recorder.publish(&ev, &pvc.object_ref(&())).await {
+            tracing::warn!(pvc = %claim::claim_key(pvc), reason, error = %e, "could not record event");
+        }
+    }
+
+    async fn fail(&self, pvc: &PersistentVolumeClaim, note: String) {
+        tracing::warn!(pvc = %claim::claim_key(pvc), node = %self.config.node, "{note}");
+        self.event(pvc, EventType::Warning, "ProvisioningFailed", note)
+            .await;
+    }
+
+    /// Free bytes this node offers to `class` (GetCapacity on our own pool).
+    async fn free_bytes(&self, class: &ClassSpec) -> Result<i64, tonic::Status> {
+        let req = GetCapacityRequest {
+            parameters: class.csi_parameters().into_iter().collect(),
+            accessible_topology: Some(claim::node_topology(&self.config.node)),
+            ..Default::default()
+        };
+        let resp = self.csi.get_capacity(tonic::Request::new(req)).await?;
+        Ok(resp.into_inner().available_capacity)
+    }
+}
+
+pub(crate) async fn reconcile<C: CsiController>(
+    pvc: Arc<PersistentVolumeClaim>,
+    ctx: Arc<Ctx<C>>,
+) -> Result<Action, Error> {
+    let Some(class_name) = claim::class_name(&pvc) else {
+        return Ok(Action::await_change());
+    };
+    // A claim whose class does not exist yet is re-triggered when it appears.
+    let Some(sc) = ctx.classes.get(&ObjectRef::new(class_name)) else {
+        return Ok(Action::await_change());
+    };
+    if !class::is_stead(&sc) {
+        return Ok(Action::await_change());
+    }
+    let node = ctx.config.node.clone();
+    let key = claim::claim_key(&pvc);
+    let uid = pvc.uid().unwrap_or_default();
+
+    // Decide on the binding mode alone, so that a broken class is reported
+    // only by the node that would have provisioned the claim.
+    let wffc = sc.volume_binding_mode.as_deref() == Some("WaitForFirstConsumer");
+    let probe = ClassSpec {
+        name: class_name.to_string(),
+        pool: None,
+        fs_type: None,
+        wait_for_first_consumer: wffc,
+        reclaim_delete: true,
+        mount_options: vec![],
+    };
+    let decision = claim::decide(&pvc, &probe, &node);
+    if let Decision::Skip(why) = decision {
+        tracing::trace!(pvc = %key, why, "skipped");
+        return Ok(Action::await_change());
+    }
+    let class = match class::parse(&sc) {
+        Ok(c) => c,
+        Err(e) => {
+            ctx.fail(&pvc, format!("{e}; no volume was created")).await;
+            return Ok(Action::requeue(RECHECK));
+        }
+    };
+    let request = match claim::create_request(&pvc, &class, &node) {
+        Ok(r) => r,
+        Err(e) => {
+            ctx.fail(&pvc, format!("{e}; no volume was created")).await;
+            return Ok(Action::requeue(RECHECK));
+        }
+    };
+    let volume_name = request.name.clone();
+    let wanted = request
+        .capacity_range
+        .map(|r| r.required_bytes)
+        .unwrap_or(0);
+
+    // A PV of that name means the work is done (or a restart found it done).
+    if ctx
+        .volumes
+        .get(&ObjectRef::<PersistentVolume>::new(&volume_name))
+        .is_some()
+    {
+        return Ok(Action::await_change());
+    }
+
+    let pvc = if decision == Decision::Claim {
+        let free = ctx
+            .free_bytes(&class)
+            .await
+            .map_err(|s| csi_error("GetCapacity", &volume_name, &node, s))?;
+        if free < wanted {
+            ctx.fail(
+                &pvc,
+                format!(
+                    "node {node} cannot take claim {key}: it asks for {} and pool {} has {} free",
+                    quantity::human(wanted),
+                    class.pool.as_deref().unwrap_or("(default)"),
+                    quantity::human(free)
+                ),
+            )
+            .await;
+            return Ok(Action::requeue(Duration::from_secs(30)));
+        }
+        // Optimistic concurrency: the resourceVersion in the patch makes the
+        // apiserver refuse it if another agent took the claim first.
+        let patch = json!({"metadata": {
+            "resourceVersion": pvc.resource_version(),
+            "annotations": {claim::ANN_SELECTED_NODE: node},
+        }});
+        let api: Api<PersistentVolumeClaim> =
+            Api::namespaced(ctx.client.clone(), &pvc.namespace().unwrap_or_default());
+        match api
+            .patch(
+                &pvc.name_any(),
+                &PatchParams::default(),
+                &Patch::Merge(&patch),
+            )
+            .await
+        {
+            Ok(updated) => {
+                tracing::info!(pvc = %key, node = %node, "claimed Immediate claim");
+                Arc::new(updated)
+            }
+            Err(kube::Error::Api(s)) if s.code == 409 => {
+                tracing::debug!(pvc = %key, "another agent claimed it first");
+                return Ok(Action::await_change());
+            }
+            Err(e) => return Err(e.into()),
+        }
+    } else {
+        pvc
+    };
+
+    ctx.event(
+        &pvc,
+        EventType::Normal,
+        "Provisioning",
+        format!(
+            "node {node} is creating volume {volume_name} ({}) in pool {}",
+            quantity::human(wanted),
+            class.pool.as_deref().unwrap_or("(default)")
+        ),
+    )
+    .await;
+    ctx.ledger.record(&volume_name, &key, &uid)?;
+    let volume = match ctx.csi.create_volume(tonic::Request::new(request)).await {
+        Ok(resp) => resp.into_inner().volume.unwrap_or_default(),
+        Err(status) => return create_failed(&ctx, &pvc, &volume_name, status).await,
+    };
+    create_pv(&ctx, &pvc, &class, &volume).await?;
+    ctx.ledger.remove(&volume_name)?;
+    ctx.succeeded(&uid);
+    ctx.capacity_changed.notify_one();
+    tracing::info!(pvc = %key, volume = %volume_name, node = %node, bytes = volume.capacity_bytes, "provisioned");
+    ctx.event(
+        &pvc,
+        EventType::Normal,
+        "ProvisioningSucceeded",
+        format!(
+            "created volume {volume_name} ({}) on node {node}",
+            quantity::human(volume.capacity_bytes)
+        ),
+    )
+    .await;
+    Ok(Action::await_change())
+}
+
+async fn create_pv<C: CsiController>(
+    ctx: &Ctx<C>,
+    pvc: &PersistentVolumeClaim,
+    class: &ClassSpec,
+    volume: &Volume,
+) -> Result<(), Error> {
+    let pv = pv::build_pv(pvc, class, volume, &ctx.config.node);
+    let api: Api<PersistentVolume> = Api::all(ctx.client.clone());
+    match api.create(&PostParams::default(), &pv).await {
+        Ok(_) => Ok(()),
+        // Same name = same claim uid: an earlier attempt got this far.
+        Err(kube::Error::Api(s)) if s.code == 409 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// CreateVolume said no. Nothing was created (the plugin guarantees it), so
+/// the intent goes; what happens to the claim depends on why.
+async fn create_failed<C: CsiController>(
+    ctx: &Ctx<C>,
+    pvc: &PersistentVolumeClaim,
+    volume_name: &str,
+    status: tonic::Status,
+) -> Result<Action, Error> {
+    let node = &ctx.config.node;
+    let key = claim::claim_key(pvc);
+    ctx.ledger.remove(volume_name)?;
+    match status.code() {
+        Code::ResourceExhausted => {
+            // As upstream does: give the claim back so that the scheduler
+            // (or another agent) picks a node with room.
+            ctx.fail(
+                pvc,
+                format!(
+                    "node {node} has no room for claim {key}: {}; releasing the node choice so another node can be picked",
+                    status.message()
+                ),
+            )
+            .await;
+            let api: Api<PersistentVolumeClaim> =
+                Api::namespaced(ctx.client.clone(), &pvc.namespace().unwrap_or_default());
+            let patch = json!({"metadata": {"annotations": {claim::ANN_SELECTED_NODE: null}}});
+            api.patch(
+                &pvc.name_any(),
+                &PatchParams::default(),
+                &Patch::Merge(&patch),
+            )
+            .await?;
+            Ok(Action::requeue(Duration::from_secs(30)))
+        }
+        Code::InvalidArgument | Code::AlreadyExists | Code::OutOfRange => {
+            ctx.fail(
+                pvc,
+                format!(
+                    "node {node} refused volume {volume_name} for claim {key}: {}",
+                    status.message()
+                ),
+            )
+            .await;
+            Ok(Action::requeue(RECHECK))
+        }
+        _ => {
+            ctx.fail(
+                pvc,
+                format!(
+                    "node {node} could not create volume {volume_name} for claim {key} ({:?}): {}; will retry",
+                    status.code(),
+                    status.message()
+                ),
+            )
+            .await;
+            Err(csi_error("CreateVolume", volume_name, node, status))
+        }
+    }
+}
+
+pub(crate) fn error_policy<C: CsiController>(
+    pvc: Arc<PersistentVolumeClaim>,
+    err: &Error,
+    ctx: Arc<Ctx<C>>,
+) -> Action {
+    let wait = ctx.backoff(&pvc.uid().unwrap_or_default());
+    tracing::warn!(pvc = %claim::claim_key(&pvc), error = %err, retry_in = ?wait, "provisioning failed");
+    Action::requeue(wait)
+}
