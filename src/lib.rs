@@ -5,6 +5,13 @@
 //! kubelet's plugin-registration API; `provisioner` turns claims into volumes
 //! and PersistentVolumes through kube-rs.
 
+#![forbid(unsafe_code)]
+
+pub mod cli;
+pub mod csi;
+pub mod mount;
+pub mod storage;
+
 pub mod proto {
     //! Generated protocol code.
     pub mod csi {
@@ -23,3 +30,17 @@ pub mod proto {
 pub const DRIVER_NAME: &str = "stead.csi.dev";
 /// The topology key that pins a volume to its node.
 pub const TOPOLOGY_KEY: &str = "topology.stead.csi.dev/node";
+
+/// Errors that stop the agent (start-up and serving); RPC errors live in
+/// [`csi::Error`].
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("opening pools: {0}")]
+    Storage(#[from] storage::Error),
+    #[error(transparent)]
+    Serve(#[from] csi::server::ServeError),
+    #[error("{0}")]
+    Config(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
