@@ -523,23 +523,23 @@ fn stats(store: &Store, meta: &VolumeMeta, raw_path: &str) -> Result<NodeGetVolu
     let st =
         statvfs(&path).map_err(|e| Error::Internal(format!("statvfs {}: {e}", path.display())))?;
     let frsize = st.fragment_size();
-    let inodes_total = u64::from(st.files());
-    let inodes_free = u64::from(st.files_available());
+    let inodes_total = st.files();
+    let inodes_free = st.files_available();
     let (usage_bytes, inodes_used) = match meta.backend {
         BackendKind::Image => {
-            let total = u64::from(st.blocks()) * frsize;
-            let avail = u64::from(st.blocks_available()) * frsize;
-            let used = total.saturating_sub(u64::from(st.blocks_free()) * frsize);
+            let total = st.blocks() * frsize;
+            let avail = st.blocks_available() * frsize;
+            let used = total.saturating_sub(st.blocks_free() * frsize);
             (
                 bytes(total, avail, used),
-                inodes_total.saturating_sub(u64::from(st.files_free())),
+                inodes_total.saturating_sub(st.files_free()),
             )
         }
         // A directory shares the pool's filesystem: report the volume's own
         // capacity and what its tree occupies.
         BackendKind::Dir => {
             let (used, count) = tree_usage(&data);
-            let fs_avail = u64::from(st.blocks_available()) * frsize;
+            let fs_avail = st.blocks_available() * frsize;
             let avail = meta.capacity_bytes.saturating_sub(used).min(fs_avail);
             (bytes(meta.capacity_bytes, avail, used), count)
         }

@@ -232,8 +232,20 @@ pub fn grow_ext4_offline(dev: &Path) -> Result<(), ImageError> {
         Err(e) if e.code() == Some(1) => {}
         Err(e) => return Err(e.into()),
     }
-    command::run("resize2fs", &[&dev_s])?;
-    Ok(())
+    // A freshly attached loop device is briefly opened by udev probes;
+    // resize2fs then fails to open it ("Invalid argument"). Retried.
+    let mut attempt = 0;
+    loop {
+        match command::run("resize2fs", &[&dev_s]) {
+            Ok(_) => return Ok(()),
+            Err(e) if attempt < 5 => {
+                tracing::debug!(device = %dev.display(), error = %e, "resize2fs failed; retrying");
+                attempt += 1;
+                std::thread::sleep(std::time::Duration::from_millis(100 * attempt));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
 }
 
 /// Grows a *mounted* filesystem to fill its device.

@@ -472,7 +472,7 @@ impl Store {
             path: pool.root.clone(),
             source: e.into(),
         })?;
-        let free = u64::from(st.blocks_available()).saturating_mul(st.fragment_size());
+        let free = st.blocks_available().saturating_mul(st.fragment_size());
         let promised: u64 = self
             .read_cache()
             .values()
