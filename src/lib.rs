@@ -5,6 +5,16 @@
 //! kubelet's plugin-registration API; `provisioner` turns claims into volumes
 //! and PersistentVolumes through kube-rs.
 
+#![forbid(unsafe_code)]
+
+pub mod cli;
+pub mod csi;
+pub mod health;
+pub mod mount;
+pub mod provisioner;
+pub mod registration;
+pub mod storage;
+
 pub mod proto {
     //! Generated protocol code.
     pub mod csi {
@@ -24,4 +34,20 @@ pub const DRIVER_NAME: &str = "stead.csi.dev";
 /// The topology key that pins a volume to its node.
 pub const TOPOLOGY_KEY: &str = "topology.stead.csi.dev/node";
 
-pub mod provisioner;
+/// Errors that stop the agent (start-up and serving); RPC errors live in
+/// [`csi::Error`].
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("opening pools: {0}")]
+    Storage(#[from] storage::Error),
+    #[error(transparent)]
+    Serve(#[from] csi::server::ServeError),
+    #[error("{0}")]
+    Config(String),
+    #[error("provisioner: {0}")]
+    Provisioner(#[from] provisioner::Error),
+    #[error("health endpoint: {0}")]
+    Health(std::io::Error),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

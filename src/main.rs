@@ -1,3 +1,169 @@
-fn main() {
-    println!("stead {}", env!("CARGO_PKG_VERSION"));
+//! `stead`: thin wiring of the command line, logging, the CSI plugin and
+//! signal handling.
+
+use std::io::IsTerminal;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use futures::FutureExt;
+
+use clap::Parser;
+use tonic::transport::Server;
+use tracing_subscriber::EnvFilter;
+
+use stead::cli::{Cli, Command, LogFormat, NodeArgs};
+use stead::csi::{self, Plugin};
+use stead::health;
+use stead::registration::{self, RegistrationState};
+
+fn init_tracing(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers; stop with SIGKILL");
+        return std::future::pending().await;
+    };
+    let name = tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    };
+    tracing::info!(signal = name, "shutting down; finishing in-flight RPCs");
+}
+
+async fn run_node(args: NodeArgs) -> stead::Result<()> {
+    let socket = csi::server::socket_path(&args.endpoint)?;
+    let config = args.csi_config();
+    let plugin = tokio::task::spawn_blocking(move || Plugin::new(config))
+        .await
+        .map_err(|e| stead::Error::Config(format!("start-up task failed: {e}")))??;
+    tracing::info!(
+        node = plugin.node_id(),
+        pools = %args.pools.iter().map(ToString::to_string).collect::<Vec<_>>().join(","),
+        volumes = plugin.volume_count(),
+        version = env!("CARGO_PKG_VERSION"),
+        "stead node starting"
+    );
+
+    let shutdown = shutdown_signal().shared();
+    let registration_state = Arc::new(RegistrationState::default());
+
+    let csi_server = async {
+        let router = Server::builder()
+            .add_service(plugin.identity())
+            .add_service(plugin.controller())
+            .add_service(plugin.node());
+        csi::server::serve(router, &socket, shutdown.clone()).await?;
+        Ok::<_, stead::Error>(())
+    };
+
+    let registration = async {
+        if !args.registration {
+            return Ok(());
+        }
+        let reg_socket = registration::socket_path(&args.kubelet_dir);
+        registration::serve(
+            reg_socket,
+            socket.clone(),
+            registration_state.clone(),
+            shutdown.clone(),
+        )
+        .await?;
+        Ok::<_, stead::Error>(())
+    };
+
+    let kube = if args.provisioner {
+        Some(
+            stead::provisioner::client::build(args.kube_qps, args.kube_burst)
+                .await
+                .map_err(stead::provisioner::Error::from)?,
+        )
+    } else {
+        None
+    };
+    let pacing = kube.as_ref().map(|(_, p)| p.clone());
+    let provisioner = async {
+        let Some((client, _)) = kube else {
+            return Ok(());
+        };
+        let csi = Arc::new(plugin.controller_service());
+        stead::provisioner::run(client, csi, args.provisioner_config(), shutdown.clone()).await?;
+        Ok::<_, stead::Error>(())
+    };
+
+    let health = async {
+        let Some(addr) = args.health_addr else {
+            return Ok(());
+        };
+        let identity = plugin.identity_service();
+        let needs_registration = args.registration;
+        let state = registration_state.clone();
+        let ready: health::ReadyCheck = Arc::new(move || {
+            let identity = identity.clone();
+            let state = state.clone();
+            Box::pin(async move {
+                use stead::proto::csi::v1::identity_server::Identity;
+                identity
+                    .probe(tonic::Request::new(Default::default()))
+                    .await
+                    .map_err(|s| format!("probe: {}", s.message()))?;
+                if needs_registration && !state.registered() {
+                    return Err("kubelet has not registered the plugin yet".to_string());
+                }
+                Ok(())
+            })
+        });
+        let volumes = plugin.clone();
+        let metrics: health::Metrics = Arc::new(move || {
+            let mut out = format!(
+                "# TYPE stead_volumes gauge\nstead_volumes {}\n",
+                volumes.volume_count()
+            );
+            if let Some(p) = &pacing {
+                out.push_str(&format!(
+                    "# TYPE stead_kube_requests_total counter\nstead_kube_requests_total {}\n",
+                    p.requests()
+                ));
+            }
+            out
+        });
+        health::serve(addr, ready, metrics, shutdown.clone())
+            .await
+            .map_err(stead::Error::Health)
+    };
+
+    tokio::try_join!(csi_server, registration, provisioner, health)?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Node(args) => {
+            init_tracing(args.log_format);
+            match run_node(args).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!(error = %e, "stead node failed");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
 }

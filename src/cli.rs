@@ -1,0 +1,205 @@
+//! Command line of the `stead` binary. Every flag can also come from an
+//! environment variable, which is how the DaemonSet configures it.
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::storage::PoolSpec;
+
+/// Stead: node-local volumes for Kubernetes (CSI driver and provisioner).
+#[derive(Debug, Parser)]
+#[command(name = "stead", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the node agent: the CSI plugin of this node.
+    Node(NodeArgs),
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Options of `stead node`.
+#[derive(Debug, Clone, Args)]
+pub struct NodeArgs {
+    /// CSI endpoint to listen on: a unix socket, `unix:///path/csi.sock`.
+    /// The parent directory is created, a stale socket removed, and the
+    /// socket made readable and writable by its owner only (0600).
+    #[arg(
+        long,
+        env = "STEAD_CSI_ENDPOINT",
+        default_value = "unix:///var/lib/kubelet/plugins/stead.csi.dev/csi.sock"
+    )]
+    pub endpoint: String,
+
+    /// Name of this node, as Kubernetes knows it. Used as the CSI node id
+    /// and as the value of the topology key topology.stead.csi.dev/node.
+    #[arg(long = "node-id", env = "NODE_NAME")]
+    pub node_id: String,
+
+    /// A storage pool, NAME:BACKEND:PATH (repeat the flag for several, or
+    /// give a comma-separated list in STEAD_POOLS). BACKEND is `dir` (a
+    /// directory per volume, bind-mounted) or `image` (a sparse file per
+    /// volume on a loop device, formatted ext4 or xfs). PATH is created if
+    /// missing. The first pool is the default; StorageClass parameter `pool`
+    /// picks another.
+    #[arg(
+        long = "pool",
+        env = "STEAD_POOLS",
+        value_delimiter = ',',
+        required = true,
+        value_name = "NAME:BACKEND:PATH"
+    )]
+    pub pools: Vec<PoolSpec>,
+
+    /// Log format.
+    #[arg(long, env = "STEAD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    /// Maximum number of Stead volumes kubelet may place on this node
+    /// (reported by NodeGetInfo). Unset: no limit.
+    #[arg(long, env = "STEAD_MAX_VOLUMES_PER_NODE", value_parser = clap::value_parser!(i64).range(1..))]
+    pub max_volumes_per_node: Option<i64>,
+
+    /// Serve kubelet's plugin-registration socket
+    /// (`<kubelet-dir>/plugins_registry/stead.csi.dev-reg.sock`), so that
+    /// kubelet finds this plugin without a node-driver-registrar sidecar.
+    #[arg(long, env = "STEAD_REGISTRATION", default_value_t = false, action = clap::ArgAction::Set)]
+    pub registration: bool,
+
+    /// Kubelet's root directory: the registration socket lives under it,
+    /// and the provisioner keeps its state in
+    /// `<kubelet-dir>/plugins/stead.csi.dev/state` unless --state-dir says.
+    #[arg(long, env = "STEAD_KUBELET_DIR", default_value = "/var/lib/kubelet")]
+    pub kubelet_dir: std::path::PathBuf,
+
+    /// Run the provisioner: create volumes and PersistentVolumes for the
+    /// claims of Stead StorageClasses that land on this node, delete
+    /// released ones, publish CSIStorageCapacity. Needs Kubernetes access
+    /// (in-cluster service account, or KUBECONFIG).
+    #[arg(long, env = "STEAD_PROVISIONER", default_value_t = false, action = clap::ArgAction::Set)]
+    pub provisioner: bool,
+
+    /// Where the provisioner records volumes it is creating (see the
+    /// leak reaper). Default: `<kubelet-dir>/plugins/stead.csi.dev/state`.
+    #[arg(long, env = "STEAD_STATE_DIR")]
+    pub state_dir: Option<std::path::PathBuf>,
+
+    /// Claims and PVs reconciled concurrently by the provisioner.
+    #[arg(long, env = "STEAD_WORKERS", default_value_t = 32, value_parser = clap::value_parser!(u16).range(1..))]
+    pub workers: u16,
+
+    /// Client-side limit on Kubernetes API requests per second (sustained).
+    #[arg(long, env = "STEAD_KUBE_QPS", default_value_t = 100.0)]
+    pub kube_qps: f64,
+
+    /// Client-side burst of Kubernetes API requests above --kube-qps.
+    #[arg(long, env = "STEAD_KUBE_BURST", default_value_t = 200)]
+    pub kube_burst: u32,
+
+    /// Namespace of this node's CSIStorageCapacity objects. Default: the
+    /// agent's pod namespace (POD_NAMESPACE), else `stead-system`.
+    #[arg(long, env = "STEAD_CAPACITY_NAMESPACE")]
+    pub capacity_namespace: Option<String>,
+
+    /// Seconds between capacity refreshes when nothing changed (changes
+    /// publish at once).
+    #[arg(long, env = "STEAD_CAPACITY_INTERVAL", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+    pub capacity_interval: u64,
+
+    /// Seconds a volume the provisioner created may stay without a PV and
+    /// without its claim before it is reclaimed as leaked.
+    #[arg(long, env = "STEAD_LEAK_GRACE", default_value_t = 600)]
+    pub leak_grace: u64,
+
+    /// The agent's pod name and namespace (downward API): used to own the
+    /// CSIStorageCapacity objects so that they go when Stead is removed.
+    #[arg(long, env = "POD_NAME")]
+    pub pod_name: Option<String>,
+    #[arg(long, env = "POD_NAMESPACE")]
+    pub pod_namespace: Option<String>,
+
+    /// Address of the HTTP health endpoint (/healthz, /readyz, /metrics),
+    /// e.g. `0.0.0.0:9809`. Unset: not served.
+    #[arg(long, env = "STEAD_HEALTH_ADDR")]
+    pub health_addr: Option<std::net::SocketAddr>,
+}
+
+impl NodeArgs {
+    /// The provisioner configuration these options describe.
+    pub fn provisioner_config(&self) -> crate::provisioner::Config {
+        crate::provisioner::Config {
+            node: self.node_id.clone(),
+            workers: self.workers,
+            state_dir: self.state_dir.clone().unwrap_or_else(|| {
+                self.kubelet_dir
+                    .join("plugins")
+                    .join(crate::DRIVER_NAME)
+                    .join("state")
+            }),
+            capacity_namespace: self
+                .capacity_namespace
+                .clone()
+                .or_else(|| self.pod_namespace.clone())
+                .unwrap_or_else(|| "stead-system".to_string()),
+            capacity_interval: std::time::Duration::from_secs(self.capacity_interval),
+            leak_grace: std::time::Duration::from_secs(self.leak_grace),
+            pod_name: self.pod_name.clone(),
+            pod_namespace: self.pod_namespace.clone(),
+        }
+    }
+
+    /// The CSI plugin configuration these options describe.
+    pub fn csi_config(&self) -> crate::csi::Config {
+        crate::csi::Config {
+            node_id: self.node_id.clone(),
+            pools: self.pools.clone(),
+            max_volumes_per_node: self.max_volumes_per_node,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn pools_repeat_and_split_on_commas() {
+        let cli = Cli::try_parse_from([
+            "stead",
+            "node",
+            "--node-id",
+            "n1",
+            "--pool",
+            "a:dir:/x",
+            "--pool",
+            "b:image:/y,c:dir:/z",
+        ])
+        .unwrap();
+        let Command::Node(args) = cli.command;
+        assert_eq!(args.pools.len(), 3);
+        assert_eq!(args.pools[0].name, "a");
+        assert_eq!(args.log_format, LogFormat::Text);
+    }
+
+    #[test]
+    fn bad_pool_is_refused() {
+        let r = Cli::try_parse_from(["stead", "node", "--node-id", "n", "--pool", "a:zfs:/x"]);
+        assert!(r.is_err());
+    }
+}

@@ -1,0 +1,154 @@
+//! The CSI services: thin mapping of requests onto [`crate::storage`] and
+//! [`crate::mount`], and of their errors onto gRPC codes ([`error`]).
+//!
+//! Build a [`Plugin`] from a [`Config`], then take its tonic services
+//! ([`Plugin::identity`], [`Plugin::controller`], [`Plugin::node`]) to
+//! serve, or a [`ControllerService`] to call in-process.
+
+pub mod capability;
+pub mod controller;
+pub mod error;
+pub mod identity;
+pub mod locks;
+pub mod node;
+pub mod server;
+
+use std::sync::Arc;
+
+pub use controller::ControllerService;
+pub use error::{Error, Result};
+pub use identity::IdentityService;
+pub use node::NodeService;
+
+use crate::proto::csi::v1::controller_server::ControllerServer;
+use crate::proto::csi::v1::identity_server::IdentityServer;
+use crate::proto::csi::v1::node_server::NodeServer;
+use crate::storage::{self, PoolSpec, Store, VolumeId};
+use locks::VolumeLocks;
+
+/// What the plugin needs to run on a node.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The Kubernetes node name; also the topology value.
+    pub node_id: String,
+    /// Pools, the first being the default.
+    pub pools: Vec<PoolSpec>,
+    /// Reported by NodeGetInfo; `None` means no limit.
+    pub max_volumes_per_node: Option<i64>,
+}
+
+/// State shared by the three services.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub store: Store,
+    pub node_id: String,
+    pub max_volumes_per_node: i64,
+    pub locks: VolumeLocks,
+}
+
+/// The CSI plugin of one node.
+#[derive(Debug, Clone)]
+pub struct Plugin {
+    shared: Arc<Shared>,
+}
+
+impl Plugin {
+    /// Opens the pools (creating missing directories, finishing interrupted
+    /// creates and deletes, loading every volume) and builds the services.
+    /// Blocking: call it before serving, or from `spawn_blocking`.
+    pub fn new(config: Config) -> Result<Plugin, storage::Error> {
+        let store = Store::open(&config.pools)?;
+        Ok(Plugin {
+            shared: Arc::new(Shared {
+                store,
+                node_id: config.node_id,
+                max_volumes_per_node: config.max_volumes_per_node.unwrap_or(0).max(0),
+                locks: VolumeLocks::default(),
+            }),
+        })
+    }
+
+    /// The Identity service, ready to serve.
+    pub fn identity(&self) -> IdentityServer<IdentityService> {
+        IdentityServer::new(self.identity_service())
+    }
+
+    /// The Identity service for in-process calls (the health endpoint's
+    /// readiness is its Probe).
+    pub fn identity_service(&self) -> IdentityService {
+        IdentityService::new(self.shared.clone())
+    }
+
+    /// The Controller service, ready to serve.
+    pub fn controller(&self) -> ControllerServer<ControllerService> {
+        ControllerServer::new(self.controller_service())
+    }
+
+    /// The Node service, ready to serve.
+    pub fn node(&self) -> NodeServer<NodeService> {
+        NodeServer::new(NodeService::new(self.shared.clone()))
+    }
+
+    /// The Controller service for in-process calls through the generated
+    /// `controller_server::Controller` trait (cheap to clone).
+    pub fn controller_service(&self) -> ControllerService {
+        ControllerService::new(self.shared.clone())
+    }
+
+    /// The node id this plugin serves.
+    pub fn node_id(&self) -> &str {
+        &self.shared.node_id
+    }
+
+    /// Number of volumes on this node.
+    pub fn volume_count(&self) -> usize {
+        self.shared.store.len()
+    }
+}
+
+/// Runs blocking storage or mount work off the async executor.
+pub(crate) async fn blocking<T, F>(f: F) -> Result<T>
+where
+    F: FnOnce() -> Result<T> + Send + 'static,
+    T: Send + 'static,
+{
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::Internal(format!("worker task failed: {e}")))?
+}
+
+/// Parses a request's volume id field.
+pub(crate) fn volume_id(raw: &str) -> Result<VolumeId> {
+    if raw.is_empty() {
+        return Err(Error::missing("volume_id"));
+    }
+    VolumeId::parse(raw).map_err(|e| Error::invalid("volume_id", e.to_string()))
+}
+
+/// Logs the outcome of one RPC (one line) and converts its error.
+pub(crate) fn outcome<T>(
+    rpc: &'static str,
+    volume: &str,
+    res: Result<T>,
+    quiet: bool,
+) -> std::result::Result<tonic::Response<T>, tonic::Status> {
+    match res {
+        Ok(v) => {
+            if quiet {
+                tracing::debug!(rpc, volume.id = volume, "ok");
+            } else {
+                tracing::info!(rpc, volume.id = volume, "ok");
+            }
+            Ok(tonic::Response::new(v))
+        }
+        Err(e) => {
+            let code = e.code();
+            if code == tonic::Code::Internal {
+                tracing::error!(rpc, volume.id = volume, code = ?code, error = %e, "failed");
+            } else {
+                tracing::warn!(rpc, volume.id = volume, code = ?code, error = %e, "refused");
+            }
+            Err(e.into())
+        }
+    }
+}

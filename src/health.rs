@@ -1,0 +1,123 @@
+//! The agent's HTTP health endpoint, for the DaemonSet's probes:
+//!
+//! - `GET /healthz`: 200 while the process serves (liveness);
+//! - `GET /readyz`: 200 when every pool is usable and, if registration is
+//!   on, kubelet has accepted the plugin; 503 with the reason otherwise;
+//! - `GET /metrics`: a few counters in the Prometheus text format.
+//!
+//! A deliberately small HTTP/1.1 responder: one request per connection,
+//! bounded request size, no keep-alive.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+/// Answers readiness: `Ok(())` or the reason for not being ready.
+pub type ReadyCheck =
+    Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Result<(), String>> + Send>> + Send + Sync>;
+/// Renders the metrics body.
+pub type Metrics = Arc<dyn Fn() -> String + Send + Sync>;
+
+fn response(status: &str, body: &str, content_type: &str) -> String {
+    format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+async fn answer(path: &str, ready: &ReadyCheck, metrics: &Metrics) -> String {
+    match path {
+        "/healthz" | "/livez" => response("200 OK", "ok\n", "text/plain"),
+        "/readyz" => match ready().await {
+            Ok(()) => response("200 OK", "ready\n", "text/plain"),
+            Err(why) => response("503 Service Unavailable", &format!("{why}\n"), "text/plain"),
+        },
+        "/metrics" => response("200 OK", &metrics(), "text/plain; version=0.0.4"),
+        _ => response("404 Not Found", "not found\n", "text/plain"),
+    }
+}
+
+/// Serves until `shutdown` resolves.
+pub async fn serve(
+    addr: SocketAddr,
+    ready: ReadyCheck,
+    metrics: Metrics,
+    shutdown: impl Future<Output = ()>,
+) -> std::io::Result<()> {
+    let listener = TcpListener::bind(addr).await?;
+    tracing::info!(%addr, "serving health endpoint");
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let (mut conn, _) = tokio::select! {
+            c = listener.accept() => c?,
+            _ = &mut shutdown => return Ok(()),
+        };
+        let ready = ready.clone();
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 2048];
+            let mut len = 0;
+            // Read the request head (bounded, with a deadline).
+            let read = tokio::time::timeout(Duration::from_secs(5), async {
+                while len < buf.len() {
+                    match conn.read(&mut buf[len..]).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => len += n,
+                    }
+                    if buf[..len].windows(4).any(|w| w == b"\r\n\r\n") {
+                        break;
+                    }
+                }
+            })
+            .await;
+            if read.is_err() {
+                return;
+            }
+            let head = String::from_utf8_lossy(&buf[..len]);
+            let mut parts = head.split_whitespace();
+            let reply = match (parts.next(), parts.next()) {
+                (Some("GET"), Some(path)) => answer(path, &ready, &metrics).await,
+                _ => response("400 Bad Request", "GET only\n", "text/plain"),
+            };
+            let _ = conn.write_all(reply.as_bytes()).await;
+            let _ = conn.shutdown().await;
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn probes_answer_by_path() {
+        let ready: ReadyCheck =
+            Arc::new(|| Box::pin(async { Err("pool image: gone".to_string()) }));
+        let metrics: Metrics = Arc::new(|| "stead_up 1\n".to_string());
+        assert!(
+            answer("/healthz", &ready, &metrics)
+                .await
+                .starts_with("HTTP/1.1 200")
+        );
+        let r = answer("/readyz", &ready, &metrics).await;
+        assert!(
+            r.starts_with("HTTP/1.1 503") && r.ends_with("pool image: gone\n"),
+            "{r}"
+        );
+        assert!(
+            answer("/metrics", &ready, &metrics)
+                .await
+                .ends_with("stead_up 1\n")
+        );
+        assert!(
+            answer("/nope", &ready, &metrics)
+                .await
+                .starts_with("HTTP/1.1 404")
+        );
+    }
+}

@@ -1,0 +1,184 @@
+//! Per-volume metadata kept beside the data, and the atomic writes that keep
+//! it consistent when the agent is killed at any instruction.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::id::VolumeId;
+use super::pool::BackendKind;
+
+/// Name of the volume record inside a volume folder.
+pub const VOLUME_FILE: &str = "volume.json";
+/// Name of the node-side record (staging and publications).
+pub const NODE_FILE: &str = "node.json";
+/// Bumped when the on-disk format changes incompatibly.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// A filesystem Stead can create on an `image` volume.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FsType {
+    Ext4,
+    Xfs,
+}
+
+impl FsType {
+    /// The default when a capability names no fsType.
+    pub const DEFAULT: FsType = FsType::Ext4;
+
+    /// Parses a CSI `fs_type`; the empty string means the default.
+    pub fn parse(raw: &str) -> Option<FsType> {
+        match raw {
+            "" | "ext4" => Some(FsType::Ext4),
+            "xfs" => Some(FsType::Xfs),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FsType::Ext4 => "ext4",
+            FsType::Xfs => "xfs",
+        }
+    }
+}
+
+/// How a volume is consumed, fixed at creation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum AccessKind {
+    /// A filesystem mounted into the pod.
+    Mount { fs_type: FsType },
+    /// The raw block device (image backend only).
+    Block,
+}
+
+/// The record of one volume (`volume.json`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeMeta {
+    pub version: u32,
+    pub id: VolumeId,
+    pub pool: String,
+    pub backend: BackendKind,
+    pub capacity_bytes: u64,
+    pub access: AccessKind,
+    /// Set once a filesystem was created on an image volume; from then on the
+    /// volume is never formatted again, whatever a probe says.
+    #[serde(default)]
+    pub formatted: Option<FsType>,
+    /// Folder name inside the pool (derived from the id).
+    pub folder: String,
+}
+
+/// Where a volume is staged on this node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Staged {
+    pub path: PathBuf,
+}
+
+/// One publication of a volume at a target path.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Published {
+    pub path: PathBuf,
+    pub readonly: bool,
+    /// Published with SINGLE_NODE_SINGLE_WRITER: no other target may exist.
+    #[serde(default)]
+    pub exclusive: bool,
+}
+
+/// The node-side record (`node.json`): an intent log of mounts. Every entry is
+/// written *before* its mount is made and removed *after* it is undone, so
+/// the record is always a superset of what is mounted; the mount table
+/// decides what of it is live (after a reboot, nothing is).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeState {
+    #[serde(default)]
+    pub staged: Option<Staged>,
+    #[serde(default)]
+    pub published: Vec<Published>,
+}
+
+/// Writes `bytes` to `dir/name` atomically: a temporary file in the same
+/// directory, fsync, rename over the old file, fsync of the directory. A
+/// reader sees the old content or the new one, never a mix, even after a
+/// crash.
+pub fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> io::Result<()> {
+    let tmp = dir.join(format!(".{name}.tmp"));
+    {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+    }
+    fs::rename(&tmp, dir.join(name))?;
+    sync_dir(dir)
+}
+
+/// Flushes a directory's entries (a rename or create inside it) to disk.
+pub fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// Serializes `value` as pretty JSON into `dir/name`, atomically.
+pub fn write_json<T: Serialize>(dir: &Path, name: &str, value: &T) -> io::Result<()> {
+    let mut bytes = serde_json::to_vec_pretty(value).map_err(io::Error::other)?;
+    bytes.push(b'\n');
+    write_atomic(dir, name, &bytes)
+}
+
+/// Reads `dir/name` as JSON; `Ok(None)` when the file does not exist.
+pub fn read_json<T: for<'de> Deserialize<'de>>(dir: &Path, name: &str) -> io::Result<Option<T>> {
+    match fs::read(dir.join(name)) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn atomic_write_replaces_and_leaves_no_temp_file() {
+        let dir = tempfile::tempdir().unwrap();
+        write_atomic(dir.path(), "x.json", b"one").unwrap();
+        write_atomic(dir.path(), "x.json", b"two").unwrap();
+        assert_eq!(fs::read(dir.path().join("x.json")).unwrap(), b"two");
+        let names: Vec<_> = fs::read_dir(dir.path()).unwrap().collect();
+        assert_eq!(names.len(), 1);
+    }
+
+    #[test]
+    fn node_state_round_trips() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(read_json::<NodeState>(dir.path(), NODE_FILE).unwrap(), None);
+        let st = NodeState {
+            staged: Some(Staged {
+                path: "/var/lib/kubelet/x".into(),
+            }),
+            published: vec![Published {
+                path: "/p".into(),
+                readonly: true,
+                exclusive: false,
+            }],
+        };
+        write_json(dir.path(), NODE_FILE, &st).unwrap();
+        assert_eq!(read_json(dir.path(), NODE_FILE).unwrap(), Some(st));
+    }
+
+    #[test]
+    fn fs_type_parsing() {
+        assert_eq!(FsType::parse(""), Some(FsType::Ext4));
+        assert_eq!(FsType::parse("xfs"), Some(FsType::Xfs));
+        assert_eq!(FsType::parse("btrfs"), None);
+    }
+}

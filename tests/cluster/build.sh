@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# Builds the cluster's binaries into the cache (see lib.sh), once per version:
+# the Kubernetes components in one `go build` (they share most packages), etcd,
+# and the pause program of the sandbox image. A second run finds them and
+# builds nothing.
+set -euo pipefail
+# shellcheck source=tests/cluster/lib.sh
+source "$(dirname "$0")/lib.sh"
+
+command -v go >/dev/null || die "go is missing: install Go >= 1.24 (https://go.dev/dl) and put it on PATH"
+mkdir -p "$BIN"
+
+build_kubernetes() {
+  local mod=$CLUSTER_SRC/go/k8s key stamp
+  key=$(content_key "$mod/go.mod" "$mod/go.sum" "$CLUSTER_SRC/build.sh")
+  stamp=$BIN/.kubernetes-$key
+  if [[ -e $stamp ]]; then
+    log "Kubernetes $STEAD_K8S_VERSION: cached in $BIN"
+    return
+  fi
+  # The release's version, as the upstream build stamps it (hack/lib/version.sh),
+  # so that every --version and the apiserver's /version report it.
+  local v=${STEAD_K8S_VERSION#v} date
+  # buildDate: the release's commit time, from the module's .info, so that
+  # the same inputs give the same binaries.
+  date=$(cd "$mod" && go mod download -json "k8s.io/kubernetes@$STEAD_K8S_VERSION" |
+    sed -n 's/.*"Info": "\(.*\)".*/\1/p' | xargs -r sed -n 's/.*"Time":"\([^"]*\)".*/\1/p')
+  local ldflags=(-s -w)
+  local pkg
+  for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+    ldflags+=(-X "$pkg.gitVersion=$STEAD_K8S_VERSION"
+      -X "$pkg.gitMajor=${v%%.*}" -X "$pkg.gitMinor=$(cut -d. -f2 <<<"$v")"
+      -X "$pkg.gitTreeState=clean" -X "$pkg.buildDate=${date:-1970-01-01T00:00:00Z}")
+  done
+  local targets=()
+  for pkg in "${K8S_BINARIES[@]}"; do targets+=("k8s.io/kubernetes/cmd/$pkg"); done
+  log "building Kubernetes $STEAD_K8S_VERSION (${K8S_BINARIES[*]}) into $BIN; a cold build takes a while"
+  local start=$SECONDS
+  # providerless: the upstream tag that leaves out legacy cloud-provider code.
+  (cd "$mod" && CGO_ENABLED=0 go build -trimpath -tags providerless \
+    -ldflags "${ldflags[*]}" -o "$BIN/" "${targets[@]}")
+  rm -f "$BIN"/.kubernetes-*
+  touch "$stamp"
+  log "built Kubernetes $STEAD_K8S_VERSION in $((SECONDS - start)) s"
+}
+
+build_etcd() {
+  local mod=$CLUSTER_SRC/go/etcd key stamp
+  key=$(content_key "$mod/go.mod" "$mod/go.sum" "$mod/main.go")
+  stamp=$BIN/.etcd-$key
+  if [[ -e $stamp ]]; then
+    log "etcd $STEAD_ETCD_VERSION: cached in $BIN"
+    return
+  fi
+  log "building etcd $STEAD_ETCD_VERSION into $BIN"
+  local start=$SECONDS
+  (cd "$mod" && CGO_ENABLED=0 go build -trimpath -ldflags "-s -w" -o "$BIN/etcd" .)
+  rm -f "$BIN"/.etcd-*
+  touch "$stamp"
+  log "built etcd $STEAD_ETCD_VERSION in $((SECONDS - start)) s"
+}
+
+build_pause() {
+  local src=$CLUSTER_SRC/pause/pause.c key stamp
+  key=$(content_key "$src")
+  stamp=$BIN/.pause-$key
+  [[ -e $stamp ]] && return
+  command -v cc >/dev/null || die "cc is missing: apt-get install -y gcc libc6-dev"
+  cc -static -Os -Wall -Werror -o "$BIN/pause" "$src"
+  rm -f "$BIN"/.pause-*
+  touch "$stamp"
+}
+
+total=$SECONDS
+build_kubernetes
+build_etcd
+build_pause
+log "binaries ready in $BIN ($((SECONDS - total)) s)"

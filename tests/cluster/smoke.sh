@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# Smoke test of the running cluster, in a namespace of its own:
+#   1. a busybox Pod runs to Succeeded;
+#   2. a 2-replica StatefulSet becomes Ready in order (pod 0 Ready before pod 1 exists);
+#   3. pods on the pod network and on the host network reach the apiserver
+#      through the kubernetes Service with their service-account token.
+# Prints one line per check and a closing "N passed, N failed" line.
+set -euo pipefail
+# shellcheck source=tests/cluster/lib.sh
+source "$(dirname "$0")/lib.sh"
+
+NS=stead-smoke
+SMOKE=$CLUSTER_SRC/smoke
+passed=0
+failed=0
+
+k() { kubectl_admin -n "$NS" "$@"; }
+pass() { passed=$((passed + 1)); echo "PASS $1"; }
+fail() {
+  failed=$((failed + 1))
+  echo "FAIL $1: $2"
+  k get pods -o wide 2>&1 | sed 's/^/    /'
+  k get events --sort-by=.lastTimestamp 2>&1 | tail -n 15 | sed 's/^/    /'
+}
+
+if [[ ! -r $KUBECONFIG_ADMIN ]] || ! probe_apiserver readyz >/dev/null 2>&1; then
+  die "no cluster is running (run make cluster-up)"
+fi
+
+kubectl_admin delete namespace "$NS" --ignore-not-found --wait --timeout=120s >/dev/null
+kubectl_admin create namespace "$NS" >/dev/null
+deadline=$((SECONDS + 30))
+until k get serviceaccount default >/dev/null 2>&1; do
+  ((SECONDS < deadline)) || die "namespace $NS got no default service account in 30 s (kube-controller-manager?)"
+  sleep 0.5
+done
+
+# 1. A pod runs to completion.
+name="busybox pod runs to Succeeded"
+k apply -f "$SMOKE/once.yaml" >/dev/null
+if k wait --for=jsonpath='{.status.phase}'=Succeeded pod/once --timeout=90s >/dev/null &&
+  k logs once | grep -q '^smoke-ok from once$'; then
+  pass "$name"
+else
+  fail "$name" "phase $(k get pod once -o jsonpath='{.status.phase}' 2>&1)"
+fi
+
+# 2. Ordered StatefulSet.
+name="2-replica StatefulSet Ready in order"
+k apply -f "$SMOKE/statefulset.yaml" >/dev/null
+if k rollout status statefulset/ordered --timeout=120s >/dev/null; then
+  ready0=$(k get pod ordered-0 -o jsonpath='{.status.conditions[?(@.type=="Ready")].lastTransitionTime}')
+  created1=$(k get pod ordered-1 -o jsonpath='{.metadata.creationTimestamp}')
+  # RFC 3339 UTC timestamps of one format compare as strings.
+  if [[ -n $ready0 && ! $created1 < $ready0 ]]; then
+    pass "$name (ordered-0 Ready $ready0, ordered-1 created $created1)"
+  else
+    fail "$name" "ordered-1 created $created1 before ordered-0 Ready $ready0"
+  fi
+else
+  fail "$name" "not rolled out in 120 s"
+fi
+
+# 3. In-cluster clients reach the apiserver.
+k apply -f "$SMOKE/apiserver-client.yaml" >/dev/null
+for pod in in-cluster-pod-network in-cluster-host-network; do
+  name="apiserver reachable from $pod"
+  if k wait --for=jsonpath='{.status.phase}'=Succeeded "pod/$pod" --timeout=90s >/dev/null &&
+    k logs "$pod" | grep -q "\"username\":\"system:serviceaccount:$NS:default\""; then
+    pass "$name"
+  else
+    fail "$name" "$(k logs "$pod" 2>&1 | tail -n 3)"
+  fi
+done
+
+if ((failed == 0)); then
+  kubectl_admin delete namespace "$NS" --wait=false >/dev/null
+else
+  echo "namespace $NS kept for inspection"
+fi
+echo "cluster smoke: $passed passed, $failed failed"
+((failed == 0))

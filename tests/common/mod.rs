@@ -1,0 +1,393 @@
+//! Shared harness of the integration tests: a real `stead node` on a temp
+//! socket with one `dir` and one `image` pool, driven by the generated tonic
+//! clients. Everything a test mounts or attaches lives under its temp root
+//! and is released when the [`Agent`] is dropped, even after a panic.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use stead::proto::csi::v1::controller_client::ControllerClient;
+use stead::proto::csi::v1::identity_client::IdentityClient;
+use stead::proto::csi::v1::node_client::NodeClient;
+use stead::proto::csi::v1::volume_capability::access_mode::Mode;
+use stead::proto::csi::v1::volume_capability::{AccessMode, AccessType, BlockVolume, MountVolume};
+use stead::proto::csi::v1::*;
+use tonic::transport::{Channel, Endpoint};
+
+pub const NODE: &str = "it-node";
+pub const MIB: i64 = 1024 * 1024;
+
+/// A running `stead node` and the directory it owns.
+pub struct Agent {
+    child: Option<Child>,
+    pub root: PathBuf,
+    pub socket: PathBuf,
+    pub controller: ControllerClient<Channel>,
+    pub node: NodeClient<Channel>,
+    pub identity: IdentityClient<Channel>,
+}
+
+impl Agent {
+    /// Starts an agent in a fresh temp root.
+    pub async fn start(name: &str) -> Agent {
+        assert!(
+            nix::unistd::geteuid().is_root(),
+            "integration tests mount and attach loop devices: run them as root"
+        );
+        let root = std::env::temp_dir().join(format!(
+            "stead-it-{name}-{}-{}",
+            std::process::id(),
+            rand_suffix()
+        ));
+        fs::create_dir_all(&root).unwrap();
+        let socket = root.join("csi.sock");
+        let child = spawn(&root, &socket);
+        let (controller, node, identity) = connect(&socket).await;
+        Agent {
+            child: Some(child),
+            root,
+            socket,
+            controller,
+            node,
+            identity,
+        }
+    }
+
+    pub fn dir_pool(&self) -> PathBuf {
+        self.root.join("pools/dir")
+    }
+
+    pub fn image_pool(&self) -> PathBuf {
+        self.root.join("pools/image")
+    }
+
+    /// A staging path for a volume (created, as the CO does).
+    pub fn staging(&self, vol: &str) -> PathBuf {
+        let p = self.root.join("staging").join(vol);
+        fs::create_dir_all(&p).unwrap();
+        p
+    }
+
+    /// A target path for a volume (not created: the plugin creates it).
+    pub fn target(&self, vol: &str) -> PathBuf {
+        let p = self.root.join("pods").join(vol);
+        fs::create_dir_all(p.parent().unwrap()).unwrap();
+        p
+    }
+
+    /// Kills the agent with SIGKILL: no chance to clean anything up.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Sends SIGTERM and returns the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut c = self.child.take().expect("agent running");
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(c.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(st) = c.try_wait().unwrap() {
+                return st;
+            }
+            assert!(Instant::now() < deadline, "agent ignored SIGTERM");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Kills the agent and starts it again on the same root.
+    pub async fn restart(&mut self) {
+        self.kill();
+        self.child = Some(spawn(&self.root, &self.socket));
+        let (c, n, i) = connect(&self.socket).await;
+        self.controller = c;
+        self.node = n;
+        self.identity = i;
+    }
+
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.root.join("stead.log")).unwrap_or_default()
+    }
+
+    pub async fn create(
+        &mut self,
+        name: &str,
+        pool: &str,
+        cap: VolumeCapability,
+        bytes: i64,
+    ) -> Volume {
+        self.controller
+            .create_volume(create_req(name, pool, cap, bytes))
+            .await
+            .unwrap_or_else(|e| panic!("CreateVolume {name}: {e}"))
+            .into_inner()
+            .volume
+            .unwrap()
+    }
+
+    pub async fn stage(&mut self, id: &str, staging: &Path, cap: VolumeCapability) {
+        self.node
+            .node_stage_volume(NodeStageVolumeRequest {
+                volume_id: id.into(),
+                staging_target_path: path_str(staging),
+                volume_capability: Some(cap),
+                ..Default::default()
+            })
+            .await
+            .unwrap_or_else(|e| panic!("NodeStageVolume {id}: {e}"));
+    }
+
+    pub async fn publish(
+        &mut self,
+        id: &str,
+        staging: &Path,
+        target: &Path,
+        cap: VolumeCapability,
+        readonly: bool,
+    ) -> Result<(), tonic::Status> {
+        self.node
+            .node_publish_volume(NodePublishVolumeRequest {
+                volume_id: id.into(),
+                staging_target_path: path_str(staging),
+                target_path: path_str(target),
+                volume_capability: Some(cap),
+                readonly,
+                ..Default::default()
+            })
+            .await
+            .map(drop)
+    }
+
+    pub async fn unpublish(&mut self, id: &str, target: &Path) {
+        self.node
+            .node_unpublish_volume(NodeUnpublishVolumeRequest {
+                volume_id: id.into(),
+                target_path: path_str(target),
+            })
+            .await
+            .unwrap_or_else(|e| panic!("NodeUnpublishVolume {id}: {e}"));
+    }
+
+    pub async fn unstage(&mut self, id: &str, staging: &Path) {
+        self.node
+            .node_unstage_volume(NodeUnstageVolumeRequest {
+                volume_id: id.into(),
+                staging_target_path: path_str(staging),
+            })
+            .await
+            .unwrap_or_else(|e| panic!("NodeUnstageVolume {id}: {e}"));
+    }
+
+    pub async fn delete(&mut self, id: &str) {
+        self.controller
+            .delete_volume(DeleteVolumeRequest {
+                volume_id: id.into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_or_else(|e| panic!("DeleteVolume {id}: {e}"));
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            eprintln!(
+                "---- stead log ({}) ----\n{}",
+                self.root.display(),
+                self.log()
+            );
+        }
+        release_under(&self.root);
+        if mounts_under(&self.root).is_empty() {
+            let _ = fs::remove_dir_all(&self.root);
+        } else {
+            eprintln!("mounts remain under {}; leaving it", self.root.display());
+        }
+    }
+}
+
+fn rand_suffix() -> u32 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0)
+}
+
+fn spawn(root: &Path, socket: &Path) -> Child {
+    let log = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(root.join("stead.log"))
+        .unwrap();
+    Command::new(env!("CARGO_BIN_EXE_stead"))
+        .arg("node")
+        .env("STEAD_CSI_ENDPOINT", format!("unix://{}", socket.display()))
+        .env("NODE_NAME", NODE)
+        .env(
+            "STEAD_POOLS",
+            format!(
+                "dir:dir:{},image:image:{}",
+                root.join("pools/dir").display(),
+                root.join("pools/image").display()
+            ),
+        )
+        .env("RUST_LOG", "debug")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .expect("start stead")
+}
+
+async fn connect(
+    socket: &Path,
+) -> (
+    ControllerClient<Channel>,
+    NodeClient<Channel>,
+    IdentityClient<Channel>,
+) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if socket.exists()
+            && let Ok(ch) = Endpoint::from_shared(format!("unix://{}", socket.display()))
+                .unwrap()
+                .connect()
+                .await
+        {
+            let mut id = IdentityClient::new(ch.clone());
+            if id.probe(ProbeRequest {}).await.is_ok() {
+                return (ControllerClient::new(ch.clone()), NodeClient::new(ch), id);
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "stead did not serve {}",
+            socket.display()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Unmounts everything under `root` (deepest first) and detaches every loop
+/// device whose backing file is under it.
+pub fn release_under(root: &Path) {
+    for _ in 0..5 {
+        let mut m = mounts_under(root);
+        if m.is_empty() {
+            break;
+        }
+        m.sort_by_key(|p| std::cmp::Reverse(p.as_os_str().len()));
+        for p in m {
+            let _ = nix::mount::umount2(&p, nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+    for dev in loops_under(root) {
+        let _ = Command::new("losetup").arg("-d").arg(&dev).status();
+    }
+}
+
+pub fn mounts_under(root: &Path) -> Vec<PathBuf> {
+    stead::mount::mount_table()
+        .unwrap()
+        .into_iter()
+        .map(|m| m.mount_point)
+        .filter(|p| p.starts_with(root))
+        .collect()
+}
+
+pub fn loops_under(root: &Path) -> Vec<String> {
+    let out = Command::new("losetup")
+        .args([
+            "--list",
+            "--noheadings",
+            "--raw",
+            "--output",
+            "NAME,BACK-FILE",
+        ])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_once(' '))
+        .filter(|(_, back)| Path::new(back.trim_end_matches(" (deleted)")).starts_with(root))
+        .map(|(dev, _)| dev.to_owned())
+        .collect()
+}
+
+pub fn path_str(p: &Path) -> String {
+    p.to_str().unwrap().to_owned()
+}
+
+pub fn mount_cap(fs: &str) -> VolumeCapability {
+    VolumeCapability {
+        access_mode: Some(AccessMode {
+            mode: Mode::SingleNodeWriter as i32,
+        }),
+        access_type: Some(AccessType::Mount(MountVolume {
+            fs_type: fs.into(),
+            ..Default::default()
+        })),
+    }
+}
+
+pub fn block_cap() -> VolumeCapability {
+    VolumeCapability {
+        access_mode: Some(AccessMode {
+            mode: Mode::SingleNodeWriter as i32,
+        }),
+        access_type: Some(AccessType::Block(BlockVolume {})),
+    }
+}
+
+pub fn with_mode(mut cap: VolumeCapability, mode: Mode) -> VolumeCapability {
+    cap.access_mode = Some(AccessMode { mode: mode as i32 });
+    cap
+}
+
+pub fn create_req(
+    name: &str,
+    pool: &str,
+    cap: VolumeCapability,
+    bytes: i64,
+) -> CreateVolumeRequest {
+    CreateVolumeRequest {
+        name: name.into(),
+        capacity_range: Some(CapacityRange {
+            required_bytes: bytes,
+            limit_bytes: 0,
+        }),
+        volume_capabilities: vec![cap],
+        parameters: HashMap::from([("pool".to_owned(), pool.to_owned())]),
+        ..Default::default()
+    }
+}
+
+/// Total size in bytes of the filesystem mounted at `path`, as `df` sees it.
+pub fn df_size(path: &Path) -> u64 {
+    let out = Command::new("df")
+        .args(["-B1", "--output=size"])
+        .arg(path)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "df {}", path.display());
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .nth(1)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
