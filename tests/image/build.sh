@@ -84,7 +84,9 @@ rootfs_size=$(du -sb "$rootfs" | cut -f1)
 # and leaves the machine's container storage alone.
 b() { buildah --root "$work/storage" --runroot "$work/run" --storage-driver vfs "$@"; }
 ctr=$(b from --quiet scratch)
-tar -C "$rootfs" -cf "$work/rootfs.tar" .
+# A reproducible layer: same files, same bytes (so an unchanged build keeps
+# its digest and tests/e2e/deploy.sh leaves the running agent alone).
+tar -C "$rootfs" --sort=name --mtime=@0 --owner=0 --group=0 --numeric-owner -cf "$work/rootfs.tar" .
 b add --quiet "$ctr" "$work/rootfs.tar" / >/dev/null
 b config \
   --env PATH=/usr/sbin:/usr/bin \
@@ -93,7 +95,7 @@ b config \
   --label org.opencontainers.image.version="$version" \
   --label org.opencontainers.image.description="Stead: CSI driver and provisioner for node-local volumes" \
   "$ctr"
-b commit --quiet --rm "$ctr" "$tag" >/dev/null
+b commit --quiet --rm --timestamp 0 "$ctr" "$tag" >/dev/null
 mkdir -p "$(dirname "$archive")"
 rm -f "$archive"
 b push --quiet "$tag" "oci-archive:$archive:$tag"

@@ -79,9 +79,10 @@ pub async fn pool_of(client: &Client, class: &str) -> String {
 }
 
 /// The busybox image the test pods run: one the cluster already has
-/// (the local cluster imports `localhost/busybox:stead`; kind.sh loads it).
+/// (`STEAD_BUSYBOX_IMAGE`, which the local cluster's env file sets; by default
+/// `localhost/busybox:stead`, which it imports and kind.sh loads).
 pub fn busybox_image() -> String {
-    std::env::var("STEAD_E2E_BUSYBOX").unwrap_or_else(|_| "localhost/busybox:stead".into())
+    std::env::var("STEAD_BUSYBOX_IMAGE").unwrap_or_else(|_| "localhost/busybox:stead".into())
 }
 
 /// A client for the cluster KUBECONFIG names.
