@@ -8,10 +8,11 @@ WORKDIR /src
 COPY . .
 RUN cargo build --locked --release --bin stead
 
-# The agent runs mkfs/resize/fsck for ext4 and xfs, losetup and blkid.
+# The tools the agent runs: losetup (mount), blkid (util-linux, always there),
+# mkfs.ext4/e2fsck/resize2fs (e2fsprogs), mkfs.xfs/xfs_growfs (xfsprogs).
 FROM debian:bookworm-slim
 RUN apt-get update \
- && apt-get install -y --no-install-recommends e2fsprogs xfsprogs util-linux mount \
+ && apt-get install -y --no-install-recommends e2fsprogs xfsprogs mount \
  && rm -rf /var/lib/apt/lists/*
 COPY --from=build /src/target/release/stead /usr/bin/stead
 ENTRYPOINT ["/usr/bin/stead"]

@@ -5,6 +5,7 @@ use std::future::Future;
 use std::io;
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
@@ -74,8 +75,14 @@ pub fn bind(path: &Path) -> Result<UnixListener, ServeError> {
     Ok(listener)
 }
 
+/// How long in-flight RPCs may run after a shutdown signal. Clients such as
+/// kubelet keep idle connections open indefinitely, so the server does not
+/// wait for connections to close, only for this long at most.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
 /// Serves `router` on the unix socket at `path` until `shutdown` resolves,
-/// then stops accepting, lets in-flight RPCs finish and removes the socket.
+/// then stops accepting, lets in-flight RPCs finish (for at most
+/// [`SHUTDOWN_GRACE`]) and removes the socket.
 pub async fn serve(
     router: tonic::transport::server::Router,
     path: &Path,
@@ -83,13 +90,26 @@ pub async fn serve(
 ) -> Result<(), ServeError> {
     let listener = bind(path)?;
     tracing::info!(socket = %path.display(), "serving CSI");
-    let res = router
-        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
-        .await
-        .map_err(|source| ServeError::Transport {
+    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    let server =
+        router.serve_with_incoming_shutdown(UnixListenerStream::new(listener), async move {
+            let _ = stop_rx.wait_for(|stop| *stop).await;
+        });
+    let deadline = async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+        tokio::time::sleep(SHUTDOWN_GRACE).await;
+    };
+    let res = tokio::select! {
+        res = server => res.map_err(|source| ServeError::Transport {
             path: path.to_owned(),
             source,
-        });
+        }),
+        () = deadline => {
+            tracing::info!(grace = ?SHUTDOWN_GRACE, "connections still open after the grace period; exiting");
+            Ok(())
+        }
+    };
     let _ = fs::remove_file(path);
     res
 }

@@ -1,2 +1,669 @@
-//! Shared helpers of Stead's cluster suites (client from KUBECONFIG, waiting
-//! for conditions, exec into pods).
+//! Shared helpers of Stead's cluster suites: a client from KUBECONFIG, a
+//! namespace per scenario, waits with a deadline that say what they awaited,
+//! exec into pods, a look at the node's disk, the agent's pods, a timeline
+//! of pod events, and the manifests of `deploy/examples`.
+//!
+//! The suites take whatever cluster KUBECONFIG points to, with Stead
+//! installed from `deploy/` (`make e2e` does both on the local cluster,
+//! `tests/e2e/kind.sh` on kind).
+#![forbid(unsafe_code)]
+
+use std::{
+    collections::HashMap,
+    fmt::Debug,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use futures::StreamExt;
+use k8s_openapi::{
+    NamespaceResourceScope,
+    api::{
+        apps::v1::DaemonSet,
+        core::v1::{Event, Namespace, PersistentVolume, PersistentVolumeClaim, Pod},
+        storage::v1::StorageClass,
+    },
+    serde::{Deserialize, Serialize, de::DeserializeOwned},
+};
+use kube::{
+    Client, Resource, ResourceExt,
+    api::{Api, AttachParams, DeleteParams, ListParams, PostParams},
+    runtime::{wait::await_condition, watcher},
+};
+use serde_json::json;
+use tokio::{io::AsyncReadExt, task::JoinHandle};
+
+/// The CSI driver and provisioner name.
+pub const DRIVER: &str = "stead.csi.dev";
+/// The topology key of Stead's PVs: its value is the node's name.
+pub const TOPOLOGY_KEY: &str = "topology.stead.csi.dev/node";
+/// Where `deploy/` installs Stead.
+pub const STEAD_NAMESPACE: &str = "stead-system";
+/// The agent's DaemonSet.
+pub const AGENT_DAEMONSET: &str = "stead-node";
+/// The labels of the agent's pods.
+pub const AGENT_LABELS: &str = "app.kubernetes.io/name=stead,app.kubernetes.io/component=node";
+
+/// From a claim to a Ready pod: scheduling, provisioning, mkfs, mount.
+pub const POD_READY: Duration = Duration::from_secs(120);
+/// For a pod, claim or volume to go away.
+pub const GONE: Duration = Duration::from_secs(120);
+
+/// Prints a step of a scenario (shown with `--nocapture`, as `make e2e`
+/// runs the suites, and above a failure's message otherwise).
+pub fn step(what: &str) {
+    eprintln!("[e2e] {what}");
+}
+
+/// A random token of 32 hex digits, for a test to write and read back.
+pub fn token() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let half = || {
+        std::collections::hash_map::RandomState::new()
+            .build_hasher()
+            .finish()
+    };
+    format!("{:016x}{:016x}", half(), half())
+}
+
+/// The pool a StorageClass of Stead's puts its volumes in.
+pub async fn pool_of(client: &Client, class: &str) -> String {
+    let sc = Api::<StorageClass>::all(client.clone())
+        .get(class)
+        .await
+        .unwrap_or_else(|e| panic!("reading StorageClass {class}: {e}"));
+    sc.parameters
+        .and_then(|p| p.get("pool").cloned())
+        .unwrap_or_else(|| panic!("StorageClass {class} has no pool parameter"))
+}
+
+/// The busybox image the test pods run: one the cluster already has
+/// (`STEAD_BUSYBOX_IMAGE`, which the local cluster's env file sets; by default
+/// `localhost/busybox:stead`, which it imports and kind.sh loads).
+pub fn busybox_image() -> String {
+    std::env::var("STEAD_BUSYBOX_IMAGE").unwrap_or_else(|_| "localhost/busybox:stead".into())
+}
+
+/// A client for the cluster KUBECONFIG names.
+pub async fn client() -> Client {
+    Client::try_default().await.unwrap_or_else(|e| {
+        panic!("no Kubernetes client ({e}): run through `make e2e`, or export KUBECONFIG")
+    })
+}
+
+/// A namespace of its own for one scenario. `finish` deletes it and waits
+/// until it is gone (with its claims, so their Delete-policy volumes too); if
+/// the scenario panics first, dropping it still deletes the namespace.
+pub struct Scenario {
+    pub client: Client,
+    pub ns: String,
+    finished: bool,
+}
+
+impl Scenario {
+    pub async fn new(name: &str) -> Self {
+        let client = client().await;
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .expect("clock after 1970")
+            .subsec_nanos();
+        let ns = format!("e2e-{name}-{:05x}", nanos >> 12);
+        let obj: Namespace = from_json(json!({
+            "metadata": { "name": ns, "labels": { "stead.csi.dev/e2e": name } }
+        }));
+        Api::<Namespace>::all(client.clone())
+            .create(&PostParams::default(), &obj)
+            .await
+            .unwrap_or_else(|e| panic!("creating namespace {ns}: {e}"));
+        Scenario {
+            client,
+            ns,
+            finished: false,
+        }
+    }
+
+    /// An API of a namespaced kind in this scenario's namespace.
+    pub fn api<K>(&self) -> Api<K>
+    where
+        K: Resource<Scope = NamespaceResourceScope>,
+        K::DynamicType: Default,
+    {
+        Api::namespaced(self.client.clone(), &self.ns)
+    }
+
+    /// Deletes the namespace and waits until it is gone.
+    pub async fn finish(mut self) {
+        self.finished = true;
+        let namespaces = Api::<Namespace>::all(self.client.clone());
+        let uid = delete(&namespaces, &self.ns).await;
+        if let Some(uid) = uid {
+            wait_deleted(&namespaces, &self.ns, &uid, "the scenario's namespace").await;
+        }
+    }
+}
+
+impl Drop for Scenario {
+    fn drop(&mut self) {
+        if self.finished {
+            return;
+        }
+        // A failed scenario: delete its namespace so the next run starts
+        // clean. The test's runtime is unwinding, so this runs on a runtime
+        // (and a client) of its own.
+        let ns = self.ns.clone();
+        let cleanup = std::thread::spawn(move || {
+            let rt = tokio::runtime::Runtime::new().expect("a runtime for cleanup");
+            rt.block_on(async {
+                if let Ok(client) = Client::try_default().await {
+                    let _ = Api::<Namespace>::all(client)
+                        .delete(&ns, &DeleteParams::background())
+                        .await;
+                }
+            });
+        });
+        let _ = cleanup.join();
+    }
+}
+
+/// Builds a Kubernetes object from JSON.
+pub fn from_json<K: DeserializeOwned>(value: serde_json::Value) -> K {
+    serde_json::from_value(value).unwrap_or_else(|e| panic!("malformed test object: {e}"))
+}
+
+/// The object of kind `kind` in `deploy/examples/<file>`.
+pub fn example<K: DeserializeOwned>(file: &str, kind: &str) -> K {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../deploy/examples")
+        .join(file);
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    for doc in serde_yaml::Deserializer::from_str(&text) {
+        let value = serde_json::Value::deserialize(doc)
+            .unwrap_or_else(|e| panic!("{} is not YAML: {e}", path.display()));
+        if value["kind"] == kind {
+            return serde_json::from_value(value)
+                .unwrap_or_else(|e| panic!("the {kind} in {}: {e}", path.display()));
+        }
+    }
+    panic!("{} has no {kind}", path.display());
+}
+
+/// Waits until `cond` holds for the object `name` (`None`: it does not
+/// exist), at most `within`. On timeout, panics saying what was awaited,
+/// with the object's last status and its events.
+pub async fn wait_for<K>(
+    api: &Api<K>,
+    name: &str,
+    what: &str,
+    within: Duration,
+    cond: impl Fn(Option<&K>) -> bool + Send + 'static,
+) -> Option<K>
+where
+    K: Clone + Debug + Send + Serialize + DeserializeOwned + Resource + 'static,
+    K::DynamicType: Default,
+{
+    let kind = K::kind(&K::DynamicType::default()).into_owned();
+    match tokio::time::timeout(within, await_condition(api.clone(), name, cond)).await {
+        Ok(Ok(obj)) => obj,
+        Ok(Err(e)) => panic!("watching {kind} {name} while waiting for {what}: {e}"),
+        Err(_) => {
+            let status = match api.get_opt(name).await {
+                Ok(Some(obj)) => serde_json::to_value(&obj)
+                    .map(|v| v["status"].to_string())
+                    .unwrap_or_default(),
+                Ok(None) => "it does not exist".into(),
+                Err(e) => format!("cannot read it: {e}"),
+            };
+            let events = events_of(&api.clone().into_client(), name).await;
+            panic!(
+                "timed out after {within:?} waiting for {what} ({kind} {name}).\n\
+                 Last status: {status}\nEvents:\n{events}"
+            )
+        }
+    }
+}
+
+/// The events about objects named `name`, one per line, oldest first.
+pub async fn events_of(client: &Client, name: &str) -> String {
+    let lp = ListParams::default().fields(&format!("involvedObject.name={name}"));
+    match Api::<Event>::all(client.clone()).list(&lp).await {
+        Ok(list) => {
+            let mut events = list.items;
+            events.sort_by_key(|e| e.last_timestamp.clone().map(|t| t.0));
+            events
+                .iter()
+                .map(|e| {
+                    format!(
+                        "  {} {}: {}",
+                        e.type_.as_deref().unwrap_or(""),
+                        e.reason.as_deref().unwrap_or(""),
+                        e.message.as_deref().unwrap_or("").trim()
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("\n")
+        }
+        Err(e) => format!("  (cannot list events: {e})"),
+    }
+}
+
+/// Deletes `name` if it exists; returns the uid it had.
+pub async fn delete<K>(api: &Api<K>, name: &str) -> Option<String>
+where
+    K: Clone + Debug + DeserializeOwned + Resource,
+{
+    let obj = api
+        .get_opt(name)
+        .await
+        .unwrap_or_else(|e| panic!("reading {name}: {e}"))?;
+    match api.delete(name, &DeleteParams::background()).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(s)) if s.code == 404 => return None,
+        Err(e) => panic!("deleting {name}: {e}"),
+    }
+    obj.uid()
+}
+
+/// Waits until the object `name` with this `uid` is gone (a new object of
+/// the same name does not count as it).
+pub async fn wait_deleted<K>(api: &Api<K>, name: &str, uid: &str, what: &str)
+where
+    K: Clone + Debug + Send + Serialize + DeserializeOwned + Resource + 'static,
+    K::DynamicType: Default,
+{
+    let uid = uid.to_owned();
+    wait_for(api, name, &format!("{what} to be gone"), GONE, move |o| {
+        o.is_none_or(|o| o.uid().as_deref() != Some(uid.as_str()))
+    })
+    .await;
+}
+
+/// Whether the pod is Ready and not terminating.
+pub fn is_ready(pod: &Pod) -> bool {
+    pod.metadata.deletion_timestamp.is_none()
+        && pod
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+/// Waits until the pod `name` is Ready.
+pub async fn wait_ready(pods: &Api<Pod>, name: &str) -> Pod {
+    wait_for(
+        pods,
+        name,
+        &format!("pod {name} to be Ready"),
+        POD_READY,
+        |p| p.is_some_and(is_ready),
+    )
+    .await
+    .expect("a Ready pod exists")
+}
+
+/// Waits until a pod `name` other than the one with `old_uid` is Ready.
+pub async fn wait_replaced(pods: &Api<Pod>, name: &str, old_uid: &str) -> Pod {
+    let old = old_uid.to_owned();
+    let what = format!("pod {name} to come back Ready as a new pod");
+    wait_for(pods, name, &what, POD_READY, move |p| {
+        p.is_some_and(|p| is_ready(p) && p.uid().as_deref() != Some(old.as_str()))
+    })
+    .await
+    .expect("a Ready pod exists")
+}
+
+/// The claim `name`, once Bound.
+pub async fn wait_bound(pvcs: &Api<PersistentVolumeClaim>, name: &str) -> PersistentVolumeClaim {
+    wait_for(
+        pvcs,
+        name,
+        &format!("claim {name} to be Bound"),
+        POD_READY,
+        |c| {
+            c.and_then(|c| c.status.as_ref())
+                .is_some_and(|s| s.phase.as_deref() == Some("Bound"))
+        },
+    )
+    .await
+    .expect("a Bound claim exists")
+}
+
+/// The PV a Bound claim is bound to.
+pub async fn volume_of(client: &Client, pvc: &PersistentVolumeClaim) -> PersistentVolume {
+    let name = pvc
+        .spec
+        .as_ref()
+        .and_then(|s| s.volume_name.clone())
+        .unwrap_or_else(|| panic!("claim {} has no volumeName", pvc.name_any()));
+    Api::<PersistentVolume>::all(client.clone())
+        .get(&name)
+        .await
+        .unwrap_or_else(|e| panic!("reading PV {name} of claim {}: {e}", pvc.name_any()))
+}
+
+/// The node a Stead PV is pinned to by its required node affinity.
+pub fn pinned_node(pv: &PersistentVolume) -> Option<String> {
+    let terms = &pv
+        .spec
+        .as_ref()?
+        .node_affinity
+        .as_ref()?
+        .required
+        .as_ref()?
+        .node_selector_terms;
+    let [term] = terms.as_slice() else {
+        return None;
+    };
+    let exprs = term.match_expressions.as_ref()?;
+    let [expr] = exprs.as_slice() else {
+        return None;
+    };
+    match expr.values.as_deref() {
+        Some([node]) if expr.key == TOPOLOGY_KEY && expr.operator == "In" => Some(node.clone()),
+        _ => None,
+    }
+}
+
+/// The CSI volume handle of a Stead PV.
+pub fn volume_handle(pv: &PersistentVolume) -> String {
+    pv.spec
+        .as_ref()
+        .and_then(|s| s.csi.as_ref())
+        .map(|c| c.volume_handle.clone())
+        .unwrap_or_else(|| panic!("PV {} has no csi source", pv.name_any()))
+}
+
+/// The node a pod runs on.
+pub fn node_of(pod: &Pod) -> String {
+    pod.spec
+        .as_ref()
+        .and_then(|s| s.node_name.clone())
+        .unwrap_or_else(|| panic!("pod {} is not scheduled", pod.name_any()))
+}
+
+/// Runs `sh -c script` in the pod's first container and returns its standard
+/// output; panics with its standard error if it fails.
+pub async fn sh(pods: &Api<Pod>, pod: &str, script: &str) -> String {
+    let run = async {
+        let mut proc = pods
+            .exec(pod, ["sh", "-c", script], &AttachParams::default())
+            .await
+            .unwrap_or_else(|e| panic!("exec in pod {pod}: {e}"));
+        let mut stdout = proc.stdout().expect("stdout is attached");
+        let mut stderr = proc.stderr().expect("stderr is attached");
+        let status = proc.take_status().expect("exec status");
+        let (mut out, mut err) = (String::new(), String::new());
+        let (o, e) = tokio::join!(
+            stdout.read_to_string(&mut out),
+            stderr.read_to_string(&mut err)
+        );
+        o.and(e)
+            .unwrap_or_else(|e| panic!("reading the output of exec in pod {pod}: {e}"));
+        let status = status.await;
+        let _ = proc.join().await;
+        match status {
+            Some(s) if s.status.as_deref() == Some("Success") => out,
+            s => panic!(
+                "`{script}` failed in pod {pod}: {}\nstderr: {err}",
+                s.and_then(|s| s.message)
+                    .unwrap_or_else(|| "no status".into())
+            ),
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(60), run)
+        .await
+        .unwrap_or_else(|_| panic!("`{script}` in pod {pod} did not end within 60 s"))
+}
+
+/// A busybox pod spec running `script` (then sleeping, so it can be exec'd
+/// into), with extra pod-spec fields merged in.
+pub fn busybox_pod(name: &str, script: &str, spec: serde_json::Value) -> Pod {
+    let mut pod = json!({
+        "metadata": { "name": name },
+        "spec": {
+            "terminationGracePeriodSeconds": 2,
+            "containers": [{
+                "name": "main",
+                "image": busybox_image(),
+                "imagePullPolicy": "IfNotPresent",
+                "command": ["sh", "-c", format!("trap 'exit 0' TERM; {script}\nwhile true; do sleep 1; done")],
+            }],
+        },
+    });
+    merge(&mut pod["spec"], spec);
+    from_json(pod)
+}
+
+/// JSON merge of `patch` into `into`: objects merge, arrays of containers
+/// merge element-wise, anything else replaces.
+fn merge(into: &mut serde_json::Value, patch: serde_json::Value) {
+    use serde_json::Value;
+    match (into, patch) {
+        (Value::Object(a), Value::Object(b)) => {
+            for (k, v) in b {
+                merge(a.entry(k).or_insert(Value::Null), v);
+            }
+        }
+        (Value::Array(a), Value::Array(b)) if a.len() == b.len() => {
+            for (x, y) in a.iter_mut().zip(b) {
+                merge(x, y);
+            }
+        }
+        (a, b) => *a = b,
+    }
+}
+
+/// The agent pod on `node`, Ready.
+pub async fn agent_pod(client: &Client, node: &str) -> Pod {
+    let pods = Api::<Pod>::namespaced(client.clone(), STEAD_NAMESPACE);
+    let lp = ListParams::default()
+        .labels(AGENT_LABELS)
+        .fields(&format!("spec.nodeName={node}"));
+    let list = pods.list(&lp).await.expect("listing the agent's pods");
+    let live: Vec<_> = list
+        .items
+        .into_iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .collect();
+    let [pod] = live.as_slice() else {
+        panic!(
+            "expected one Stead agent pod on node {node}, found {}",
+            live.len()
+        )
+    };
+    wait_ready(&pods, &pod.name_any()).await
+}
+
+/// Deletes the agent pod on `node` and waits until its replacement is Ready.
+pub async fn restart_agent(client: &Client, node: &str) -> Pod {
+    let pods = Api::<Pod>::namespaced(client.clone(), STEAD_NAMESPACE);
+    let old = agent_pod(client, node).await;
+    let old_uid = old.uid().expect("pods have uids");
+    delete(&pods, &old.name_any()).await;
+    let lp = ListParams::default()
+        .labels(AGENT_LABELS)
+        .fields(&format!("spec.nodeName={node}"));
+    let deadline = Instant::now() + POD_READY;
+    loop {
+        let list = pods.list(&lp).await.expect("listing the agent's pods");
+        if let Some(new) = list
+            .items
+            .into_iter()
+            .find(|p| p.uid().as_deref() != Some(old_uid.as_str()) && is_ready(p))
+        {
+            return new;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {POD_READY:?} waiting for a new Stead agent pod on node {node} to be Ready"
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// A look at the pools on a node's disk, from a busybox pod on that node
+/// with the agent's pool folders (the `pool-*` hostPath volumes of its
+/// DaemonSet, wherever a kustomize patch put them) mounted read-only at
+/// `/pools/<pool>`.
+pub struct NodeDisk {
+    pods: Api<Pod>,
+    name: String,
+}
+
+impl NodeDisk {
+    pub async fn open(scn: &Scenario, node: &str) -> Self {
+        let ds = Api::<DaemonSet>::namespaced(scn.client.clone(), STEAD_NAMESPACE)
+            .get(AGENT_DAEMONSET)
+            .await
+            .unwrap_or_else(|e| {
+                panic!("reading DaemonSet {STEAD_NAMESPACE}/{AGENT_DAEMONSET}: {e}")
+            });
+        let volumes: Vec<_> = ds
+            .spec
+            .and_then(|s| s.template.spec)
+            .and_then(|s| s.volumes)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|v| v.name.starts_with("pool-") && v.host_path.is_some())
+            .collect();
+        assert!(
+            !volumes.is_empty(),
+            "the Stead DaemonSet has no pool-* hostPath volume"
+        );
+        let mounts: Vec<_> = volumes
+            .iter()
+            .map(|v| json!({ "name": v.name, "mountPath": format!("/pools/{}", &v.name["pool-".len()..]), "readOnly": true }))
+            .collect();
+        let name = format!("node-disk-{node}");
+        let pod = busybox_pod(
+            &name,
+            "",
+            json!({
+                "nodeName": node,
+                "tolerations": [{ "operator": "Exists" }],
+                "volumes": volumes,
+                "containers": [{ "volumeMounts": mounts }],
+            }),
+        );
+        let pods: Api<Pod> = scn.api();
+        pods.create(&PostParams::default(), &pod)
+            .await
+            .unwrap_or_else(|e| panic!("creating pod {name}: {e}"));
+        wait_ready(&pods, &name).await;
+        NodeDisk { pods, name }
+    }
+
+    /// Runs a shell script in the node-disk pod.
+    pub async fn sh(&self, script: &str) -> String {
+        sh(&self.pods, &self.name, script).await
+    }
+
+    /// The folder of volume `id` in `pool` (`/pools/<pool>/<folder>`), found
+    /// by its record `volume.json`, if the volume exists on the disk.
+    pub async fn volume_dir(&self, pool: &str, id: &str) -> Option<String> {
+        let out = self
+            .sh(&format!(
+                "grep -l -F '\"{id}\"' /pools/{pool}/*/volume.json 2>/dev/null || true"
+            ))
+            .await;
+        out.lines()
+            .next()
+            .map(|l| l.trim_end_matches("/volume.json").to_owned())
+    }
+}
+
+/// What happened to a pod, as a watch saw it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Moment {
+    Created,
+    Ready,
+    Terminating,
+    Gone,
+}
+
+/// Records when pods matching a label selector are created, become Ready,
+/// start terminating and are gone, from a watch started before the
+/// scenario acts.
+pub struct PodTimeline {
+    log: Arc<Mutex<Vec<(Instant, String, Moment)>>>,
+    task: JoinHandle<()>,
+}
+
+impl PodTimeline {
+    pub async fn watch(pods: Api<Pod>, labels: &str) -> Self {
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (started_tx, started_rx) = tokio::sync::oneshot::channel();
+        let stream = watcher(pods, watcher::Config::default().labels(labels));
+        let sink = log.clone();
+        let task = tokio::spawn(async move {
+            let mut stream = std::pin::pin!(stream);
+            let mut started = Some(started_tx);
+            // Per pod uid: the moments already recorded.
+            let mut seen: HashMap<String, Vec<Moment>> = HashMap::new();
+            while let Some(event) = stream.next().await {
+                let now = Instant::now();
+                let (pod, gone) = match event {
+                    Ok(watcher::Event::Apply(p) | watcher::Event::InitApply(p)) => (p, false),
+                    Ok(watcher::Event::Delete(p)) => (p, true),
+                    Ok(watcher::Event::InitDone) => {
+                        if let Some(tx) = started.take() {
+                            let _ = tx.send(());
+                        }
+                        continue;
+                    }
+                    Ok(watcher::Event::Init) | Err(_) => continue,
+                };
+                let moments = seen.entry(pod.uid().unwrap_or_default()).or_default();
+                let mut record = |m: Moment| {
+                    if !moments.contains(&m) {
+                        moments.push(m);
+                        sink.lock().unwrap().push((now, pod.name_any(), m));
+                    }
+                };
+                record(Moment::Created);
+                if is_ready(&pod) {
+                    record(Moment::Ready);
+                }
+                if pod.metadata.deletion_timestamp.is_some() {
+                    record(Moment::Terminating);
+                }
+                if gone {
+                    record(Moment::Gone);
+                }
+            }
+        });
+        tokio::time::timeout(Duration::from_secs(30), started_rx)
+            .await
+            .expect("the pod watch to list within 30 s")
+            .expect("the pod watch to start");
+        PodTimeline { log, task }
+    }
+
+    /// Names of the pods that had `moment` after `since`, in order.
+    pub fn order(&self, moment: Moment, since: Instant) -> Vec<String> {
+        self.log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(t, _, m)| *m == moment && *t >= since)
+            .map(|(_, n, _)| n.clone())
+            .collect()
+    }
+
+    /// When `pod` first had `moment` after `since`.
+    pub fn when(&self, pod: &str, moment: Moment, since: Instant) -> Option<Instant> {
+        self.log
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|(t, n, m)| n == pod && *m == moment && *t >= since)
+            .map(|(t, _, _)| *t)
+    }
+}
+
+impl Drop for PodTimeline {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}

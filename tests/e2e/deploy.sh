@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Deploys Stead from deploy/ onto the bundled local cluster: imports the image
+# archive into the cluster's containerd, applies the kustomize base, and waits
+# until the agent is Ready on every node.
+#
+#   tests/e2e/deploy.sh <oci-archive>     (make deploy builds the archive first)
+#
+# A rebuilt image keeps its tag, so the pod template also carries the image's
+# digest: a new build rolls the agent, an unchanged one leaves it running.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+die() { printf '[deploy] error: %s\n' "$*" >&2; exit 1; }
+(($# == 1)) || die "usage: $0 <oci-archive>"
+archive=$1
+env_file=${STEAD_CLUSTER_DIR:-/tmp/stead-cluster}/env
+[[ -r $env_file ]] || die "no local cluster ($env_file is missing): run make cluster-up"
+# shellcheck disable=SC1090
+source "$env_file"
+
+tests/cluster/load-image "$archive" >/dev/null
+digest=$(tar -xOf "$archive" index.json | grep -o 'sha256:[0-9a-f]\{64\}' | head -1)
+[[ -n $digest ]] || die "$archive has no image manifest"
+
+overlay=$(mktemp -d "${TMPDIR:-/tmp}/stead-deploy.XXXXXX")
+trap 'rm -rf "$overlay"' EXIT
+cat >"$overlay/kustomization.yaml" <<YAML
+apiVersion: kustomize.config.k8s.io/v1beta1
+kind: Kustomization
+resources:
+  - $PWD/deploy
+patches:
+  - patch: |-
+      apiVersion: apps/v1
+      kind: DaemonSet
+      metadata:
+        name: stead-node
+        namespace: stead-system
+      spec:
+        template:
+          metadata:
+            annotations:
+              stead.csi.dev/image-digest: "$digest"
+YAML
+"$KUBECTL" apply -k "$overlay" >/dev/null
+if ! "$KUBECTL" -n stead-system rollout status daemonset/stead-node --timeout=180s; then
+  "$KUBECTL" -n stead-system get pods -o wide >&2
+  "$KUBECTL" -n stead-system describe pods -l app.kubernetes.io/name=stead | tail -n 30 >&2
+  "$KUBECTL" -n stead-system logs -l app.kubernetes.io/name=stead --tail=30 >&2 || true
+  die "the Stead agent did not become Ready"
+fi

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Runs Stead's e2e suites on a kind cluster, for machines with Docker:
+# creates the cluster, builds the image with the Dockerfile, loads it and a
+# busybox into the node, applies deploy/, runs the suites, deletes the
+# cluster (STEAD_KIND_KEEP=1 keeps it).
+#
+#   tests/e2e/kind.sh              needs docker, kind, kubectl, cargo
+#
+# The cluster has its own kubeconfig in target/kind/; the current kube
+# context is left alone.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+name=${STEAD_KIND_CLUSTER:-stead}
+version=$(sed -n 's/^version = "\(.*\)"$/\1/p' Cargo.toml | head -1)
+export KUBECONFIG=$PWD/target/kind/kubeconfig
+# The pools live on the host's disk, not in the node container's overlay.
+pools=${STEAD_KIND_POOLS:-$PWD/target/kind/pools}
+mkdir -p "$pools" "$(dirname "$KUBECONFIG")"
+for cmd in docker kind kubectl cargo; do
+  command -v "$cmd" >/dev/null || { echo "kind.sh needs $cmd on PATH" >&2; exit 1; }
+done
+
+kind create cluster --name "$name" --kubeconfig "$KUBECONFIG" --config - <<YAML
+kind: Cluster
+apiVersion: kind.x-k8s.io/v1alpha4
+nodes:
+  - role: control-plane
+    extraMounts:
+      # The agent attaches loop devices: they must show in the node's /dev.
+      - hostPath: /dev
+        containerPath: /dev
+      - hostPath: $pools
+        containerPath: /var/lib/stead/pools
+YAML
+[[ ${STEAD_KIND_KEEP:-} == 1 ]] || trap 'kind delete cluster --name "$name"' EXIT
+
+docker build -t "localhost/stead:$version" .
+# The busybox the examples and the suites run, under the name the bundled
+# cluster gives it.
+docker pull busybox:1.36
+docker tag busybox:1.36 localhost/busybox:stead
+kind load docker-image --name "$name" "localhost/stead:$version" localhost/busybox:stead
+
+kubectl apply -k deploy/
+kubectl -n stead-system rollout status daemonset/stead-node --timeout=180s
+cargo test --locked -p stead-e2e --test statefulset --test volumes -- --test-threads=1 --nocapture

@@ -1,0 +1,241 @@
+//! Claims beyond the seed's: a raw block device, a ReadWriteOncePod claim,
+//! and the dir backend whose files sit in the pool folder on the node.
+
+use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, Pod};
+use kube::{Api, ResourceExt, api::PostParams};
+use serde_json::json;
+use stead_e2e::*;
+
+/// A claim of `class` for `size`, with extra spec fields.
+fn claim(name: &str, class: &str, size: &str, spec: serde_json::Value) -> PersistentVolumeClaim {
+    let mut claim = json!({
+        "metadata": { "name": name },
+        "spec": {
+            "storageClassName": class,
+            "accessModes": ["ReadWriteOnce"],
+            "resources": { "requests": { "storage": size } },
+        },
+    });
+    for (k, v) in spec.as_object().expect("spec fields").clone() {
+        claim["spec"][k] = v;
+    }
+    from_json(claim)
+}
+
+/// A busybox pod with claim `claim` mounted at /data.
+fn pod_with_claim(name: &str, claim: &str) -> Pod {
+    busybox_pod(
+        name,
+        "",
+        json!({
+            "volumes": [{ "name": "v", "persistentVolumeClaim": { "claimName": claim } }],
+            "containers": [{ "volumeMounts": [{ "name": "v", "mountPath": "/data" }] }],
+        }),
+    )
+}
+
+async fn create<K>(api: &Api<K>, obj: &K)
+where
+    K: Clone
+        + std::fmt::Debug
+        + k8s_openapi::serde::Serialize
+        + k8s_openapi::serde::de::DeserializeOwned
+        + kube::Resource,
+{
+    api.create(&PostParams::default(), obj)
+        .await
+        .unwrap_or_else(|e| panic!("creating {}: {e}", obj.name_any()));
+}
+
+async fn delete_pod(pods: &Api<Pod>, name: &str) {
+    if let Some(uid) = delete(pods, name).await {
+        wait_deleted(pods, name, &uid, &format!("pod {name}")).await;
+    }
+}
+
+/// Deletes the claim and waits until its PV is gone.
+async fn delete_claim_and_volume(scn: &Scenario, pv: &PersistentVolume) {
+    let claim = pv
+        .spec
+        .as_ref()
+        .and_then(|s| s.claim_ref.as_ref())
+        .and_then(|c| c.name.clone())
+        .expect("a bound PV names its claim");
+    delete(&scn.api::<PersistentVolumeClaim>(), &claim).await;
+    let pvs: Api<PersistentVolume> = Api::all(scn.client.clone());
+    let what = format!("PV {} of deleted claim {claim}", pv.name_any());
+    wait_deleted(&pvs, &pv.name_any(), &pv.uid().expect("uid"), &what).await;
+}
+
+#[tokio::test]
+async fn block_claim_gives_the_pod_a_raw_device_that_keeps_its_bytes() {
+    let scn = Scenario::new("block").await;
+    let pods: Api<Pod> = scn.api();
+    let pvcs: Api<PersistentVolumeClaim> = scn.api();
+    create(
+        &pvcs,
+        &claim("raw", "stead", "64Mi", json!({ "volumeMode": "Block" })),
+    )
+    .await;
+    let device_pod = |name: &str| {
+        busybox_pod(
+            name,
+            "",
+            json!({
+                "volumes": [{ "name": "v", "persistentVolumeClaim": { "claimName": "raw" } }],
+                "containers": [{ "volumeDevices": [{ "name": "v", "devicePath": "/dev/stead" }] }],
+            }),
+        )
+    };
+
+    step("a pod gets the Block claim as /dev/stead, of the requested size");
+    create(&pods, &device_pod("writer")).await;
+    wait_ready(&pods, "writer").await;
+    let pv = volume_of(&scn.client, &wait_bound(&pvcs, "raw").await).await;
+    assert_eq!(
+        pv.spec.as_ref().and_then(|s| s.volume_mode.as_deref()),
+        Some("Block"),
+        "volumeMode of PV {}",
+        pv.name_any()
+    );
+    let size = sh(&pods, "writer", "blockdev --getsize64 /dev/stead").await;
+    let size: u64 = size
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("blockdev: {size}"));
+    assert!(
+        size >= 64 << 20,
+        "the device holds {size} bytes, the claim asked for 64Mi"
+    );
+
+    step("bytes written to the device are read back by the next pod");
+    let token = token();
+    sh(
+        &pods,
+        "writer",
+        &format!("printf {token} > /dev/stead && sync"),
+    )
+    .await;
+    delete_pod(&pods, "writer").await;
+    create(&pods, &device_pod("reader")).await;
+    wait_ready(&pods, "reader").await;
+    let read = sh(&pods, "reader", "head -c 32 /dev/stead").await;
+    assert_eq!(read, token, "the first 32 bytes of the device");
+
+    step("delete the pod and the claim: the PV is gone");
+    delete_pod(&pods, "reader").await;
+    delete_claim_and_volume(&scn, &pv).await;
+    scn.finish().await;
+}
+
+#[tokio::test]
+async fn read_write_once_pod_claim_is_used_by_one_pod_at_a_time() {
+    let scn = Scenario::new("rwop").await;
+    let pods: Api<Pod> = scn.api();
+    let pvcs: Api<PersistentVolumeClaim> = scn.api();
+    let spec = json!({ "accessModes": ["ReadWriteOncePod"] });
+    create(&pvcs, &claim("solo", "stead", "64Mi", spec)).await;
+
+    step("the first pod mounts the ReadWriteOncePod claim and writes a token");
+    create(&pods, &pod_with_claim("first", "solo")).await;
+    wait_ready(&pods, "first").await;
+    let token = token();
+    sh(
+        &pods,
+        "first",
+        &format!("echo {token} > /data/token && sync"),
+    )
+    .await;
+
+    step("a second pod on the same claim is not scheduled while the first runs");
+    create(&pods, &pod_with_claim("second", "solo")).await;
+    let pending = wait_for(
+        &pods,
+        "second",
+        "the scheduler to refuse pod second (claim in use, ReadWriteOncePod)",
+        POD_READY,
+        |p: Option<&Pod>| {
+            p.and_then(|p| p.status.as_ref())
+                .and_then(|s| s.conditions.as_ref())
+                .is_some_and(|cs| {
+                    cs.iter().any(|c| {
+                        c.type_ == "PodScheduled"
+                            && c.status == "False"
+                            && c.reason.as_deref() == Some("Unschedulable")
+                    })
+                })
+        },
+    )
+    .await
+    .expect("pod second exists");
+    let why = pending
+        .status
+        .and_then(|s| s.conditions)
+        .into_iter()
+        .flatten()
+        .find(|c| c.type_ == "PodScheduled")
+        .and_then(|c| c.message)
+        .unwrap_or_default();
+    assert!(
+        why.contains("ReadWriteOncePod"),
+        "pod second is refused for the claim: {why}"
+    );
+
+    step("once the first pod is gone, the second runs and reads the token");
+    delete_pod(&pods, "first").await;
+    wait_ready(&pods, "second").await;
+    let read = sh(&pods, "second", "cat /data/token").await;
+    assert_eq!(read.trim(), token, "the token the first pod wrote");
+
+    let pv = volume_of(&scn.client, &wait_bound(&pvcs, "solo").await).await;
+    delete_pod(&pods, "second").await;
+    delete_claim_and_volume(&scn, &pv).await;
+    scn.finish().await;
+}
+
+#[tokio::test]
+async fn dir_class_keeps_the_files_in_the_pool_folder_on_the_node() {
+    let scn = Scenario::new("dir").await;
+    let pods: Api<Pod> = scn.api();
+    let pvcs: Api<PersistentVolumeClaim> = scn.api();
+    create(&pvcs, &claim("files", "stead-dir", "64Mi", json!({}))).await;
+
+    step("a pod writes a token into its stead-dir volume");
+    create(&pods, &pod_with_claim("writer", "files")).await;
+    let node = node_of(&wait_ready(&pods, "writer").await);
+    let token = token();
+    sh(
+        &pods,
+        "writer",
+        &format!("echo {token} > /data/token && sync"),
+    )
+    .await;
+
+    step("the file is in the volume's folder in the dir pool on the node's disk");
+    let pv = volume_of(&scn.client, &wait_bound(&pvcs, "files").await).await;
+    assert_eq!(
+        pinned_node(&pv),
+        Some(node.clone()),
+        "node affinity of PV {}",
+        pv.name_any()
+    );
+    let pool = pool_of(&scn.client, "stead-dir").await;
+    let disk = NodeDisk::open(&scn, &node).await;
+    let handle = volume_handle(&pv);
+    let dir = disk
+        .volume_dir(&pool, &handle)
+        .await
+        .unwrap_or_else(|| panic!("volume {handle} is not in pool {pool} on node {node}"));
+    let on_disk = disk.sh(&format!("cat $(find {dir} -name token)")).await;
+    assert_eq!(on_disk.trim(), token, "the token file under {dir}");
+
+    step("delete the pod and the claim: the PV and the folder are gone");
+    delete_pod(&pods, "writer").await;
+    delete_claim_and_volume(&scn, &pv).await;
+    assert_eq!(
+        disk.volume_dir(&pool, &handle).await,
+        None,
+        "folder of {handle} removed"
+    );
+    scn.finish().await;
+}
