@@ -13,8 +13,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use futures::FutureExt;
-use tokio_stream::wrappers::UnixListenerStream;
+use futures::{FutureExt, Stream};
+use tokio::io::{AsyncWriteExt, DuplexStream};
+use tokio::net::UnixListener;
 use tonic::{Request, Response, Status};
 
 use crate::DRIVER_NAME;
@@ -23,6 +24,8 @@ use crate::proto::pluginregistration::registration_server::{Registration, Regist
 use crate::proto::pluginregistration::{
     InfoRequest, PluginInfo, RegistrationStatus, RegistrationStatusResponse,
 };
+
+mod authority;
 
 /// CSI versions this plugin speaks, as kubelet wants them listed.
 const SUPPORTED_VERSIONS: [&str; 1] = ["1.0.0"];
@@ -81,6 +84,31 @@ impl Registration for Service {
     }
 }
 
+/// Accepts kubelet's connections and hands the gRPC server an in-memory
+/// pipe for each, with the `:authority` rewrite (see `authority`) between.
+fn accept_rewritten(listener: UnixListener) -> impl Stream<Item = std::io::Result<DuplexStream>> {
+    futures::stream::unfold(listener, |listener| async move {
+        let conn = listener.accept().await.map(|(conn, _)| {
+            let (ours, theirs) = tokio::io::duplex(64 * 1024);
+            let (conn_read, mut conn_write) = conn.into_split();
+            let (mut ours_read, ours_write) = tokio::io::split(ours);
+            tokio::spawn(async move {
+                let up = authority::rewrite(conn_read, ours_write);
+                let down = async {
+                    tokio::io::copy(&mut ours_read, &mut conn_write).await?;
+                    conn_write.shutdown().await
+                };
+                let (up, down) = tokio::join!(up, down);
+                if let Err(e) = up.and(down) {
+                    tracing::debug!(error = %e, "registration connection ended with an error");
+                }
+            });
+            theirs
+        });
+        Some((conn, listener))
+    })
+}
+
 /// Resolves when the socket at `path` is no longer the one we bound
 /// (removed, or replaced by another file).
 async fn socket_gone(path: &Path, inode: u64) {
@@ -126,7 +154,7 @@ pub async fn serve(
         };
         tonic::transport::Server::builder()
             .add_service(RegistrationServer::new(service.clone()))
-            .serve_with_incoming_shutdown(UnixListenerStream::new(listener), stop)
+            .serve_with_incoming_shutdown(accept_rewritten(listener), stop)
             .await
             .map_err(|source| ServeError::Transport {
                 path: socket.clone(),
