@@ -14,7 +14,7 @@ use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
 use kube::{Api, ResourceExt};
 
 use super::class::{self, ClassSpec};
-use super::{Ctx, Error, claim};
+use super::{Ctx, Error, claim, quantity};
 use crate::proto::csi::v1::GetCapacityRequest;
 use crate::proto::csi::v1::controller_server::Controller as CsiController;
 use crate::{DRIVER_NAME, TOPOLOGY_KEY};
@@ -69,8 +69,8 @@ pub fn build(
             owner_references: owner.map(|o| vec![o.clone()]),
             ..Default::default()
         },
-        capacity: Some(Quantity(available.max(0).to_string())),
-        maximum_volume_size: maximum.map(|m| Quantity(m.to_string())),
+        capacity: Some(Quantity(quantity::format(available.max(0)))),
+        maximum_volume_size: maximum.map(|m| Quantity(quantity::format(m))),
         node_topology: Some(LabelSelector {
             match_labels: Some(BTreeMap::from([(
                 TOPOLOGY_KEY.to_string(),
@@ -230,8 +230,8 @@ mod tests {
         );
         assert_eq!(obj.metadata.name.as_deref(), Some("stead-node-a-stead"));
         assert_eq!(obj.storage_class_name, "stead");
-        assert_eq!(obj.capacity.unwrap().0, (5i64 << 30).to_string());
-        assert_eq!(obj.maximum_volume_size.unwrap().0, (4i64 << 30).to_string());
+        assert_eq!(obj.capacity.unwrap().0, "5Gi");
+        assert_eq!(obj.maximum_volume_size.unwrap().0, "4Gi");
         let sel = obj.node_topology.unwrap().match_labels.unwrap();
         assert_eq!(sel[TOPOLOGY_KEY], "node-a");
         assert_eq!(obj.metadata.labels.unwrap()[LABEL_DRIVER], DRIVER_NAME);

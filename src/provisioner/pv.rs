@@ -10,8 +10,8 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
-use super::claim;
 use super::class::ClassSpec;
+use super::{claim, quantity};
 use crate::proto::csi::v1::Volume;
 use crate::{DRIVER_NAME, TOPOLOGY_KEY};
 
@@ -49,7 +49,7 @@ pub fn build_pv(
             access_modes: spec.access_modes.clone(),
             capacity: Some(BTreeMap::from([(
                 "storage".to_string(),
-                Quantity(volume.capacity_bytes.to_string()),
+                Quantity(quantity::format(volume.capacity_bytes)),
             )])),
             claim_ref: Some(ObjectReference {
                 api_version: Some("v1".into()),

@@ -103,6 +103,24 @@ pub fn to_bytes(value: &str) -> Result<i64, QuantityError> {
     i64::try_from(bytes).map_err(|_| err("is too large"))
 }
 
+/// Bytes as a Kubernetes quantity: the largest binary suffix that divides
+/// it exactly (`500Mi`), else plain bytes. Exact, so it parses back to the
+/// same number.
+pub fn format(bytes: i64) -> String {
+    const SUFFIXES: [(&str, i64); 5] = [
+        ("Pi", 1 << 50),
+        ("Ti", 1 << 40),
+        ("Gi", 1 << 30),
+        ("Mi", 1 << 20),
+        ("Ki", 1 << 10),
+    ];
+    SUFFIXES
+        .iter()
+        .find(|(_, unit)| bytes > 0 && bytes % unit == 0)
+        .map(|(suffix, unit)| format!("{}{suffix}", bytes / unit))
+        .unwrap_or_else(|| bytes.to_string())
+}
+
 /// Formats bytes for people: the largest binary unit that keeps one decimal.
 pub fn human(bytes: i64) -> String {
     const UNITS: [&str; 5] = ["Ki", "Mi", "Gi", "Ti", "Pi"];
@@ -149,6 +167,15 @@ mod tests {
             let e = to_bytes(bad).unwrap_err();
             assert_eq!(e.value, bad);
         }
+    }
+
+    #[test]
+    fn exact_quantities_round_trip() {
+        for b in [500 << 20, 3 << 29, 4096, 1000, 0, 5 << 40] {
+            assert_eq!(to_bytes(&format(b)).unwrap(), b);
+        }
+        assert_eq!(format(500 << 20), "500Mi");
+        assert_eq!(format(1000), "1000");
     }
 
     #[test]
