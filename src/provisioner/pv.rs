@@ -160,10 +160,7 @@ mod tests {
         );
         assert_eq!(csi.fs_type.as_deref(), Some("ext4"));
         assert_eq!(csi.volume_attributes.as_ref().unwrap()["pool"], "image");
-        assert_eq!(
-            spec.capacity.as_ref().unwrap()["storage"].0,
-            (500u64 << 20).to_string()
-        );
+        assert_eq!(spec.capacity.as_ref().unwrap()["storage"].0, "500Mi");
         assert_eq!(spec.access_modes, Some(vec!["ReadWriteOnce".to_string()]));
         assert_eq!(
             spec.persistent_volume_reclaim_policy.as_deref(),
