@@ -1,0 +1,708 @@
+//! The provisioner against a real control plane, with the agent run as a
+//! host process (`stead node --provisioner=true --registration=true`) so
+//! that a test can kill it at chosen points. `make provision-test` runs it on
+//! the bundled local cluster, with Stead's DaemonSet not deployed (the two
+//! agents would share the node).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, Pod};
+use k8s_openapi::api::storage::v1::StorageClass;
+use kube::api::{Api, DeleteParams, ListParams, PostParams};
+use kube::{Client, ResourceExt};
+use serde_json::json;
+use stead::proto::csi::v1::controller_client::ControllerClient;
+use stead::provisioner::{claim, class, ledger::Ledger};
+use stead_e2e::*;
+
+const CSI_SOCKET: &str = "/var/lib/kubelet/plugins/stead.csi.dev/csi.sock";
+
+fn node_name() -> String {
+    std::env::var("STEAD_NODE_NAME").unwrap_or_else(|_| "stead-node".into())
+}
+
+fn stead_bin() -> PathBuf {
+    std::env::var_os("STEAD_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/debug/stead")
+        })
+}
+
+/// The agent as a host process, with pools of its own under `root`.
+struct Agent {
+    root: PathBuf,
+    child: Option<Child>,
+    extra: Vec<String>,
+}
+
+impl Agent {
+    fn new(test: &str, extra: &[&str]) -> Agent {
+        let root = PathBuf::from(format!("/var/tmp/stead-provision/{test}-{}", token()));
+        std::fs::create_dir_all(&root).expect("agent root");
+        Agent {
+            root,
+            child: None,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    fn pool(&self, name: &str) -> PathBuf {
+        self.root.join("pools").join(name)
+    }
+
+    fn state(&self) -> PathBuf {
+        self.root.join("state")
+    }
+
+    fn log(&self) -> PathBuf {
+        self.root.join("agent.log")
+    }
+
+    /// Starts the agent (CSI + registration + provisioner) and waits until
+    /// its CSI socket answers.
+    async fn start(&mut self, provisioner: bool) {
+        assert!(self.child.is_none(), "agent already running");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log())
+            .expect("agent log");
+        let child = Command::new(stead_bin())
+            .arg("node")
+            .args(["--node-id", &node_name()])
+            .args(["--endpoint", &format!("unix://{CSI_SOCKET}")])
+            .arg("--pool")
+            .arg(format!("image:image:{}", self.pool("image").display()))
+            .arg("--pool")
+            .arg(format!("dir:dir:{}", self.pool("dir").display()))
+            .arg("--registration=true")
+            .arg(format!("--provisioner={provisioner}"))
+            .arg("--state-dir")
+            .arg(self.state())
+            .args(["--capacity-namespace", "default"])
+            .args(&self.extra)
+            .env("RUST_LOG", "info,stead=debug")
+            .env_remove("POD_NAME")
+            .env_remove("POD_NAMESPACE")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {}: {e}", stead_bin().display()));
+        self.child = Some(child);
+        self.csi().await;
+        step(&format!("agent started (provisioner={provisioner})"));
+    }
+
+    /// A CSI controller client on the agent's socket (waits for it).
+    async fn csi(&self) -> ControllerClient<tonic::transport::Channel> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if Path::new(CSI_SOCKET).exists()
+                && let Ok(ch) =
+                    tonic::transport::Endpoint::from_shared(format!("unix://{CSI_SOCKET}"))
+                        .expect("endpoint")
+                        .connect()
+                        .await
+            {
+                return ControllerClient::new(ch);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the agent did not serve {CSI_SOCKET}; its log: {}",
+                self.log().display()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// SIGKILL: the agent gets no chance to finish anything.
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+            step("agent killed (SIGKILL)");
+        }
+    }
+
+    /// Volumes on disk (folders with metadata) in a pool.
+    fn volumes(&self, pool: &str) -> Vec<String> {
+        let Ok(dir) = std::fs::read_dir(self.pool(pool)) else {
+            return vec![];
+        };
+        let mut v: Vec<String> = dir
+            .flatten()
+            .filter(|e| e.path().join("volume.json").exists())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| !n.starts_with('.'))
+            .collect();
+        v.sort();
+        v
+    }
+
+    async fn wait_volumes(&self, pool: &str, want: &[String], what: &str) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut want = want.to_vec();
+        want.sort();
+        loop {
+            let got = self.volumes(pool);
+            if got == want {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "waiting for {what}: pool {pool} holds {got:?}, expected {want:?} (agent log {})",
+                self.log().display()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SIGTERM: graceful, as the kubelet would stop it.
+            let _ = Command::new("kill").arg(c.id().to_string()).status();
+            let _ = c.wait();
+        }
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.root);
+        }
+    }
+}
+
+/// A cluster-scoped StorageClass for one test, deleted at the end.
+struct Class {
+    api: Api<StorageClass>,
+    name: String,
+}
+
+impl Class {
+    async fn create(
+        client: &Client,
+        name: &str,
+        params: &[(&str, &str)],
+        mode: &str,
+        reclaim: &str,
+    ) -> Class {
+        let api: Api<StorageClass> = Api::all(client.clone());
+        let name = format!("{name}-{}", &token()[..6]);
+        let params: BTreeMap<&str, &str> = params.iter().copied().collect();
+        let sc: StorageClass = from_json(json!({
+            "metadata": {"name": name},
+            "provisioner": DRIVER,
+            "parameters": params,
+            "volumeBindingMode": mode,
+            "reclaimPolicy": reclaim,
+            "allowVolumeExpansion": true,
+        }));
+        api.create(&PostParams::default(), &sc)
+            .await
+            .unwrap_or_else(|e| panic!("creating StorageClass {name}: {e}"));
+        Class { api, name }
+    }
+}
+
+impl Drop for Class {
+    fn drop(&mut self) {
+        let (api, name) = (self.api.clone(), self.name.clone());
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Runtime::new().expect("runtime");
+            rt.block_on(async { api.delete(&name, &DeleteParams::default()).await.ok() });
+        })
+        .join();
+    }
+}
+
+fn claim_of(name: &str, class: &str, size: &str) -> PersistentVolumeClaim {
+    from_json(json!({
+        "metadata": {"name": name},
+        "spec": {
+            "accessModes": ["ReadWriteOnce"],
+            "storageClassName": class,
+            "resources": {"requests": {"storage": size}},
+        }
+    }))
+}
+
+async fn create_claim(
+    scn: &Scenario,
+    name: &str,
+    class: &str,
+    size: &str,
+) -> PersistentVolumeClaim {
+    scn.api::<PersistentVolumeClaim>()
+        .create(&PostParams::default(), &claim_of(name, class, size))
+        .await
+        .unwrap_or_else(|e| panic!("creating claim {name}: {e}"))
+}
+
+/// The CSIDriver object the scheduler reads for capacity tracking.
+async fn ensure_csidriver(client: &Client) {
+    use k8s_openapi::api::storage::v1::CSIDriver;
+    let api: Api<CSIDriver> = Api::all(client.clone());
+    let drv: CSIDriver = from_json(json!({
+        "metadata": {"name": DRIVER},
+        "spec": {"attachRequired": false, "podInfoOnMount": true, "storageCapacity": true,
+                 "fsGroupPolicy": "File", "volumeLifecycleModes": ["Persistent"]},
+    }));
+    match api.create(&PostParams::default(), &drv).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(s)) if s.code == 409 => {}
+        Err(e) => panic!("creating CSIDriver: {e}"),
+    }
+}
+
+/// All PVs whose claimRef names this claim uid.
+async fn pvs_of_claim(client: &Client, uid: &str) -> Vec<PersistentVolume> {
+    Api::<PersistentVolume>::all(client.clone())
+        .list(&ListParams::default())
+        .await
+        .expect("list PVs")
+        .items
+        .into_iter()
+        .filter(|pv| {
+            pv.spec
+                .as_ref()
+                .and_then(|s| s.claim_ref.as_ref())
+                .and_then(|r| r.uid.as_deref())
+                == Some(uid)
+        })
+        .collect()
+}
+
+/// Waits for an event on `name` whose reason is `reason` and whose text
+/// contains every one of `words`; returns the events seen.
+async fn wait_event(client: &Client, name: &str, reason: &str, words: &[&str]) -> String {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let events = events_of(client, name).await;
+        if events
+            .lines()
+            .any(|l| l.contains(reason) && words.iter().all(|w| l.contains(w)))
+        {
+            return events;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {reason} event on {name} mentioning {words:?}; events:\n{events}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+#[tokio::test]
+async fn seed_statefulset_gets_three_bound_volumes_mounted_by_kubelet() {
+    let mut agent = Agent::new("seed", &[]);
+    agent.start(true).await;
+    let scn = Scenario::new("prov-seed").await;
+    ensure_csidriver(&scn.client).await;
+    let sc = Class::create(
+        &scn.client,
+        "prov-wffc",
+        &[("pool", "image")],
+        "WaitForFirstConsumer",
+        "Delete",
+    )
+    .await;
+
+    step("StatefulSet db-ss, 3 replicas, volumeClaimTemplates db-vol 500Mi");
+    let sts: StatefulSet = from_json(json!({
+        "metadata": {"name": "db-ss"},
+        "spec": {
+            "serviceName": "db-ss",
+            "replicas": 3,
+            "selector": {"matchLabels": {"app": "db"}},
+            "template": {
+                "metadata": {"labels": {"app": "db"}},
+                "spec": {
+                    "terminationGracePeriodSeconds": 1,
+                    "containers": [{
+                        "name": "db",
+                        "image": busybox_image(),
+                        "imagePullPolicy": "IfNotPresent",
+                        "command": ["sh", "-c", "hostname > /var/lib/db/owner && exec sleep 3600"],
+                        "volumeMounts": [{"name": "db-vol", "mountPath": "/var/lib/db"}],
+                    }],
+                },
+            },
+            "volumeClaimTemplates": [{
+                "metadata": {"name": "db-vol"},
+                "spec": {
+                    "accessModes": ["ReadWriteOnce"],
+                    "storageClassName": sc.name,
+                    "resources": {"requests": {"storage": "500Mi"}},
+                },
+            }],
+        },
+    }));
+    scn.api::<StatefulSet>()
+        .create(&PostParams::default(), &sts)
+        .await
+        .expect("create StatefulSet");
+
+    let pods = scn.api::<Pod>();
+    let pvcs = scn.api::<PersistentVolumeClaim>();
+    let mut handles = Vec::new();
+    for i in 0..3 {
+        let pod = format!("db-ss-{i}");
+        wait_ready(&pods, &pod).await;
+        let claim = wait_bound(&pvcs, &format!("db-vol-db-ss-{i}")).await;
+        let pv = volume_of(&scn.client, &claim).await;
+        let spec = pv.spec.as_ref().expect("PV spec");
+        let cref = spec.claim_ref.as_ref().expect("claimRef");
+        assert_eq!(cref.name.as_deref(), Some(claim.name_any().as_str()));
+        assert_eq!(cref.namespace.as_deref(), Some(scn.ns.as_str()));
+        assert_eq!(cref.uid, claim.uid());
+        assert_eq!(pv.name_any(), format!("pvc-{}", claim.uid().unwrap()));
+        assert_eq!(pinned_node(&pv).as_deref(), Some(node_name().as_str()));
+        let csi = spec.csi.as_ref().expect("csi source");
+        assert_eq!(csi.driver, DRIVER);
+        assert_eq!(csi.volume_handle, pv.name_any());
+        assert_eq!(csi.fs_type.as_deref(), Some("ext4"));
+        assert_eq!(spec.capacity.as_ref().unwrap()["storage"].0, "500Mi");
+        assert_eq!(
+            spec.persistent_volume_reclaim_policy.as_deref(),
+            Some("Delete")
+        );
+        assert_eq!(spec.storage_class_name.as_deref(), Some(sc.name.as_str()));
+        assert_eq!(
+            pv.annotations()
+                .get("pv.kubernetes.io/provisioned-by")
+                .map(String::as_str),
+            Some(DRIVER)
+        );
+        let owner = sh(
+            &pods,
+            &pod,
+            "cat /var/lib/db/owner; grep ' /var/lib/db ' /proc/mounts",
+        )
+        .await;
+        assert!(
+            owner.starts_with(&pod),
+            "pod {pod} wrote its name into its volume: {owner}"
+        );
+        assert!(
+            owner.contains("ext4"),
+            "kubelet mounted the ext4 volume: {owner}"
+        );
+        step(&format!(
+            "{pod}: claim Bound to {}, mounted by kubelet",
+            pv.name_any()
+        ));
+        handles.push(csi.volume_handle.clone());
+    }
+    handles.dedup();
+    assert_eq!(handles.len(), 3, "three distinct volumes");
+    agent
+        .wait_volumes("image", &handles, "the three volumes on disk")
+        .await;
+
+    step("delete the StatefulSet and its claims: Delete policy removes the volumes");
+    scn.api::<StatefulSet>()
+        .delete("db-ss", &DeleteParams::foreground())
+        .await
+        .expect("delete StatefulSet");
+    for i in 0..3 {
+        wait_deleted(
+            &pods,
+            &format!("db-ss-{i}"),
+            &pods
+                .get(&format!("db-ss-{i}"))
+                .await
+                .map(|p| p.uid().unwrap())
+                .unwrap_or_default(),
+            "the pod",
+        )
+        .await;
+    }
+    scn.finish().await;
+    agent
+        .wait_volumes("image", &[], "the volumes to be deleted")
+        .await;
+}
+
+#[tokio::test]
+async fn immediate_class_binds_without_pods_and_reclaim_policies_hold() {
+    let mut agent = Agent::new("reclaim", &[]);
+    agent.start(true).await;
+    let scn = Scenario::new("prov-reclaim").await;
+    let delete = Class::create(
+        &scn.client,
+        "prov-now",
+        &[("pool", "dir")],
+        "Immediate",
+        "Delete",
+    )
+    .await;
+    let retain = Class::create(
+        &scn.client,
+        "prov-keep",
+        &[("pool", "dir")],
+        "Immediate",
+        "Retain",
+    )
+    .await;
+    let pvcs = scn.api::<PersistentVolumeClaim>();
+    let pvs: Api<PersistentVolume> = Api::all(scn.client.clone());
+
+    step("an Immediate claim is Bound with no pod, and its PV is pinned to this node");
+    create_claim(&scn, "gone", &delete.name, "64Mi").await;
+    create_claim(&scn, "kept", &retain.name, "64Mi").await;
+    let gone = wait_bound(&pvcs, "gone").await;
+    let kept = wait_bound(&pvcs, "kept").await;
+    let gone_pv = volume_of(&scn.client, &gone).await;
+    let kept_pv = volume_of(&scn.client, &kept).await;
+    assert_eq!(
+        claim::selected_node(&pvcs.get("gone").await.unwrap()),
+        Some(node_name().as_str()),
+        "the agent took the Immediate claim for its node"
+    );
+    assert_eq!(gone_pv.finalizers(), ["stead.csi.dev/volume-protection"]);
+    assert!(
+        kept_pv.finalizers().is_empty(),
+        "Retain PVs carry no Stead finalizer"
+    );
+    agent
+        .wait_volumes(
+            "dir",
+            &[gone_pv.name_any(), kept_pv.name_any()],
+            "both volumes on disk",
+        )
+        .await;
+    let data = agent
+        .pool("dir")
+        .join(kept_pv.name_any())
+        .join("data/precious");
+    std::fs::write(&data, "keep me").expect("write into the retained volume");
+
+    step("delete both claims: Delete removes PV and data, Retain keeps both");
+    let gone_uid = gone_pv.uid().unwrap();
+    pvcs.delete("gone", &DeleteParams::default()).await.unwrap();
+    pvcs.delete("kept", &DeleteParams::default()).await.unwrap();
+    wait_deleted(&pvs, &gone_pv.name_any(), &gone_uid, "the Delete-policy PV").await;
+    wait_for(
+        &pvs,
+        &kept_pv.name_any(),
+        "the Retain PV to be Released",
+        GONE,
+        |pv| {
+            pv.and_then(|p| p.status.as_ref())
+                .and_then(|s| s.phase.as_deref())
+                == Some("Released")
+        },
+    )
+    .await;
+    agent
+        .wait_volumes(
+            "dir",
+            &[kept_pv.name_any()],
+            "only the retained volume left",
+        )
+        .await;
+    assert_eq!(std::fs::read_to_string(&data).unwrap(), "keep me");
+    step("Retain: PV Released, data intact");
+    pvs.delete(&kept_pv.name_any(), &DeleteParams::default())
+        .await
+        .unwrap();
+    scn.finish().await;
+}
+
+#[tokio::test]
+async fn bad_class_and_oversized_claim_fail_with_events_and_create_nothing() {
+    let mut agent = Agent::new("refuse", &[]);
+    agent.start(true).await;
+    let scn = Scenario::new("prov-refuse").await;
+    let odd = Class::create(
+        &scn.client,
+        "prov-odd",
+        &[("pool", "dir"), ("speed", "ludicrous")],
+        "Immediate",
+        "Delete",
+    )
+    .await;
+    let plain = Class::create(
+        &scn.client,
+        "prov-plain",
+        &[("pool", "dir")],
+        "Immediate",
+        "Delete",
+    )
+    .await;
+    let pvcs = scn.api::<PersistentVolumeClaim>();
+
+    step("a class with an unknown parameter: ProvisioningFailed naming it");
+    let a = create_claim(&scn, "odd", &odd.name, "64Mi").await;
+    let events = wait_event(
+        &scn.client,
+        "odd",
+        "ProvisioningFailed",
+        &["speed", &odd.name],
+    )
+    .await;
+    step(&format!("events of claim odd:\n{events}"));
+
+    step("a claim larger than the pool: Pending, ProvisioningFailed with the free space");
+    let b = create_claim(&scn, "huge", &plain.name, "900Ti").await;
+    let events = wait_event(
+        &scn.client,
+        "huge",
+        "ProvisioningFailed",
+        &["900Ti", "free", &node_name()],
+    )
+    .await;
+    step(&format!("events of claim huge:\n{events}"));
+
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for (name, uid) in [("odd", a.uid().unwrap()), ("huge", b.uid().unwrap())] {
+        let c = pvcs.get(name).await.unwrap();
+        assert_eq!(
+            c.status.and_then(|s| s.phase).as_deref(),
+            Some("Pending"),
+            "claim {name}"
+        );
+        assert!(
+            pvs_of_claim(&scn.client, &uid).await.is_empty(),
+            "no PV for claim {name}"
+        );
+    }
+    assert!(
+        agent.volumes("dir").is_empty(),
+        "no volume on disk: {:?}",
+        agent.volumes("dir")
+    );
+    scn.finish().await;
+}
+
+#[tokio::test]
+async fn agent_killed_at_each_step_converges_without_duplicates_or_leaks() {
+    let mut agent = Agent::new("crash", &["--leak-grace", "2"]);
+    let client = stead_e2e::client().await;
+    let scn = Scenario::new("prov-crash").await;
+    let sc_obj = Class::create(
+        &client,
+        "prov-crash",
+        &[("pool", "dir")],
+        "Immediate",
+        "Delete",
+    )
+    .await;
+    let pvcs = scn.api::<PersistentVolumeClaim>();
+    let node = node_name();
+    let class = class::parse(
+        &Api::<StorageClass>::all(client.clone())
+            .get(&sc_obj.name)
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+
+    step("1. killed before CreateVolume: the claim waits, the restarted agent provisions it");
+    agent.start(true).await;
+    agent.kill();
+    let before = create_claim(&scn, "before", &sc_obj.name, "64Mi").await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        pvcs.get("before")
+            .await
+            .unwrap()
+            .status
+            .and_then(|s| s.phase)
+            .as_deref(),
+        Some("Pending")
+    );
+    agent.start(true).await;
+    wait_bound(&pvcs, "before").await;
+    assert_eq!(pvs_of_claim(&client, &before.uid().unwrap()).await.len(), 1);
+
+    step("2. killed between CreateVolume and the PV: the restart reuses the volume");
+    agent.kill();
+    let mid = create_claim(&scn, "mid", &sc_obj.name, "64Mi").await;
+    // What the agent leaves behind at that instant: its intent, and the
+    // volume made by the same CreateVolume request it sends.
+    agent.start(false).await;
+    let req = claim::create_request(&mid, &class, &node).expect("request");
+    Ledger::open(&agent.state())
+        .unwrap()
+        .record(&req.name, "prov-crash/mid", &mid.uid().unwrap())
+        .unwrap();
+    agent
+        .csi()
+        .await
+        .create_volume(req.clone())
+        .await
+        .expect("CreateVolume");
+    agent.kill();
+    agent.start(true).await;
+    let bound = wait_bound(&pvcs, "mid").await;
+    assert_eq!(
+        bound.spec.unwrap().volume_name.as_deref(),
+        Some(req.name.as_str())
+    );
+    assert_eq!(
+        pvs_of_claim(&client, &mid.uid().unwrap()).await.len(),
+        1,
+        "exactly one PV"
+    );
+
+    step("3. killed after the PV: the restart changes nothing");
+    let expected: Vec<String> = [before.uid().unwrap(), mid.uid().unwrap()]
+        .iter()
+        .map(|u| format!("pvc-{u}"))
+        .collect();
+    agent.kill();
+    agent.start(true).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    agent
+        .wait_volumes("dir", &expected, "the two volumes, no more")
+        .await;
+    for c in [&before, &mid] {
+        assert_eq!(pvs_of_claim(&client, &c.uid().unwrap()).await.len(), 1);
+    }
+
+    step("4. claim deleted while the agent was down after CreateVolume: the volume is reclaimed");
+    agent.kill();
+    let leak = create_claim(&scn, "leak", &sc_obj.name, "64Mi").await;
+    agent.start(false).await;
+    let req = claim::create_request(&leak, &class, &node).expect("request");
+    Ledger::open(&agent.state())
+        .unwrap()
+        .record(&req.name, "prov-crash/leak", &leak.uid().unwrap())
+        .unwrap();
+    agent
+        .csi()
+        .await
+        .create_volume(req.clone())
+        .await
+        .expect("CreateVolume");
+    agent.kill();
+    pvcs.delete("leak", &DeleteParams::default()).await.unwrap();
+    wait_deleted(&pvcs, "leak", &leak.uid().unwrap(), "the leaked claim").await;
+    agent.start(true).await;
+    agent
+        .wait_volumes("dir", &expected, "the leaked volume to be reclaimed")
+        .await;
+    let log = std::fs::read_to_string(agent.log()).unwrap_or_default();
+    assert!(
+        log.contains("reclaimed leaked volume"),
+        "the reclaim is logged"
+    );
+    assert!(
+        Ledger::open(&agent.state())
+            .unwrap()
+            .older_than(Duration::ZERO)
+            .unwrap()
+            .is_empty()
+    );
+
+    scn.finish().await;
+    agent
+        .wait_volumes("dir", &[], "the claims' volumes deleted with the namespace")
+        .await;
+}
