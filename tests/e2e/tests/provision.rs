@@ -404,24 +404,7 @@ async fn seed_statefulset_gets_three_bound_volumes_mounted_by_kubelet() {
         .wait_volumes("image", &handles, "the three volumes on disk")
         .await;
 
-    step("delete the StatefulSet and its claims: Delete policy removes the volumes");
-    scn.api::<StatefulSet>()
-        .delete("db-ss", &DeleteParams::foreground())
-        .await
-        .expect("delete StatefulSet");
-    for i in 0..3 {
-        wait_deleted(
-            &pods,
-            &format!("db-ss-{i}"),
-            &pods
-                .get(&format!("db-ss-{i}"))
-                .await
-                .map(|p| p.uid().unwrap())
-                .unwrap_or_default(),
-            "the pod",
-        )
-        .await;
-    }
+    step("delete the namespace (StatefulSet, pods, claims): the Delete policy removes the volumes");
     scn.finish().await;
     agent
         .wait_volumes("image", &[], "the volumes to be deleted")
