@@ -6,7 +6,7 @@
 FROM rust:1.95-bookworm AS build
 WORKDIR /src
 COPY . .
-RUN cargo build --locked --release --bin stead
+RUN cargo build --locked --release --bin stead && strip target/release/stead
 
 # The tools the agent runs: losetup (mount), blkid (util-linux, always there),
 # mkfs.ext4/e2fsck/resize2fs (e2fsprogs), mkfs.xfs/xfs_growfs (xfsprogs).

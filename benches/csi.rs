@@ -73,8 +73,10 @@ async fn main() -> Result<()> {
     println!("bench-csi: {} on {}", bin.display(), machine.summary());
 
     let mut results = Vec::new();
+    let floor;
     {
         let plugin = Plugin::start(&bin, &BACKENDS).await?;
+        floor = round_trip(&plugin).await?;
         for backend in BACKENDS {
             println!("bench-csi: {backend}: {VOLUMES} sequential volumes");
             let latency = sequential(&plugin, backend).await?;
@@ -92,7 +94,7 @@ async fn main() -> Result<()> {
     println!("bench-csi: memory with {RSS_VOLUMES} dir volumes");
     let memory = memory(&bin).await?;
 
-    let section = render(&machine, &bin, &results, &memory);
+    let section = render(&machine, &bin, &results, floor, &memory);
     write_section(&section)?;
     println!("\n{section}");
     Ok(())
@@ -199,9 +201,19 @@ async fn create(c: &mut Clients, v: &Volume) -> Result<(String, HashMap<String, 
     Ok((created.volume_id, created.volume_context))
 }
 
-/// CreateVolume → NodeStageVolume → NodePublishVolume; returns the volume id.
-async fn set_up(c: &mut Clients, v: &Volume) -> Result<String> {
+/// The RPCs of a set-up and of a teardown, in order, for the per-RPC table.
+const SETUP_RPCS: [&str; 3] = ["CreateVolume", "NodeStageVolume", "NodePublishVolume"];
+const TEARDOWN_RPCS: [&str; 3] = ["NodeUnpublishVolume", "NodeUnstageVolume", "DeleteVolume"];
+type Steps = [Duration; 3];
+
+/// CreateVolume → NodeStageVolume → NodePublishVolume; returns the volume
+/// id and how long each RPC took.
+async fn set_up(c: &mut Clients, v: &Volume) -> Result<(String, Steps)> {
+    let mut steps = Steps::default();
+    let t = Instant::now();
     let (id, context) = create(c, v).await?;
+    steps[0] = t.elapsed();
+    let t = Instant::now();
     let staging = if c.stages {
         let staging = v.staging.display().to_string();
         c.node
@@ -218,6 +230,8 @@ async fn set_up(c: &mut Clients, v: &Volume) -> Result<String> {
     } else {
         String::new()
     };
+    steps[1] = t.elapsed();
+    let t = Instant::now();
     c.node
         .node_publish_volume(NodePublishVolumeRequest {
             volume_id: id.clone(),
@@ -229,11 +243,14 @@ async fn set_up(c: &mut Clients, v: &Volume) -> Result<String> {
         })
         .await
         .map_err(|s| format!("NodePublishVolume {id}: {s}"))?;
-    Ok(id)
+    steps[2] = t.elapsed();
+    Ok((id, steps))
 }
 
-/// NodeUnpublishVolume → NodeUnstageVolume → DeleteVolume.
-async fn tear_down(c: &mut Clients, v: &Volume, id: &str) -> Result<()> {
+/// NodeUnpublishVolume → NodeUnstageVolume → DeleteVolume, and how long each took.
+async fn tear_down(c: &mut Clients, v: &Volume, id: &str) -> Result<Steps> {
+    let mut steps = Steps::default();
+    let t = Instant::now();
     c.node
         .node_unpublish_volume(NodeUnpublishVolumeRequest {
             volume_id: id.to_owned(),
@@ -241,6 +258,8 @@ async fn tear_down(c: &mut Clients, v: &Volume, id: &str) -> Result<()> {
         })
         .await
         .map_err(|s| format!("NodeUnpublishVolume {id}: {s}"))?;
+    steps[0] = t.elapsed();
+    let t = Instant::now();
     if c.stages {
         c.node
             .node_unstage_volume(NodeUnstageVolumeRequest {
@@ -250,6 +269,8 @@ async fn tear_down(c: &mut Clients, v: &Volume, id: &str) -> Result<()> {
             .await
             .map_err(|s| format!("NodeUnstageVolume {id}: {s}"))?;
     }
+    steps[1] = t.elapsed();
+    let t = Instant::now();
     c.controller
         .delete_volume(DeleteVolumeRequest {
             volume_id: id.to_owned(),
@@ -257,26 +278,39 @@ async fn tear_down(c: &mut Clients, v: &Volume, id: &str) -> Result<()> {
         })
         .await
         .map_err(|s| format!("DeleteVolume {id}: {s}"))?;
-    Ok(())
+    steps[2] = t.elapsed();
+    Ok(steps)
 }
 
-/// Set-up and teardown latencies of `VOLUMES` volumes, one after another.
-async fn sequential(plugin: &Plugin, pool: &str) -> Result<(Vec<Duration>, Vec<Duration>)> {
+/// p50 of an RPC that touches no disk (NodeGetCapabilities): the floor under
+/// every other figure (client, HTTP/2, unix socket, plugin dispatch).
+async fn round_trip(plugin: &Plugin) -> Result<Duration> {
+    let mut c = Clients::connect(&plugin.socket).await?;
+    let mut samples = Vec::with_capacity(VOLUMES);
+    for _ in 0..WARMUP + VOLUMES {
+        let t = Instant::now();
+        c.node
+            .node_get_capabilities(NodeGetCapabilitiesRequest {})
+            .await?;
+        samples.push(t.elapsed());
+    }
+    Ok(percentile(&samples[WARMUP..], 0.50))
+}
+
+/// Per-RPC set-up and teardown latencies of `VOLUMES` volumes, one after another.
+async fn sequential(plugin: &Plugin, pool: &str) -> Result<(Vec<Steps>, Vec<Steps>)> {
     let mut c = Clients::connect(&plugin.socket).await?;
     let mut setup = Vec::with_capacity(VOLUMES);
     let mut teardown = Vec::with_capacity(VOLUMES);
     for i in 0..WARMUP + VOLUMES {
         let v = Volume::new(plugin, pool, format!("bench-{pool}-seq-{i}"), VOLUME_BYTES);
         v.prepare()?;
-        let t0 = Instant::now();
-        let id = set_up(&mut c, &v).await?;
-        let t1 = Instant::now();
-        tear_down(&mut c, &v, &id).await?;
-        let t2 = Instant::now();
+        let (id, up) = set_up(&mut c, &v).await?;
+        let down = tear_down(&mut c, &v, &id).await?;
         v.tidy();
         if i >= WARMUP {
-            setup.push(t1 - t0);
-            teardown.push(t2 - t1);
+            setup.push(up);
+            teardown.push(down);
         }
     }
     Ok((setup, teardown))
@@ -297,7 +331,7 @@ async fn concurrent(plugin: &Plugin, pool: &str) -> Result<f64> {
         tasks.spawn(async move {
             for v in &volumes {
                 v.prepare()?;
-                let id = set_up(&mut c, v).await?;
+                let (id, _) = set_up(&mut c, v).await?;
                 tear_down(&mut c, v, &id).await?;
                 v.tidy();
             }
@@ -515,9 +549,30 @@ fn loops_under(root: &Path) -> Vec<String> {
 
 struct BackendResult {
     backend: &'static str,
-    setup: Vec<Duration>,
-    teardown: Vec<Duration>,
+    setup: Vec<Steps>,
+    teardown: Vec<Steps>,
     volumes_per_s: f64,
+}
+
+impl BackendResult {
+    fn setup_total(&self) -> Vec<Duration> {
+        self.setup.iter().map(|s| s.iter().sum()).collect()
+    }
+
+    fn teardown_total(&self) -> Vec<Duration> {
+        self.teardown.iter().map(|s| s.iter().sum()).collect()
+    }
+
+    /// The p50 of each RPC: set-up ones, then teardown ones.
+    fn rpc_p50s(&self) -> Vec<Duration> {
+        let column = |samples: &[Steps], k: usize| {
+            percentile(&samples.iter().map(|s| s[k]).collect::<Vec<_>>(), 0.50)
+        };
+        (0..3)
+            .map(|k| column(&self.setup, k))
+            .chain((0..3).map(|k| column(&self.teardown, k)))
+            .collect()
+    }
 }
 
 struct Machine {
@@ -594,7 +649,13 @@ fn verdict(met: bool) -> &'static str {
     if met { "met" } else { "**missed**" }
 }
 
-fn render(machine: &Machine, bin: &Path, results: &[BackendResult], memory: &Memory) -> String {
+fn render(
+    machine: &Machine,
+    bin: &Path,
+    results: &[BackendResult],
+    floor: Duration,
+    memory: &Memory,
+) -> String {
     let bin_name = bin.file_name().map_or_else(
         || bin.display().to_string(),
         |n| format!("target/release/{}", n.to_string_lossy()),
@@ -625,15 +686,39 @@ fn render(machine: &Machine, bin: &Path, results: &[BackendResult], memory: &Mem
         "|---|---|---|---|---|---|".to_owned(),
     ];
     for r in results {
+        let (setup, teardown) = (r.setup_total(), r.teardown_total());
         lines.push(format!(
             "| {} | {} | {} | {} | {} | {:.1} |",
             r.backend,
-            ms(percentile(&r.setup, 0.50)),
-            ms(percentile(&r.setup, 0.99)),
-            ms(percentile(&r.teardown, 0.50)),
-            ms(percentile(&r.teardown, 0.99)),
+            ms(percentile(&setup, 0.50)),
+            ms(percentile(&setup, 0.99)),
+            ms(percentile(&teardown, 0.50)),
+            ms(percentile(&teardown, 0.99)),
             r.volumes_per_s
         ));
+    }
+    lines.extend([
+        String::new(),
+        format!(
+            "p50 of each RPC in the sequential runs (for scale: a NodeGetCapabilities round trip, \
+             which touches no disk, takes {} at p50):",
+            ms(floor)
+        ),
+        String::new(),
+        format!(
+            "| backend | {} |",
+            SETUP_RPCS
+                .iter()
+                .chain(&TEARDOWN_RPCS)
+                .copied()
+                .collect::<Vec<_>>()
+                .join(" | ")
+        ),
+        "|---|---|---|---|---|---|---|".to_owned(),
+    ]);
+    for r in results {
+        let p50s: Vec<String> = r.rpc_p50s().into_iter().map(ms).collect();
+        lines.push(format!("| {} | {} |", r.backend, p50s.join(" | ")));
     }
     lines.extend([
         String::new(),
@@ -657,7 +742,7 @@ fn render(machine: &Machine, bin: &Path, results: &[BackendResult], memory: &Mem
         results
             .iter()
             .find(|r| r.backend == b)
-            .map(|r| percentile(&r.setup, 0.50))
+            .map(|r| percentile(&r.setup_total(), 0.50))
     };
     if let Some(d) = p50("dir") {
         let met = d < Duration::from_millis(2);

@@ -36,10 +36,17 @@ delete_pods_of() {
   for pod in "$@"; do
     kubectl_admin delete pod -n "${pod%%/*}" "${pod#*/}" --grace-period=2 --wait=false >/dev/null 2>&1 || true
   done
-  for pod in "$@"; do
-    kubectl_admin wait --for=delete pod -n "${pod%%/*}" "${pod#*/}" --timeout=60s >/dev/null 2>&1 ||
-      log "warning: pod $pod not gone after 60 s"
+  local left=("$@") still deadline=$((SECONDS + 60))
+  while ((${#left[@]})) && ((SECONDS < deadline)); do
+    sleep 1
+    still=()
+    for pod in "${left[@]}"; do
+      [[ -n $(kubectl_admin get pod -n "${pod%%/*}" "${pod#*/}" --ignore-not-found -o name 2>/dev/null) ]] &&
+        still+=("$pod")
+    done
+    left=("${still[@]}")
   done
+  ((${#left[@]} == 0)) || log "warning: not gone after 60 s: ${left[*]}"
 }
 
 # Deletes every pod through the API: workloads first, the DaemonSet pods

@@ -48,7 +48,19 @@ fi
 # 2. Ordered StatefulSet.
 name="2-replica StatefulSet Ready in order"
 k apply -f "$SMOKE/statefulset.yaml" >/dev/null
-if k rollout status statefulset/ordered --timeout=120s >/dev/null; then
+# Watch the rollout: ordered-1 must never be seen while ordered-0 is not Ready.
+out_of_order=
+deadline=$((SECONDS + 120))
+while ((SECONDS < deadline)); do
+  seen=$(k get pods -l app=ordered -o \
+    jsonpath='{range .items[*]}{.metadata.name}={.status.conditions[?(@.type=="Ready")].status} {end}')
+  [[ $seen == *ordered-1=* && $seen != *ordered-0=True* ]] && out_of_order="saw: $seen"
+  [[ $seen == *ordered-0=True*ordered-1=True* ]] && break
+  sleep 0.3
+done
+if [[ -n $out_of_order ]]; then
+  fail "$name" "ordered-1 existed before ordered-0 was Ready ($out_of_order)"
+elif k rollout status statefulset/ordered --timeout=5s >/dev/null; then
   ready0=$(k get pod ordered-0 -o jsonpath='{.status.conditions[?(@.type=="Ready")].lastTransitionTime}')
   created1=$(k get pod ordered-1 -o jsonpath='{.metadata.creationTimestamp}')
   # RFC 3339 UTC timestamps of one format compare as strings.
@@ -66,7 +78,7 @@ k apply -f "$SMOKE/apiserver-client.yaml" >/dev/null
 for pod in in-cluster-pod-network in-cluster-host-network; do
   name="apiserver reachable from $pod"
   if k wait --for=jsonpath='{.status.phase}'=Succeeded "pod/$pod" --timeout=90s >/dev/null &&
-    k logs "$pod" | grep -q "\"username\":\"system:serviceaccount:$NS:default\""; then
+    k logs "$pod" | grep -Eq "\"username\": ?\"system:serviceaccount:$NS:default\""; then
     pass "$name"
   else
     fail "$name" "$(k logs "$pod" 2>&1 | tail -n 3)"

@@ -29,15 +29,16 @@ tools=(/usr/sbin/losetup /usr/sbin/blkid /usr/sbin/mkfs.ext4 /usr/sbin/e2fsck /u
 missing=()
 for t in "${tools[@]}"; do [[ -x $t ]] || missing+=("$t"); done
 command -v buildah >/dev/null || missing+=(buildah)
+command -v strip >/dev/null || missing+=(strip)
 if ((${#missing[@]})); then
   if ! command -v apt-get >/dev/null || [[ $(id -u) != 0 ]]; then
-    die "missing ${missing[*]}: install buildah, e2fsprogs, xfsprogs and mount"
+    die "missing ${missing[*]}: install buildah, binutils, e2fsprogs, xfsprogs and mount"
   fi
-  log "installing buildah e2fsprogs xfsprogs mount"
+  log "installing buildah binutils e2fsprogs xfsprogs mount"
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-    buildah e2fsprogs xfsprogs mount >/dev/null ||
+    buildah binutils e2fsprogs xfsprogs mount >/dev/null ||
     { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-      buildah e2fsprogs xfsprogs mount >/dev/null; }
+      buildah binutils e2fsprogs xfsprogs mount >/dev/null; }
 fi
 
 start=$SECONDS
@@ -70,6 +71,8 @@ put_libs() {
 
 put "$bin" /usr/bin/stead
 put_libs "$bin"
+# Symbols only matter to a debugger; the image leaves them out.
+strip "$rootfs/usr/bin/stead"
 for t in "${tools[@]}"; do
   put "$t" "$t"
   put_libs "$t"
