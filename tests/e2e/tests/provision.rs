@@ -398,6 +398,7 @@ async fn seed_statefulset_gets_three_bound_volumes_mounted_by_kubelet() {
         ));
         handles.push(csi.volume_handle.clone());
     }
+    handles.sort();
     handles.dedup();
     assert_eq!(handles.len(), 3, "three distinct volumes");
     agent
