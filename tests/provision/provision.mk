@@ -16,3 +16,11 @@ provision-test: build undeploy-agent
 	source $(PROVISION_ENV) && \
 	  STEAD_BIN=$(CURDIR)/target/debug/stead \
 	  $(CARGO) test --locked -p stead-e2e --test provision -- --test-threads=1 --nocapture
+
+# 500 Immediate claims, then 100 WaitForFirstConsumer claims with a pod each;
+# writes its section of docs/BENCHMARKS.md.
+bench-provision: undeploy-agent
+	$(CARGO) build --locked --release
+	source $(PROVISION_ENV) && \
+	  STEAD_BIN=$(CURDIR)/target/release/stead \
+	  $(CARGO) run --locked --release -p stead-e2e --bin bench_provision

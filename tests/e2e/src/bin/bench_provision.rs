@@ -1,0 +1,425 @@
+//! `make bench-provision`: how fast the agent turns claims into bound PVs on
+//! the bundled local cluster.
+//!
+//! 1. 500 claims of an Immediate class, no pods: time from the first create
+//!    to all Bound, and per claim from its create to the moment it is seen
+//!    Bound (p50/p99).
+//! 2. 100 claims of a WaitForFirstConsumer class, each consumed by a pod: the
+//!    same figures (the scheduler, kubelet and the agent all in the loop).
+//!
+//! The agent (release build) runs as a host process so that its RSS, CPU
+//! time and its own count of apiserver requests (`/metrics`) can be read.
+//! Results replace this benchmark's section of docs/BENCHMARKS.md.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::{StreamExt, stream};
+use k8s_openapi::api::core::v1::{Namespace, PersistentVolume, PersistentVolumeClaim, Pod};
+use k8s_openapi::api::storage::v1::StorageClass;
+use kube::api::{Api, DeleteParams, ListParams, PostParams};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Client, ResourceExt};
+use serde_json::json;
+use stead_e2e::{busybox_image, from_json};
+
+const SECTION_START: &str =
+    "<!-- bench-provision:start (written by tests/e2e/src/bin/bench_provision.rs) -->";
+const SECTION_END: &str = "<!-- bench-provision:end -->";
+const HEALTH: &str = "127.0.0.1:19810";
+const CSI_SOCKET: &str = "/var/lib/kubelet/plugins/stead.csi.dev/csi.sock";
+
+type Error = Box<dyn std::error::Error + Send + Sync>;
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.0} ms", d.as_secs_f64() * 1000.0)
+}
+
+/// The agent's own view: VmRSS (KiB) and CPU seconds, from /proc.
+fn proc_stats(pid: u32) -> (u64, f64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let rss = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0);
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which is in parentheses).
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0)
+        + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    // CLK_TCK is 100 on Linux x86_64.
+    (rss, ticks / 100.0)
+}
+
+/// Requests the agent sent to the apiserver, from its /metrics.
+fn agent_requests() -> u64 {
+    use std::io::{Read, Write};
+    let Ok(mut conn) = std::net::TcpStream::connect(HEALTH) else {
+        return 0;
+    };
+    let _ = conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+    let mut body = String::new();
+    let _ = conn.read_to_string(&mut body);
+    body.lines()
+        .find_map(|l| l.strip_prefix("stead_kube_requests_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+struct Agent {
+    child: Child,
+    root: PathBuf,
+}
+
+impl Agent {
+    fn start(bin: &Path, node: &str) -> Result<Agent, Error> {
+        let root = PathBuf::from("/var/tmp/stead-bench-provision");
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(&root)?;
+        let log = std::fs::File::create(root.join("agent.log"))?;
+        let child = Command::new(bin)
+            .arg("node")
+            .args([
+                "--node-id",
+                node,
+                "--endpoint",
+                &format!("unix://{CSI_SOCKET}"),
+            ])
+            .arg("--pool")
+            .arg(format!("dir:dir:{}", root.join("pools/dir").display()))
+            .args([
+                "--registration=true",
+                "--provisioner=true",
+                "--health-addr",
+                HEALTH,
+            ])
+            .arg("--state-dir")
+            .arg(root.join("state"))
+            .args(["--capacity-namespace", "default"])
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(HEALTH).is_err() {
+            if Instant::now() > deadline {
+                return Err("the agent did not open its health endpoint".into());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(Agent { child, root })
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .arg(self.child.id().to_string())
+            .status();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.root);
+    }
+}
+
+struct Run {
+    claims: usize,
+    total: Duration,
+    p50: Duration,
+    p99: Duration,
+    requests: u64,
+}
+
+/// Creates `n` claims (and a pod per claim when `pods`), concurrently, and
+/// waits until all are Bound.
+async fn run(client: &Client, ns: &str, class: &str, n: usize, pods: bool) -> Result<Run, Error> {
+    let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), ns);
+    let created: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    let bound: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+
+    // Watch first, so that no transition is missed.
+    let watch = {
+        let bound = bound.clone();
+        let pvcs = pvcs.clone();
+        tokio::spawn(async move {
+            let mut s = std::pin::pin!(watcher(pvcs, watcher::Config::default()).applied_objects());
+            while let Some(Ok(pvc)) = s.next().await {
+                if pvc.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Bound") {
+                    let mut b = bound.lock().unwrap();
+                    b.entry(pvc.name_any()).or_insert_with(Instant::now);
+                    if b.len() >= n {
+                        return;
+                    }
+                }
+            }
+        })
+    };
+    let requests_before = agent_requests();
+    let start = Instant::now();
+    stream::iter(0..n)
+        .map(|i| {
+            let (client, created) = (client.clone(), created.clone());
+            let ns = ns.to_string();
+            let class = class.to_string();
+            async move {
+                let name = format!("c-{i:04}");
+                let pvc: PersistentVolumeClaim = from_json(json!({
+                    "metadata": {"name": name},
+                    "spec": {"accessModes": ["ReadWriteOnce"], "storageClassName": class,
+                             "resources": {"requests": {"storage": "16Mi"}}},
+                }));
+                let t = Instant::now();
+                Api::<PersistentVolumeClaim>::namespaced(client.clone(), &ns)
+                    .create(&PostParams::default(), &pvc)
+                    .await?;
+                created.lock().unwrap().insert(name.clone(), t);
+                if pods {
+                    let pod: Pod = from_json(json!({
+                        "metadata": {"name": name},
+                        "spec": {
+                            "terminationGracePeriodSeconds": 0,
+                            "containers": [{"name": "c", "image": busybox_image(),
+                                "imagePullPolicy": "IfNotPresent",
+                                "command": ["sleep", "3600"],
+                                "volumeMounts": [{"name": "v", "mountPath": "/v"}]}],
+                            "volumes": [{"name": "v", "persistentVolumeClaim": {"claimName": name}}],
+                        },
+                    }));
+                    Api::<Pod>::namespaced(client, &ns)
+                        .create(&PostParams::default(), &pod)
+                        .await?;
+                }
+                Ok::<_, kube::Error>(())
+            }
+        })
+        .buffer_unordered(32)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect::<Result<Vec<()>, _>>()?;
+    tokio::time::timeout(Duration::from_secs(600), watch)
+        .await
+        .map_err(|_| format!("not all {n} claims were Bound within 10 minutes"))??;
+    let total = start.elapsed();
+    let requests = agent_requests().saturating_sub(requests_before);
+    let (created, bound) = (created.lock().unwrap(), bound.lock().unwrap());
+    let mut lat: Vec<Duration> = bound
+        .iter()
+        .filter_map(|(name, b)| created.get(name).map(|c| b.saturating_duration_since(*c)))
+        .collect();
+    lat.sort();
+    Ok(Run {
+        claims: n,
+        total,
+        p50: percentile(&lat, 0.5),
+        p99: percentile(&lat, 0.99),
+        requests,
+    })
+}
+
+async fn with_namespace<F, Fut>(client: &Client, name: &str, body: F) -> Result<Run, Error>
+where
+    F: FnOnce(String) -> Fut,
+    Fut: std::future::Future<Output = Result<Run, Error>>,
+{
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    let ns: Namespace = from_json(json!({"metadata": {"name": name}}));
+    namespaces.create(&PostParams::default(), &ns).await?;
+    let result = body(name.to_string()).await;
+    // Teardown is part of the job but not of the figures: wait until every
+    // volume is deleted again, so that the next run starts from nothing.
+    namespaces.delete(name, &DeleteParams::default()).await?;
+    let pvs: Api<PersistentVolume> = Api::all(client.clone());
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        let left = pvs
+            .list(&ListParams::default())
+            .await?
+            .items
+            .iter()
+            .filter(|pv| {
+                pv.spec
+                    .as_ref()
+                    .and_then(|s| s.claim_ref.as_ref())
+                    .and_then(|r| r.namespace.as_deref())
+                    == Some(name)
+            })
+            .count();
+        let ns_left = namespaces.get_opt(name).await?.is_some();
+        if left == 0 && !ns_left {
+            break;
+        }
+        if Instant::now() > deadline {
+            return Err(
+                format!("namespace {name}: {left} PVs still there after 10 minutes").into(),
+            );
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    result
+}
+
+async fn class(client: &Client, name: &str, mode: &str) -> Result<(), Error> {
+    let api: Api<StorageClass> = Api::all(client.clone());
+    let _ = api.delete(name, &DeleteParams::default()).await;
+    let sc: StorageClass = from_json(json!({
+        "metadata": {"name": name},
+        "provisioner": "stead.csi.dev",
+        "parameters": {"pool": "dir"},
+        "volumeBindingMode": mode,
+        "reclaimPolicy": "Delete",
+    }));
+    api.create(&PostParams::default(), &sc).await?;
+    Ok(())
+}
+
+fn write_section(section: &str) -> Result<(), Error> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/BENCHMARKS.md");
+    let old = std::fs::read_to_string(&path).unwrap_or_else(|_| "# Benchmarks\n".to_string());
+    let new = match (old.find(SECTION_START), old.find(SECTION_END)) {
+        (Some(a), Some(b)) if a < b => {
+            format!("{}{section}{}", &old[..a], &old[b + SECTION_END.len()..])
+        }
+        _ => format!("{}\n\n{section}\n", old.trim_end()),
+    };
+    std::fs::write(&path, new)?;
+    Ok(())
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("model name")
+                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
+        })
+        .unwrap_or_default();
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let load: Vec<&str> = load.split_whitespace().take(3).collect();
+    format!(
+        "{cores} cores, {cpu}; load average at start {}",
+        load.join(" ")
+    )
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Error> {
+    let bin = std::env::var_os("STEAD_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/release/stead")
+        });
+    let node = std::env::var("STEAD_NODE_NAME").unwrap_or_else(|_| "stead-node".into());
+    let immediate_n: usize = std::env::var("BENCH_IMMEDIATE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(500);
+    let wffc_n: usize = std::env::var("BENCH_WFFC")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100);
+    let client = Client::try_default().await?;
+    let machine = machine();
+    let date = Command::new("date")
+        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+        .output()?;
+    let date = String::from_utf8_lossy(&date.stdout).trim().to_string();
+
+    let agent = Agent::start(&bin, &node)?;
+    let pid = agent.child.id();
+    let (rss_idle, _) = proc_stats(pid);
+    class(&client, "bench-immediate", "Immediate").await?;
+    class(&client, "bench-wffc", "WaitForFirstConsumer").await?;
+
+    eprintln!("bench-provision: {immediate_n} claims, Immediate class, no pods");
+    let imm = with_namespace(&client, "bench-immediate", |ns| {
+        let client = client.clone();
+        async move { run(&client, &ns, "bench-immediate", immediate_n, false).await }
+    })
+    .await?;
+    let (rss_imm, cpu_imm) = proc_stats(pid);
+    eprintln!("bench-provision: {wffc_n} claims, WaitForFirstConsumer class, a pod each");
+    let wffc = with_namespace(&client, "bench-wffc", |ns| {
+        let client = client.clone();
+        async move { run(&client, &ns, "bench-wffc", wffc_n, true).await }
+    })
+    .await?;
+    let (rss_end, cpu_end) = proc_stats(pid);
+    let hwm = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:").map(|v| v.trim().to_string()))
+        .unwrap_or_default();
+    drop(agent);
+    for sc in ["bench-immediate", "bench-wffc"] {
+        let _ = Api::<StorageClass>::all(client.clone())
+            .delete(sc, &DeleteParams::default())
+            .await;
+    }
+
+    let row = |what: &str, r: &Run| {
+        format!(
+            "| {what} | {} | {:.1} s | {} | {} | {:.1} |",
+            r.claims,
+            r.total.as_secs_f64(),
+            ms(r.p50),
+            ms(r.p99),
+            r.requests as f64 / r.claims as f64
+        )
+    };
+    let mib = |kib: u64| format!("{:.1} MiB", kib as f64 / 1024.0);
+    let met = |ok: bool| if ok { "met" } else { "**missed**" };
+    let section = format!(
+        "{SECTION_START}
+## Provisioning: claims to bound PVs
+
+- Machine: {machine}
+- Command: `make bench-provision` (release agent as a host process on the bundled local cluster, Kubernetes v1.34.4 from tests/cluster; `dir` pool; default agent settings: 32 workers, 100 QPS, burst 200)
+- Date: {date}
+- Per-claim latency: from the return of the claim's create call to the moment a watch sees it Bound. Requests: what the agent itself sent to the apiserver (its `stead_kube_requests_total`), including events, capacity updates and the deletes of the teardown that overlap the run.
+
+| run | claims | all Bound after | per-claim p50 | p99 | agent requests per claim |
+|---|---|---|---|---|---|
+{}
+{}
+
+Agent: RSS {} idle at start, {} after the Immediate run, {} at the end (peak {hwm}); CPU {cpu_imm:.1} s after the Immediate run, {cpu_end:.1} s at the end.
+
+Targets (500 claims Bound < 60 s; p50 < 1 s; agent RSS < 60 MiB):
+- 500 Immediate claims Bound in {:.1} s < 60 s: {}
+- p50 {} < 1 s: {}
+- RSS at the end {} < 60 MiB: {}
+{SECTION_END}",
+        row("Immediate, no pods", &imm),
+        row("WaitForFirstConsumer, a pod per claim", &wffc),
+        mib(rss_idle),
+        mib(rss_imm),
+        mib(rss_end),
+        imm.total.as_secs_f64(),
+        met(imm.total < Duration::from_secs(60)),
+        ms(imm.p50),
+        met(imm.p50 < Duration::from_secs(1)),
+        mib(rss_end),
+        met(rss_end < 60 * 1024),
+    );
+    write_section(&section)?;
+    println!("{section}");
+    Ok(())
+}
