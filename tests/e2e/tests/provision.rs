@@ -179,7 +179,6 @@ impl Drop for Agent {
 
 /// A cluster-scoped StorageClass for one test, deleted at the end.
 struct Class {
-    api: Api<StorageClass>,
     name: String,
 }
 
@@ -205,16 +204,24 @@ impl Class {
         api.create(&PostParams::default(), &sc)
             .await
             .unwrap_or_else(|e| panic!("creating StorageClass {name}: {e}"));
-        Class { api, name }
+        Class { name }
     }
 }
 
 impl Drop for Class {
     fn drop(&mut self) {
-        let (api, name) = (self.api.clone(), self.name.clone());
+        // The test's runtime is blocked in this drop, and the client's
+        // connection lives on it: delete through a client of its own.
+        let name = self.name.clone();
         let _ = std::thread::spawn(move || {
             let rt = tokio::runtime::Runtime::new().expect("runtime");
-            rt.block_on(async { api.delete(&name, &DeleteParams::default()).await.ok() });
+            rt.block_on(async {
+                if let Ok(client) = Client::try_default().await {
+                    let _ = Api::<StorageClass>::all(client)
+                        .delete(&name, &DeleteParams::default())
+                        .await;
+                }
+            });
         })
         .join();
     }
