@@ -195,6 +195,17 @@ where
             }
         }
     };
+    // Claims are looked at only once the classes are known: a claim whose
+    // class is not in the store yet would be skipped until it next changes.
+    let mut class_watch = tokio::spawn(class_watch);
+    tokio::select! {
+        r = classes.wait_until_ready() => {
+            if r.is_err() {
+                return Err(Error::WatchEnded("StorageClasses"));
+            }
+        }
+        _ = &mut class_watch => return Err(Error::WatchEnded("StorageClasses")),
+    }
     let claims_run = claims_ctrl
         .graceful_shutdown_on(shutdown.clone())
         .run(reconcile::reconcile, reconcile::error_policy, ctx.clone())
@@ -216,11 +227,12 @@ where
 
     tokio::select! {
         _ = async { tokio::join!(claims_run, volumes_run) } => {}
-        _ = class_watch => return Err(Error::WatchEnded("StorageClasses")),
+        _ = &mut class_watch => return Err(Error::WatchEnded("StorageClasses")),
         r = capacity => r?,
         r = reaper => r?,
         _ = shutdown => {}
     }
+    class_watch.abort();
     tracing::info!("provisioner stopped");
     Ok(())
 }

@@ -68,9 +68,10 @@ pub(crate) async fn reconcile<C: CsiController>(
     let Some(class_name) = claim::class_name(&pvc) else {
         return Ok(Action::await_change());
     };
-    // A claim whose class does not exist yet is re-triggered when it appears.
+    // A claim whose class does not exist yet is re-triggered when it
+    // appears (the StorageClass watch); the requeue is a safety net.
     let Some(sc) = ctx.classes.get(&ObjectRef::new(class_name)) else {
-        return Ok(Action::await_change());
+        return Ok(Action::requeue(Duration::from_secs(30)));
     };
     if !class::is_stead(&sc) {
         return Ok(Action::await_change());
