@@ -240,6 +240,8 @@ clusterCIDR: $POD_CIDR
 detectLocalMode: ClusterCIDR
 healthzBindAddress: 127.0.0.1:10256
 metricsBindAddress: 127.0.0.1:10249
+# NodePorts on the node's address only, not on the machine's real interface.
+nodePortAddresses: [primary]
 conntrack:
   # Leave the machine's conntrack sysctls as they are.
   maxPerCore: 0
