@@ -8,6 +8,7 @@
 set -euo pipefail
 # shellcheck source=tests/cluster/lib.sh
 source "$(dirname "$0")/lib.sh"
+take_cluster_lock
 
 quiet=
 [[ ${1:-} == --quiet ]] && quiet=1

@@ -10,6 +10,7 @@ source "$(dirname "$0")/lib.sh"
 source "$CLUSTER_SRC/pki.sh"
 # shellcheck source=tests/cluster/images.sh
 source "$CLUSTER_SRC/images.sh"
+take_cluster_lock
 
 write_env() {
   cat >"$STATE/env" <<ENV
