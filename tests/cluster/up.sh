@@ -42,6 +42,11 @@ if all_running; then
   exit 0
 fi
 
+# Wiped only if it is one of ours (or empty): STEAD_CLUSTER_DIR may be mistyped.
+if [[ -d $STATE && ! -e $STATE/.stead-cluster ]] && [[ -n $(ls -A "$STATE") ]]; then
+  die "refusing to empty $STATE: not a folder cluster-up made (no .stead-cluster in it)"
+fi
+
 "$CLUSTER_SRC/prereqs.sh"
 "$CLUSTER_SRC/build.sh"
 build_images
@@ -52,6 +57,7 @@ build_images
 started=$SECONDS
 rm -rf "$STATE"
 mkdir -p "$LOGS" "$PIDS" "$STATE/cni/net.d" "$STATE/cni/ipam" "$STATE/config"
+touch "$STATE/.stead-cluster"
 
 # --- host -------------------------------------------------------------------
 # mountPropagation: Bidirectional (CSI plugins) needs a shared root mount.
