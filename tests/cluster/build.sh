@@ -7,12 +7,20 @@ set -euo pipefail
 # shellcheck source=tests/cluster/lib.sh
 source "$(dirname "$0")/lib.sh"
 
-command -v go >/dev/null || die "go is missing: install Go >= 1.24 (https://go.dev/dl) and put it on PATH"
 mkdir -p "$BIN"
+
+need_go() {
+  command -v go >/dev/null || die "go is missing: install Go 1.26 or newer (https://go.dev/dl) and put it on PATH"
+}
 
 build_kubernetes() {
   local mod=$CLUSTER_SRC/go/k8s key stamp
-  key=$(content_key "$mod/go.mod" "$mod/go.sum" "$CLUSTER_SRC/build.sh")
+  # providerless: the upstream tag that leaves out legacy cloud-provider code.
+  local goflags=(-trimpath -tags providerless)
+  # The cache key: go.mod, go.sum and everything else that shapes the binaries.
+  key=$({ cat "$mod/go.mod" "$mod/go.sum"
+    echo "CGO_ENABLED=0 ${goflags[*]} -s -w version-ldflags ${K8S_BINARIES[*]}"; } |
+    sha256sum | cut -c1-16)
   stamp=$BIN/.kubernetes-$key
   if [[ -e $stamp ]]; then
     log "Kubernetes $STEAD_K8S_VERSION: cached in $BIN"
@@ -20,6 +28,7 @@ build_kubernetes() {
   fi
   # The release's version, as the upstream build stamps it (hack/lib/version.sh),
   # so that every --version and the apiserver's /version report it.
+  need_go
   local v=${STEAD_K8S_VERSION#v} date
   # buildDate: the release's commit time, from the module's .info, so that
   # the same inputs give the same binaries.
@@ -36,9 +45,7 @@ build_kubernetes() {
   for pkg in "${K8S_BINARIES[@]}"; do targets+=("k8s.io/kubernetes/cmd/$pkg"); done
   log "building Kubernetes $STEAD_K8S_VERSION (${K8S_BINARIES[*]}) into $BIN; a cold build takes a while"
   local start=$SECONDS
-  # providerless: the upstream tag that leaves out legacy cloud-provider code.
-  (cd "$mod" && CGO_ENABLED=0 go build -trimpath -tags providerless \
-    -ldflags "${ldflags[*]}" -o "$BIN/" "${targets[@]}")
+  (cd "$mod" && CGO_ENABLED=0 go build "${goflags[@]}" -ldflags "${ldflags[*]}" -o "$BIN/" "${targets[@]}")
   rm -f "$BIN"/.kubernetes-*
   touch "$stamp"
   log "built Kubernetes $STEAD_K8S_VERSION in $((SECONDS - start)) s"
@@ -52,6 +59,7 @@ build_etcd() {
     log "etcd $STEAD_ETCD_VERSION: cached in $BIN"
     return
   fi
+  need_go
   log "building etcd $STEAD_ETCD_VERSION into $BIN"
   local start=$SECONDS
   (cd "$mod" && CGO_ENABLED=0 go build -trimpath -ldflags "-s -w" -o "$BIN/etcd" .)

@@ -8,6 +8,7 @@
 set -euo pipefail
 # shellcheck source=tests/cluster/lib.sh
 source "$(dirname "$0")/lib.sh"
+take_cluster_lock
 
 quiet=
 [[ ${1:-} == --quiet ]] && quiet=1
@@ -65,6 +66,11 @@ delete_pods() {
 }
 
 [[ -d $STATE ]] || [[ -S $CONTAINERD_SOCK ]] || exit 0
+was_running=
+for c in "${COMPONENTS[@]}"; do
+  component_pid "$c" >/dev/null && was_running=1
+done
+[[ -n $was_running ]] || say "cluster is not running; removing what a stopped one may have left"
 
 # Nothing may recreate what is deleted: controllers and scheduler stop first.
 stop_component kube-controller-manager
@@ -87,7 +93,7 @@ stop_component containerd
 # Shims of our containerd that outlived it (found by its socket path, which
 # no other containerd uses).
 for cmdline in /proc/[0-9]*/cmdline; do
-  if tr '\0' ' ' <"$cmdline" 2>/dev/null | grep -q -- "-address $CONTAINERD_SOCK "; then
+  if { tr '\0' ' ' <"$cmdline"; } 2>/dev/null | grep -q -- "-address $CONTAINERD_SOCK "; then
     pid=${cmdline#/proc/}
     kill -KILL "${pid%/cmdline}" 2>/dev/null || true
   fi
@@ -109,4 +115,4 @@ if [[ -r $STATE/ip_forward.before ]]; then
   sysctl -qw "net.ipv4.ip_forward=$(<"$STATE/ip_forward.before")"
   rm -f "$STATE/ip_forward.before"
 fi
-say "cluster down (logs kept in $LOGS)"
+[[ -z $was_running ]] || say "cluster down (logs kept in $LOGS)"

@@ -75,6 +75,7 @@ component_pid() {
   pid=$(<"$PIDS/$name.pid")
   [[ $pid =~ ^[0-9]+$ ]] || return 1
   exe=$(readlink "/proc/$pid/exe" 2>/dev/null) || return 1
+  exe=${exe% (deleted)} # the binary was rebuilt while it ran
   [[ ${exe##*/} == "$name" ]] || return 1
   echo "$pid"
 }
@@ -83,7 +84,8 @@ component_pid() {
 start_component() {
   local name=$1
   shift
-  setsid "$@" >"$LOGS/$name.log" 2>&1 </dev/null &
+  # fd 9 is the cluster lock: a long-lived component must not inherit it.
+  setsid "$@" >"$LOGS/$name.log" 2>&1 </dev/null 9>&- &
   echo $! >"$PIDS/$name.pid"
 }
 
@@ -149,4 +151,16 @@ unmount_below() {
   done
   findmnt -rn -o TARGET | grep -q "^$dir/" && log "warning: mounts left below $dir"
   return 0
+}
+
+# One cluster-up or cluster-down at a time on this machine: several people
+# and test suites share the one cluster. up.sh runs down.sh under its lock.
+take_cluster_lock() {
+  [[ -n ${STEAD_CLUSTER_LOCKED:-} ]] && return 0
+  exec 9>/run/lock/stead-cluster.lock
+  if ! flock --nonblock 9; then
+    log "another cluster-up or cluster-down is running; waiting for it (up to 5 min)"
+    flock --timeout 300 9 || die "still locked after 5 min: /run/lock/stead-cluster.lock"
+  fi
+  export STEAD_CLUSTER_LOCKED=1
 }

@@ -90,5 +90,5 @@ if ((failed == 0)); then
 else
   echo "namespace $NS kept for inspection"
 fi
-echo "cluster smoke: $passed passed, $failed failed"
+echo "cluster-smoke: $passed passed, $failed failed"
 ((failed == 0))

@@ -18,15 +18,21 @@ health() {
 }
 
 ok=0
-printf '%-24s %-8s %s\n' COMPONENT PID STATE
+total_kib=0
+printf '%-24s %-8s %-10s %s\n' COMPONENT PID STATE RSS
 for c in "${COMPONENTS[@]}"; do
+  rss=-
   if pid=$(component_pid "$c"); then
     if health "$c" >/dev/null 2>&1; then state=healthy; else state=unhealthy; ok=1; fi
+    kib=$(awk '/^VmRSS/ {print $2}' "/proc/$pid/status" 2>/dev/null || echo 0)
+    total_kib=$((total_kib + kib))
+    rss="$((kib / 1024)) MiB"
   else
     pid=- state=stopped ok=1
   fi
-  printf '%-24s %-8s %s\n' "$c" "$pid" "$state"
+  printf '%-24s %-8s %-10s %s\n' "$c" "$pid" "$state" "$rss"
 done
+printf '%-24s %-8s %-10s %s\n' total "" "" "$((total_kib / 1024)) MiB (components only; pods not counted)"
 if [[ $ok == 0 ]]; then
   echo
   kubectl_admin get nodes -o wide

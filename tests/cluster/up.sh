@@ -10,6 +10,7 @@ source "$(dirname "$0")/lib.sh"
 source "$CLUSTER_SRC/pki.sh"
 # shellcheck source=tests/cluster/images.sh
 source "$CLUSTER_SRC/images.sh"
+take_cluster_lock
 
 write_env() {
   cat >"$STATE/env" <<ENV
@@ -41,6 +42,11 @@ if all_running; then
   exit 0
 fi
 
+# Wiped only if it is one of ours (or empty): STEAD_CLUSTER_DIR may be mistyped.
+if [[ -d $STATE && ! -e $STATE/.stead-cluster ]] && [[ -n $(ls -A "$STATE") ]]; then
+  die "refusing to empty $STATE: not a folder cluster-up made (no .stead-cluster in it)"
+fi
+
 "$CLUSTER_SRC/prereqs.sh"
 "$CLUSTER_SRC/build.sh"
 build_images
@@ -51,6 +57,7 @@ build_images
 started=$SECONDS
 rm -rf "$STATE"
 mkdir -p "$LOGS" "$PIDS" "$STATE/cni/net.d" "$STATE/cni/ipam" "$STATE/config"
+touch "$STATE/.stead-cluster"
 
 # --- host -------------------------------------------------------------------
 # mountPropagation: Bidirectional (CSI plugins) needs a shared root mount.
@@ -240,6 +247,8 @@ clusterCIDR: $POD_CIDR
 detectLocalMode: ClusterCIDR
 healthzBindAddress: 127.0.0.1:10256
 metricsBindAddress: 127.0.0.1:10249
+# NodePorts on the node's address only, not on the machine's real interface.
+nodePortAddresses: [primary]
 conntrack:
   # Leave the machine's conntrack sysctls as they are.
   maxPerCore: 0
