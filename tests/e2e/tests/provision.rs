@@ -121,6 +121,29 @@ impl Agent {
         }
     }
 
+    /// Leaves what a provisioning agent killed right after CreateVolume
+    /// leaves: its intent, and the volume made by the very request the
+    /// provisioner sends (built by the same code). Returns the volume name.
+    async fn crash_after_create_volume(
+        &mut self,
+        pvc: &PersistentVolumeClaim,
+        class: &class::ClassSpec,
+    ) -> String {
+        self.start(false).await;
+        let req = claim::create_request(pvc, class, &node_name()).expect("request");
+        Ledger::open(&self.state())
+            .unwrap()
+            .record(&req.name, &claim::claim_key(pvc), &pvc.uid().unwrap())
+            .unwrap();
+        self.csi()
+            .await
+            .create_volume(req.clone())
+            .await
+            .expect("CreateVolume");
+        self.kill();
+        req.name
+    }
+
     /// SIGKILL: the agent gets no chance to finish anything.
     fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
@@ -596,7 +619,6 @@ async fn agent_killed_at_each_step_converges_without_duplicates_or_leaks() {
     )
     .await;
     let pvcs = scn.api::<PersistentVolumeClaim>();
-    let node = node_name();
     let class = class::parse(
         &Api::<StorageClass>::all(client.clone())
             .get(&sc_obj.name)
@@ -626,26 +648,12 @@ async fn agent_killed_at_each_step_converges_without_duplicates_or_leaks() {
     step("2. killed between CreateVolume and the PV: the restart reuses the volume");
     agent.kill();
     let mid = create_claim(&scn, "mid", &sc_obj.name, "64Mi").await;
-    // What the agent leaves behind at that instant: its intent, and the
-    // volume made by the same CreateVolume request it sends.
-    agent.start(false).await;
-    let req = claim::create_request(&mid, &class, &node).expect("request");
-    Ledger::open(&agent.state())
-        .unwrap()
-        .record(&req.name, "prov-crash/mid", &mid.uid().unwrap())
-        .unwrap();
-    agent
-        .csi()
-        .await
-        .create_volume(req.clone())
-        .await
-        .expect("CreateVolume");
-    agent.kill();
+    let volume = agent.crash_after_create_volume(&mid, &class).await;
     agent.start(true).await;
     let bound = wait_bound(&pvcs, "mid").await;
     assert_eq!(
         bound.spec.unwrap().volume_name.as_deref(),
-        Some(req.name.as_str())
+        Some(volume.as_str())
     );
     assert_eq!(
         pvs_of_claim(&client, &mid.uid().unwrap()).await.len(),
@@ -671,19 +679,7 @@ async fn agent_killed_at_each_step_converges_without_duplicates_or_leaks() {
     step("4. claim deleted while the agent was down after CreateVolume: the volume is reclaimed");
     agent.kill();
     let leak = create_claim(&scn, "leak", &sc_obj.name, "64Mi").await;
-    agent.start(false).await;
-    let req = claim::create_request(&leak, &class, &node).expect("request");
-    Ledger::open(&agent.state())
-        .unwrap()
-        .record(&req.name, "prov-crash/leak", &leak.uid().unwrap())
-        .unwrap();
-    agent
-        .csi()
-        .await
-        .create_volume(req.clone())
-        .await
-        .expect("CreateVolume");
-    agent.kill();
+    agent.crash_after_create_volume(&leak, &class).await;
     pvcs.delete("leak", &DeleteParams::default()).await.unwrap();
     wait_deleted(&pvcs, "leak", &leak.uid().unwrap(), "the leaked claim").await;
     agent.start(true).await;
