@@ -28,6 +28,9 @@ fn init_tracing(format: LogFormat) {
     }
 }
 
+/// How long the parts of the agent get to stop after SIGTERM/SIGINT.
+const SHUTDOWN_DEADLINE: std::time::Duration = std::time::Duration::from_secs(15);
+
 /// Resolves on SIGTERM or SIGINT.
 async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
@@ -146,7 +149,20 @@ async fn run_node(args: NodeArgs) -> stead::Result<()> {
             .map_err(stead::Error::Health)
     };
 
-    tokio::try_join!(csi_server, registration, provisioner, health)?;
+    // Every part stops on the signal; should one hang (an unreachable
+    // apiserver, a stuck kernel call), the agent still exits, so that a
+    // restart is never blocked.
+    let parts = async { tokio::try_join!(csi_server, registration, provisioner, health) };
+    let deadline = async {
+        shutdown.clone().await;
+        tokio::time::sleep(SHUTDOWN_DEADLINE).await;
+    };
+    tokio::select! {
+        r = parts => { r?; }
+        _ = deadline => {
+            tracing::warn!(deadline = ?SHUTDOWN_DEADLINE, "not every part stopped in time after the signal; exiting");
+        }
+    }
     tracing::info!("stopped");
     Ok(())
 }

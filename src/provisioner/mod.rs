@@ -205,6 +205,11 @@ where
             }
         }
         _ = &mut class_watch => return Err(Error::WatchEnded("StorageClasses")),
+        // The apiserver may be unreachable: a signal must still stop us.
+        _ = shutdown.clone() => {
+            class_watch.abort();
+            return Ok(());
+        }
     }
     let claims_run = claims_ctrl
         .graceful_shutdown_on(shutdown.clone())

@@ -54,7 +54,9 @@ impl<C: CsiController> Ctx<C> {
             .await
         {
             Ok(_) => Ok(()),
-            Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+            // Gone already; or changed meanwhile, and the change brings the
+            // PV back to this reconcile with its new resourceVersion.
+            Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => Ok(()),
             Err(e) => Err(e.into()),
         }
     }
