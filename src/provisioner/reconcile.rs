@@ -16,7 +16,9 @@ use super::claim::{self, Decision};
 use super::class::{self, ClassSpec};
 use super::{Ctx, Error, csi_error, pv, quantity};
 use crate::proto::csi::v1::controller_server::Controller as CsiController;
-use crate::proto::csi::v1::{GetCapacityRequest, Volume};
+use crate::proto::csi::v1::{
+    CapacityRange, ControllerExpandVolumeRequest, GetCapacityRequest, Volume,
+};
 
 /// How long to wait before looking again at a claim that cannot succeed
 /// until somebody changes it (its class, its size): the watch re-triggers
@@ -91,6 +93,9 @@ pub(crate) async fn reconcile<C: CsiController>(
         reclaim_delete: true,
         mount_options: vec![],
     };
+    if let Some(action) = expand_if_grown(&ctx, &pvc).await? {
+        return Ok(action);
+    }
     let decision = claim::decide(&pvc, &probe, &node);
     if let Decision::Skip(why) = decision {
         tracing::trace!(pvc = %key, why, "skipped");
@@ -291,4 +296,127 @@ pub(crate) fn error_policy<C: CsiController>(
     let wait = ctx.backoff(&pvc.uid().unwrap_or_default());
     tracing::warn!(pvc = %claim::claim_key(&pvc), error = %err, retry_in = ?wait, "provisioning failed");
     Action::requeue(wait)
+}
+
+/// The external-resizer's job, done in the agent: a bound claim of this
+/// node whose request grew beyond its PV gets ControllerExpandVolume, the PV
+/// its new capacity, and the claim the status that tells kubelet to finish
+/// with NodeExpandVolume (or its new capacity, when no node step is needed).
+/// `None` when the claim is not a grown claim of this node.
+async fn expand_if_grown<C: CsiController>(
+    ctx: &Ctx<C>,
+    pvc: &PersistentVolumeClaim,
+) -> Result<Option<Action>, Error> {
+    let Some(pv_name) = pvc.spec.as_ref().and_then(|s| s.volume_name.as_deref()) else {
+        return Ok(None);
+    };
+    if pvc.status.as_ref().and_then(|s| s.phase.as_deref()) != Some("Bound") {
+        return Ok(None);
+    }
+    let Some(pv) = ctx
+        .volumes
+        .get(&ObjectRef::<PersistentVolume>::new(pv_name))
+    else {
+        return Ok(None);
+    };
+    let Some(handle) = pv::stead_volume_handle(&pv) else {
+        return Ok(None);
+    };
+    if pv::pv_node(&pv) != Some(ctx.config.node.as_str()) {
+        return Ok(None);
+    }
+    let size = |q: Option<&k8s_openapi::apimachinery::pkg::api::resource::Quantity>| {
+        q.and_then(|q| quantity::to_bytes(&q.0).ok()).unwrap_or(0)
+    };
+    let wanted = size(
+        pvc.spec
+            .as_ref()
+            .and_then(|s| s.resources.as_ref())
+            .and_then(|r| r.requests.as_ref())
+            .and_then(|r| r.get("storage")),
+    );
+    let has = size(
+        pv.spec
+            .as_ref()
+            .and_then(|s| s.capacity.as_ref())
+            .and_then(|c| c.get("storage")),
+    );
+    if wanted <= has {
+        return Ok(None);
+    }
+    let key = claim::claim_key(pvc);
+    let node = ctx.config.node.clone();
+    let req = ControllerExpandVolumeRequest {
+        volume_id: handle.to_string(),
+        capacity_range: Some(CapacityRange {
+            required_bytes: wanted,
+            limit_bytes: 0,
+        }),
+        volume_capability: None,
+        ..Default::default()
+    };
+    let resp = match ctx
+        .csi
+        .controller_expand_volume(tonic::Request::new(req))
+        .await
+    {
+        Ok(r) => r.into_inner(),
+        Err(status) => {
+            let ev = Event {
+                type_: EventType::Warning,
+                reason: "VolumeResizeFailed".into(),
+                note: Some(format!(
+                    "node {node} could not expand volume {handle} of claim {key} to {}: {}",
+                    quantity::human(wanted),
+                    status.message()
+                )),
+                action: "Resize".into(),
+                secondary: None,
+            };
+            let _ = ctx.recorder.publish(&ev, &pvc.object_ref(&())).await;
+            return Err(csi_error("ControllerExpandVolume", handle, &node, status));
+        }
+    };
+    let new_size = quantity::format(resp.capacity_bytes.max(wanted));
+    let pvs: Api<PersistentVolume> = Api::all(ctx.client.clone());
+    pvs.patch(
+        pv_name,
+        &PatchParams::default(),
+        &Patch::Merge(&json!({"spec": {"capacity": {"storage": new_size}}})),
+    )
+    .await?;
+    // What kubelet reads to run NodeExpandVolume on the mounted volume.
+    let status = if resp.node_expansion_required {
+        json!({"status": {
+            "allocatedResources": {"storage": new_size},
+            "allocatedResourceStatuses": {"storage": "NodeResizePending"},
+            "conditions": [{"type": "FileSystemResizePending", "status": "True",
+                            "message": "Waiting for the node to grow the filesystem"}],
+        }})
+    } else {
+        json!({"status": {
+            "capacity": {"storage": new_size},
+            "allocatedResources": {"storage": new_size},
+            "allocatedResourceStatuses": null,
+        }})
+    };
+    let claims: Api<PersistentVolumeClaim> =
+        Api::namespaced(ctx.client.clone(), &pvc.namespace().unwrap_or_default());
+    claims
+        .patch_status(
+            &pvc.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&status),
+        )
+        .await?;
+    tracing::info!(pvc = %key, volume = %handle, size = %new_size, node_step = resp.node_expansion_required, "expanded");
+    ctx.event(
+        pvc,
+        EventType::Normal,
+        "VolumeResizeSuccessful",
+        format!("node {node} expanded volume {handle} to {new_size}"),
+    )
+    .await;
+    ctx.capacity_changed.notify_one();
+    Ok(Some(Action::await_change()))
 }

@@ -704,3 +704,78 @@ async fn agent_killed_at_each_step_converges_without_duplicates_or_leaks() {
         .wait_volumes("dir", &[], "the claims' volumes deleted with the namespace")
         .await;
 }
+
+#[tokio::test]
+async fn grown_claim_is_expanded_online_and_the_pod_sees_it() {
+    let mut agent = Agent::new("expand", &[]);
+    agent.start(true).await;
+    let scn = Scenario::new("prov-expand").await;
+    ensure_csidriver(&scn.client).await;
+    let sc = Class::create(
+        &scn.client,
+        "prov-xfs",
+        &[("pool", "image"), ("csi.storage.k8s.io/fstype", "xfs")],
+        "WaitForFirstConsumer",
+        "Delete",
+    )
+    .await;
+    let pvcs = scn.api::<PersistentVolumeClaim>();
+    let pods = scn.api::<Pod>();
+    create_claim(&scn, "grow", &sc.name, "320Mi").await;
+    let pod = busybox_pod(
+        "grow",
+        "true",
+        json!({
+            "containers": [{"volumeMounts": [{"name": "v", "mountPath": "/data"}]}],
+            "volumes": [{"name": "v", "persistentVolumeClaim": {"claimName": "grow"}}],
+        }),
+    );
+    pods.create(&PostParams::default(), &pod)
+        .await
+        .expect("create pod");
+    wait_ready(&pods, "grow").await;
+    let df_kib = |out: &str| -> u64 {
+        out.lines()
+            .last()
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    let before = df_kib(&sh(&pods, "grow", "df -k /data").await);
+
+    step("grow the claim from 320Mi to 640Mi while the pod runs");
+    pvcs.patch(
+        "grow",
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Merge(
+            json!({"spec": {"resources": {"requests": {"storage": "640Mi"}}}}),
+        ),
+    )
+    .await
+    .expect("resize request");
+    wait_for(
+        &pvcs,
+        "grow",
+        "the claim's capacity to reach 640Mi",
+        POD_READY,
+        |c| {
+            c.and_then(|c| c.status.as_ref())
+                .and_then(|s| s.capacity.as_ref())
+                .and_then(|c| c.get("storage"))
+                .is_some_and(|q| q.0 == "640Mi")
+        },
+    )
+    .await;
+    let after = df_kib(&sh(&pods, "grow", "df -k /data").await);
+    step(&format!(
+        "df inside the pod: {before} KiB before, {after} KiB after"
+    ));
+    assert!(
+        after > before + 250 * 1024,
+        "the filesystem grew online: {before} KiB -> {after} KiB"
+    );
+    scn.finish().await;
+    agent
+        .wait_volumes("image", &[], "the volume deleted with the namespace")
+        .await;
+}
