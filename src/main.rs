@@ -167,8 +167,24 @@ async fn run_node(args: NodeArgs) -> stead::Result<()> {
     Ok(())
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
+    // Storage work runs on blocking threads; a bound keeps a burst of
+    // hundreds of claims from spawning hundreds of threads (and as many
+    // malloc arenas), which is most of the agent's memory under load.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .max_blocking_threads(16)
+        .build();
+    match runtime {
+        Ok(rt) => rt.block_on(run()),
+        Err(e) => {
+            eprintln!("stead: cannot start the async runtime: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Node(args) => {

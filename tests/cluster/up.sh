@@ -181,6 +181,7 @@ start_component kube-controller-manager "$BIN/kube-controller-manager" \
   --service-account-private-key-file "$PKI/sa.key" --root-ca-file "$PKI/ca.crt" \
   --cluster-signing-cert-file "$PKI/ca.crt" --cluster-signing-key-file "$PKI/ca.key" \
   --service-cluster-ip-range "$SERVICE_CIDR" \
+  --kube-api-qps 200 --kube-api-burst 400 \
   --profiling=false --v=1
 
 start_component kube-scheduler "$BIN/kube-scheduler" \
