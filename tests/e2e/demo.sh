@@ -62,9 +62,9 @@ if [[ $after != "$before" ]]; then
 fi
 say "db-ss-1's data survived the pod: token $after"
 
-say "On the node's disk, one folder per volume in the image pool"
-printf '$ ls -s /var/lib/stead/pools/image/*\n'
-ls -s /var/lib/stead/pools/image/* 2>/dev/null || echo "(the node is not this machine)"
+say "On the node's disk: a sparse image file per volume (allocated, then apparent size)"
+printf '$ ls -lsh /var/lib/stead/pools/image/*/disk.img\n'
+ls -lsh /var/lib/stead/pools/image/*/disk.img 2>/dev/null || echo "(the node is not this machine)"
 
 cat <<TXT
 
