@@ -27,11 +27,14 @@ pvs() {
     awk -v ns="$ns" 'NR == 1 || $3 == ns'
 }
 
+if "$KUBECTL" get namespace "$ns" >/dev/null 2>&1; then
+  say "Removing the previous run's namespace $ns (its volumes go with its claims)"
+  "$KUBECTL" delete namespace "$ns" --wait=true >/dev/null
+fi
+"$KUBECTL" create namespace "$ns" >/dev/null
 say "Stead is running on every node (deployed from deploy/)"
 printf '$ kubectl -n stead-system get pods\n'
 "$KUBECTL" -n stead-system get pods -o wide
-"$KUBECTL" delete namespace "$ns" --ignore-not-found --wait=true >/dev/null
-"$KUBECTL" create namespace "$ns" >/dev/null
 
 say "The seed's StatefulSet: 3 replicas, each with a 500Mi claim of StorageClass stead"
 show apply -f deploy/examples/statefulset.yaml
@@ -62,9 +65,9 @@ if [[ $after != "$before" ]]; then
 fi
 say "db-ss-1's data survived the pod: token $after"
 
-say "On the node's disk, one folder per volume in the image pool"
-printf '$ ls -s /var/lib/stead/pools/image/*\n'
-ls -s /var/lib/stead/pools/image/* 2>/dev/null || echo "(the node is not this machine)"
+say "On the node's disk: a sparse image file per volume (allocated, then apparent size)"
+printf '$ ls -lsh /var/lib/stead/pools/image/*/disk.img\n'
+ls -lsh /var/lib/stead/pools/image/*/disk.img 2>/dev/null || echo "(the node is not this machine)"
 
 cat <<TXT
 

@@ -22,13 +22,14 @@ tests/cluster/load-image "$archive" >/dev/null
 digest=$(tar -xOf "$archive" index.json | grep -o 'sha256:[0-9a-f]\{64\}' | head -1)
 [[ -n $digest ]] || die "$archive has no image manifest"
 
-overlay=$(mktemp -d "${TMPDIR:-/tmp}/stead-deploy.XXXXXX")
-trap 'rm -rf "$overlay"' EXIT
+# kustomize takes only relative paths to a base: the overlay lives in target/.
+overlay=target/deploy-overlay
+mkdir -p "$overlay"
 cat >"$overlay/kustomization.yaml" <<YAML
 apiVersion: kustomize.config.k8s.io/v1beta1
 kind: Kustomization
 resources:
-  - $PWD/deploy
+  - ../../deploy
 patches:
   - patch: |-
       apiVersion: apps/v1

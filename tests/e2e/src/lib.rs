@@ -28,7 +28,7 @@ use k8s_openapi::{
 };
 use kube::{
     Client, Resource, ResourceExt,
-    api::{Api, AttachParams, DeleteParams, ListParams, PostParams},
+    api::{Api, AttachParams, DeleteParams, ListParams, Patch, PatchParams, PostParams},
     runtime::{wait::await_condition, watcher},
 };
 use serde_json::json;
@@ -135,6 +135,7 @@ impl Scenario {
     /// Deletes the namespace and waits until it is gone.
     pub async fn finish(mut self) {
         self.finished = true;
+        let_retained_volumes_go(&self.client, &self.ns).await;
         let namespaces = Api::<Namespace>::all(self.client.clone());
         let uid = delete(&namespaces, &self.ns).await;
         if let Some(uid) = uid {
@@ -156,6 +157,7 @@ impl Drop for Scenario {
             let rt = tokio::runtime::Runtime::new().expect("a runtime for cleanup");
             rt.block_on(async {
                 if let Ok(client) = Client::try_default().await {
+                    let_retained_volumes_go(&client, &ns).await;
                     let _ = Api::<Namespace>::all(client)
                         .delete(&ns, &DeleteParams::background())
                         .await;
@@ -163,6 +165,33 @@ impl Drop for Scenario {
             });
         });
         let _ = cleanup.join();
+    }
+}
+
+/// Turns the Retain PVs of the namespace's claims to Delete, so that a
+/// scenario leaves no volume behind even when it failed half-way.
+async fn let_retained_volumes_go(client: &Client, ns: &str) {
+    let pvs = Api::<PersistentVolume>::all(client.clone());
+    let Ok(list) = pvs.list(&ListParams::default()).await else {
+        return;
+    };
+    for pv in list.items {
+        let spec = pv.spec.as_ref();
+        let ours = spec
+            .and_then(|s| s.claim_ref.as_ref())
+            .is_some_and(|c| c.namespace.as_deref() == Some(ns));
+        let retained =
+            spec.and_then(|s| s.persistent_volume_reclaim_policy.as_deref()) == Some("Retain");
+        if ours && retained {
+            let patch = json!({ "spec": { "persistentVolumeReclaimPolicy": "Delete" } });
+            let _ = pvs
+                .patch(
+                    &pv.name_any(),
+                    &PatchParams::default(),
+                    &Patch::Merge(patch),
+                )
+                .await;
+        }
     }
 }
 
