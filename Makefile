@@ -34,7 +34,7 @@ unit:
 	$(CARGO) test --locked -- --test-threads=2
 
 # The tiers wired into `make test` are the ones that pass; see README.
-test: lint unit sanity cluster-smoke provision-test
+test: lint unit sanity cluster-smoke provision-test e2e
 
 -include tests/sanity/sanity.mk
 -include tests/cluster/cluster.mk
