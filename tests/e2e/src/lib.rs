@@ -371,6 +371,24 @@ pub async fn volume_of(client: &Client, pvc: &PersistentVolumeClaim) -> Persiste
         .unwrap_or_else(|e| panic!("reading PV {name} of claim {}: {e}", pvc.name_any()))
 }
 
+/// Bytes of a quantity such as `500Mi` or `524288000`.
+pub fn quantity_bytes(q: &str) -> u64 {
+    let split = q.find(|c: char| !c.is_ascii_digit()).unwrap_or(q.len());
+    let (n, unit) = q.split_at(split);
+    let n: u64 = n.parse().unwrap_or_else(|_| panic!("quantity {q}"));
+    let mult = match unit {
+        "" => 1,
+        "Ki" => 1 << 10,
+        "Mi" => 1 << 20,
+        "Gi" => 1 << 30,
+        "k" => 1_000,
+        "M" => 1_000_000,
+        "G" => 1_000_000_000,
+        _ => panic!("unexpected unit in quantity {q}"),
+    };
+    n * mult
+}
+
 /// The node a Stead PV is pinned to by its required node affinity.
 pub fn pinned_node(pv: &PersistentVolume) -> Option<String> {
     let terms = &pv

@@ -118,7 +118,7 @@ async fn volume_of_pod(scn: &Scenario, pod: &str, class: &str, reclaim: &str) ->
     );
     let capacity = &spec.capacity.as_ref().expect("a PV has a capacity")["storage"].0;
     assert!(
-        capacity_bytes(capacity) >= 500 * 1024 * 1024,
+        quantity_bytes(capacity) >= 500 * 1024 * 1024,
         "PV {name} holds {capacity}, the claim asked for 500Mi"
     );
     Volume {
@@ -128,24 +128,6 @@ async fn volume_of_pod(scn: &Scenario, pod: &str, class: &str, reclaim: &str) ->
         handle: volume_handle(&pv),
         node,
     }
-}
-
-/// Bytes of a quantity such as `500Mi` or `524288000`.
-fn capacity_bytes(q: &str) -> u64 {
-    let split = q.find(|c: char| !c.is_ascii_digit()).unwrap_or(q.len());
-    let (n, unit) = q.split_at(split);
-    let n: u64 = n.parse().unwrap_or_else(|_| panic!("quantity {q}"));
-    let mult = match unit {
-        "" => 1,
-        "Ki" => 1 << 10,
-        "Mi" => 1 << 20,
-        "Gi" => 1 << 30,
-        "k" => 1_000,
-        "M" => 1_000_000,
-        "G" => 1_000_000_000,
-        _ => panic!("unexpected unit in quantity {q}"),
-    };
-    n * mult
 }
 
 async fn read_token(scn: &Scenario, pod: &str) -> String {
