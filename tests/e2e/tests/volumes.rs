@@ -1,8 +1,14 @@
 //! Claims beyond the seed's: a raw block device, a ReadWriteOncePod claim,
 //! and the dir backend whose files sit in the pool folder on the node.
 
-use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, Pod};
-use kube::{Api, ResourceExt, api::PostParams};
+use k8s_openapi::api::{
+    core::v1::{PersistentVolume, PersistentVolumeClaim, Pod},
+    storage::v1::StorageClass,
+};
+use kube::{
+    Api, ResourceExt,
+    api::{Patch, PatchParams, PostParams},
+};
 use serde_json::json;
 use stead_e2e::*;
 
@@ -238,4 +244,74 @@ async fn dir_class_keeps_the_files_in_the_pool_folder_on_the_node() {
         "folder of {handle} removed"
     );
     scn.finish().await;
+}
+
+/// Online growth through the agent alone (no external-resizer): xfs, which
+/// grows mounted without CAP_SYS_RESOURCE (this machine's root lacks it, so
+/// ext4's online resize2fs is refused here; it grows at the next stage).
+#[tokio::test]
+async fn growing_a_claim_grows_the_mounted_xfs_filesystem_in_place() {
+    let scn = Scenario::new("grow").await;
+    let pods: Api<Pod> = scn.api();
+    let pvcs: Api<PersistentVolumeClaim> = scn.api();
+    let classes: Api<StorageClass> = Api::all(scn.client.clone());
+    let class = format!("{}-xfs", scn.ns);
+    let sc: StorageClass = from_json(json!({
+        "metadata": { "name": class },
+        "provisioner": DRIVER,
+        "parameters": { "pool": pool_of(&scn.client, "stead").await, "csi.storage.k8s.io/fstype": "xfs" },
+        "volumeBindingMode": "WaitForFirstConsumer",
+        "allowVolumeExpansion": true,
+    }));
+    create(&classes, &sc).await;
+    // xfs refuses filesystems under 300 MB.
+    create(&pvcs, &claim("growing", &class, "320Mi", json!({}))).await;
+
+    step("a pod writes a token to a 320Mi xfs volume");
+    create(&pods, &pod_with_claim("app", "growing")).await;
+    wait_ready(&pods, "app").await;
+    let token = token();
+    sh(&pods, "app", &format!("echo {token} > /data/token && sync")).await;
+    let before = df_kib(&pods, "app").await;
+    assert!(before < 320 * 1024, "a 320Mi filesystem: {before} KiB");
+
+    step("the claim asks for 640Mi: its capacity and the pod's filesystem grow, the pod runs on");
+    let grow = json!({ "spec": { "resources": { "requests": { "storage": "640Mi" } } } });
+    pvcs.patch("growing", &PatchParams::default(), &Patch::Merge(grow))
+        .await
+        .expect("asking for 640Mi");
+    wait_for(
+        &pvcs,
+        "growing",
+        "claim growing to report 640Mi",
+        POD_READY,
+        |c: Option<&PersistentVolumeClaim>| {
+            c.and_then(|c| c.status.as_ref())
+                .and_then(|s| s.capacity.as_ref())
+                .and_then(|c| c.get("storage"))
+                .is_some_and(|q| quantity_bytes(&q.0) >= 640 << 20)
+        },
+    )
+    .await;
+    let now = df_kib(&pods, "app").await;
+    assert!(
+        now > 500 * 1024,
+        "the pod's /data is {now} KiB once the claim reports 640Mi"
+    );
+    let read = sh(&pods, "app", "cat /data/token").await;
+    assert_eq!(read.trim(), token, "the token survived the growth");
+
+    let pv = volume_of(&scn.client, &wait_bound(&pvcs, "growing").await).await;
+    delete_pod(&pods, "app").await;
+    delete_claim_and_volume(&scn, &pv).await;
+    delete(&classes, &class).await;
+    scn.finish().await;
+}
+
+/// Size in KiB of the filesystem on /data in the pod (`df -k`).
+async fn df_kib(pods: &Api<Pod>, pod: &str) -> u64 {
+    let out = sh(pods, pod, "df -k /data").await;
+    let size = out.lines().nth(1).and_then(|l| l.split_whitespace().nth(1));
+    size.and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("df -k /data in {pod}: {out}"))
 }
