@@ -1,6 +1,8 @@
 //! The agent's HTTP health endpoint, for the DaemonSet's probes:
 //!
-//! - `GET /healthz`: 200 while the process serves (liveness);
+//! - `GET /healthz`: 200 while the agent can serve kubelet (liveness): its
+//!   CSI socket must still exist, since kubelet cannot reach a plugin whose
+//!   socket was removed, and a restart is what brings it back;
 //! - `GET /readyz`: 200 when every pool is usable and, if registration is
 //!   on, kubelet has accepted the plugin; 503 with the reason otherwise;
 //! - `GET /metrics`: a few counters in the Prometheus text format.
@@ -30,9 +32,12 @@ fn response(status: &str, body: &str, content_type: &str) -> String {
     )
 }
 
-async fn answer(path: &str, ready: &ReadyCheck, metrics: &Metrics) -> String {
+async fn answer(path: &str, live: &ReadyCheck, ready: &ReadyCheck, metrics: &Metrics) -> String {
     match path {
-        "/healthz" | "/livez" => response("200 OK", "ok\n", "text/plain"),
+        "/healthz" | "/livez" => match live().await {
+            Ok(()) => response("200 OK", "ok\n", "text/plain"),
+            Err(why) => response("503 Service Unavailable", &format!("{why}\n"), "text/plain"),
+        },
         "/readyz" => match ready().await {
             Ok(()) => response("200 OK", "ready\n", "text/plain"),
             Err(why) => response("503 Service Unavailable", &format!("{why}\n"), "text/plain"),
@@ -45,6 +50,7 @@ async fn answer(path: &str, ready: &ReadyCheck, metrics: &Metrics) -> String {
 /// Serves until `shutdown` resolves.
 pub async fn serve(
     addr: SocketAddr,
+    live: ReadyCheck,
     ready: ReadyCheck,
     metrics: Metrics,
     shutdown: impl Future<Output = ()>,
@@ -57,6 +63,7 @@ pub async fn serve(
             c = listener.accept() => c?,
             _ = &mut shutdown => return Ok(()),
         };
+        let live = live.clone();
         let ready = ready.clone();
         let metrics = metrics.clone();
         tokio::spawn(async move {
@@ -81,7 +88,7 @@ pub async fn serve(
             let head = String::from_utf8_lossy(&buf[..len]);
             let mut parts = head.split_whitespace();
             let reply = match (parts.next(), parts.next()) {
-                (Some("GET"), Some(path)) => answer(path, &ready, &metrics).await,
+                (Some("GET"), Some(path)) => answer(path, &live, &ready, &metrics).await,
                 _ => response("400 Bad Request", "GET only\n", "text/plain"),
             };
             let _ = conn.write_all(reply.as_bytes()).await;
@@ -98,26 +105,24 @@ mod tests {
     async fn probes_answer_by_path() {
         let ready: ReadyCheck =
             Arc::new(|| Box::pin(async { Err("pool image: gone".to_string()) }));
+        let live: ReadyCheck = Arc::new(|| Box::pin(async { Ok(()) }));
+        let dead: ReadyCheck = Arc::new(|| Box::pin(async { Err("CSI socket gone".to_string()) }));
         let metrics: Metrics = Arc::new(|| "stead_up 1\n".to_string());
+        let r = answer("/healthz", &live, &ready, &metrics).await;
+        assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+        let r = answer("/healthz", &dead, &ready, &metrics).await;
         assert!(
-            answer("/healthz", &ready, &metrics)
-                .await
-                .starts_with("HTTP/1.1 200")
+            r.starts_with("HTTP/1.1 503") && r.ends_with("CSI socket gone\n"),
+            "{r}"
         );
-        let r = answer("/readyz", &ready, &metrics).await;
+        let r = answer("/readyz", &live, &ready, &metrics).await;
         assert!(
             r.starts_with("HTTP/1.1 503") && r.ends_with("pool image: gone\n"),
             "{r}"
         );
-        assert!(
-            answer("/metrics", &ready, &metrics)
-                .await
-                .ends_with("stead_up 1\n")
-        );
-        assert!(
-            answer("/nope", &ready, &metrics)
-                .await
-                .starts_with("HTTP/1.1 404")
-        );
+        let r = answer("/metrics", &live, &ready, &metrics).await;
+        assert!(r.ends_with("stead_up 1\n"), "{r}");
+        let r = answer("/nope", &live, &ready, &metrics).await;
+        assert!(r.starts_with("HTTP/1.1 404"), "{r}");
     }
 }

@@ -144,7 +144,15 @@ async fn run_node(args: NodeArgs) -> stead::Result<()> {
             }
             out
         });
-        health::serve(addr, ready, metrics, shutdown.clone())
+        let csi_socket = socket.clone();
+        let live: health::ReadyCheck = Arc::new(move || {
+            use std::os::unix::fs::FileTypeExt;
+            let ok =
+                std::fs::symlink_metadata(&csi_socket).is_ok_and(|m| m.file_type().is_socket());
+            let why = format!("CSI socket {} is gone", csi_socket.display());
+            Box::pin(async move { if ok { Ok(()) } else { Err(why) } })
+        });
+        health::serve(addr, live, ready, metrics, shutdown.clone())
             .await
             .map_err(stead::Error::Health)
     };
