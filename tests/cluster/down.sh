@@ -93,7 +93,7 @@ stop_component containerd
 # Shims of our containerd that outlived it (found by its socket path, which
 # no other containerd uses).
 for cmdline in /proc/[0-9]*/cmdline; do
-  if { tr '\0' ' ' <"$cmdline"; } 2>/dev/null | grep -q -- "-address $CONTAINERD_SOCK "; then
+  if { tr '\0' ' ' <"$cmdline"; } 2>/dev/null | grep -- "-address $CONTAINERD_SOCK " >/dev/null; then
     pid=${cmdline#/proc/}
     kill -KILL "${pid%/cmdline}" 2>/dev/null || true
   fi

@@ -149,7 +149,7 @@ unmount_below() {
       umount "$m" 2>/dev/null || umount -l "$m" 2>/dev/null || true
     done
   done
-  findmnt -rn -o TARGET | grep -q "^$dir/" && log "warning: mounts left below $dir"
+  findmnt -rn -o TARGET | grep "^$dir/" >/dev/null && log "warning: mounts left below $dir"
   return 0
 }
 

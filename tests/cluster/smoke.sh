@@ -5,6 +5,8 @@
 #   3. pods on the pod network and on the host network reach the apiserver
 #      through the kubernetes Service with their service-account token.
 # Prints one line per check and a closing "N passed, N failed" line.
+# Output is captured before it is searched: under pipefail, `cmd | grep -q`
+# fails at random when grep exits before cmd has written everything (SIGPIPE).
 set -euo pipefail
 # shellcheck source=tests/cluster/lib.sh
 source "$(dirname "$0")/lib.sh"
@@ -39,7 +41,7 @@ done
 name="busybox pod runs to Succeeded"
 k apply -f "$SMOKE/once.yaml" >/dev/null
 if k wait --for=jsonpath='{.status.phase}'=Succeeded pod/once --timeout=90s >/dev/null &&
-  k logs once | grep -q '^smoke-ok from once$'; then
+  logs=$(k logs once) && grep -q '^smoke-ok from once$' <<<"$logs"; then
   pass "$name"
 else
   fail "$name" "phase $(k get pod once -o jsonpath='{.status.phase}' 2>&1)"
@@ -78,7 +80,8 @@ k apply -f "$SMOKE/apiserver-client.yaml" >/dev/null
 for pod in in-cluster-pod-network in-cluster-host-network; do
   name="apiserver reachable from $pod"
   if k wait --for=jsonpath='{.status.phase}'=Succeeded "pod/$pod" --timeout=90s >/dev/null &&
-    k logs "$pod" | grep -Eq "\"username\": ?\"system:serviceaccount:$NS:default\""; then
+    logs=$(k logs "$pod") &&
+    grep -Eq "\"username\": ?\"system:serviceaccount:$NS:default\"" <<<"$logs"; then
     pass "$name"
   else
     fail "$name" "$(k logs "$pod" 2>&1 | tail -n 3)"
