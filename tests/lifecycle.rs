@@ -375,3 +375,77 @@ async fn block_volume_reads_back_what_was_written() {
     a.unstage("pvc-blk", &staging).await;
     a.delete("pvc-blk").await;
 }
+
+/// The node record is not fsynced, so a power loss may tear it. A torn
+/// record is trusted as empty only once nothing of the volume is mounted;
+/// while a mount is live every node RPC and DeleteVolume refuse, naming the
+/// file, and the data stays.
+#[tokio::test]
+async fn torn_node_record_is_refused_while_mounted_and_reset_once_idle() {
+    let mut a = Agent::start("torn").await;
+    let cap = mount_cap("");
+    a.create("pvc-torn", "dir", cap.clone(), 16 * MIB).await;
+    let staging = a.staging("pvc-torn");
+    let target = a.target("pvc-torn");
+    a.stage("pvc-torn", &staging, cap.clone()).await;
+    a.publish("pvc-torn", &staging, &target, cap.clone(), false)
+        .await
+        .unwrap();
+    fs::write(target.join("kept"), b"through a torn record").unwrap();
+
+    let record = fs::read_dir(a.dir_pool())
+        .unwrap()
+        .map(|e| e.unwrap().path().join("node.json"))
+        .find(|p| p.exists())
+        .expect("a node.json in the dir pool");
+    a.kill();
+    fs::write(&record, b"{\"staged\": {\"pa").unwrap();
+    a.restart().await;
+
+    let refused = a
+        .controller
+        .delete_volume(DeleteVolumeRequest {
+            volume_id: "pvc-torn".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    assert!(
+        refused.message().contains("node.json") && refused.message().contains("mounted at"),
+        "{}",
+        refused.message()
+    );
+    let refused = a
+        .node
+        .node_unpublish_volume(NodeUnpublishVolumeRequest {
+            volume_id: "pvc-torn".into(),
+            target_path: path_str(&target),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    assert_eq!(
+        fs::read(target.join("kept")).unwrap(),
+        b"through a torn record"
+    );
+
+    // The power loss took the mounts as well: the record is reset and the
+    // volume staged and published again with its data.
+    a.kill();
+    release_under(&a.root);
+    a.restart().await;
+    a.stage("pvc-torn", &staging, cap.clone()).await;
+    a.publish("pvc-torn", &staging, &target, cap.clone(), false)
+        .await
+        .unwrap();
+    assert_eq!(
+        fs::read(target.join("kept")).unwrap(),
+        b"through a torn record"
+    );
+    assert!(a.log().contains("node record unreadable"), "{}", a.log());
+    a.unpublish("pvc-torn", &target).await;
+    a.unstage("pvc-torn", &staging).await;
+    a.delete("pvc-torn").await;
+    assert!(mounts_under(&a.root).is_empty());
+}

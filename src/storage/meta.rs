@@ -93,6 +93,11 @@ pub struct Published {
 /// written *before* its mount is made and removed *after* it is undone, so
 /// the record is always a superset of what is mounted; the mount table
 /// decides what of it is live (after a reboot, nothing is).
+///
+/// It is written with [`Durability::Process`]: a power loss that tears it
+/// also takes every mount and loop device it describes, and an unreadable
+/// record is trusted as empty only once the kernel confirms that nothing of
+/// the volume is mounted or attached (see `Store::node_state`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeState {
     #[serde(default)]
@@ -101,11 +106,27 @@ pub struct NodeState {
     pub published: Vec<Published>,
 }
 
+/// How far a write must have reached when it returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// On disk: survives a power loss (fsync of the file and its directory).
+    Disk,
+    /// In the page cache: survives the agent being killed, not a power loss.
+    /// For records of kernel state that a power loss wipes as well (mounts,
+    /// loop devices), where two fsyncs per RPC buy nothing.
+    Process,
+}
+
 /// Writes `bytes` to `dir/name` atomically: a temporary file in the same
-/// directory, fsync, rename over the old file, fsync of the directory. A
-/// reader sees the old content or the new one, never a mix, even after a
-/// crash.
-pub fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> io::Result<()> {
+/// directory, rename over the old file. A reader sees the old content or the
+/// new one, never a mix. With [`Durability::Disk`] the file and the
+/// directory are fsynced, so that holds after a crash of the machine too.
+pub fn write_atomic(
+    dir: &Path,
+    name: &str,
+    bytes: &[u8],
+    durability: Durability,
+) -> io::Result<()> {
     let tmp = dir.join(format!(".{name}.tmp"));
     {
         let mut f = OpenOptions::new()
@@ -114,10 +135,15 @@ pub fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> io::Result<()> {
             .truncate(true)
             .open(&tmp)?;
         f.write_all(bytes)?;
-        f.sync_all()?;
+        if durability == Durability::Disk {
+            f.sync_all()?;
+        }
     }
     fs::rename(&tmp, dir.join(name))?;
-    sync_dir(dir)
+    if durability == Durability::Disk {
+        sync_dir(dir)?;
+    }
+    Ok(())
 }
 
 /// Flushes a directory's entries (a rename or create inside it) to disk.
@@ -126,10 +152,15 @@ pub fn sync_dir(dir: &Path) -> io::Result<()> {
 }
 
 /// Serializes `value` as pretty JSON into `dir/name`, atomically.
-pub fn write_json<T: Serialize>(dir: &Path, name: &str, value: &T) -> io::Result<()> {
+pub fn write_json<T: Serialize>(
+    dir: &Path,
+    name: &str,
+    value: &T,
+    durability: Durability,
+) -> io::Result<()> {
     let mut bytes = serde_json::to_vec_pretty(value).map_err(io::Error::other)?;
     bytes.push(b'\n');
-    write_atomic(dir, name, &bytes)
+    write_atomic(dir, name, &bytes, durability)
 }
 
 /// Reads `dir/name` as JSON; `Ok(None)` when the file does not exist.
@@ -150,8 +181,8 @@ mod tests {
     #[test]
     fn atomic_write_replaces_and_leaves_no_temp_file() {
         let dir = tempfile::tempdir().unwrap();
-        write_atomic(dir.path(), "x.json", b"one").unwrap();
-        write_atomic(dir.path(), "x.json", b"two").unwrap();
+        write_atomic(dir.path(), "x.json", b"one", Durability::Disk).unwrap();
+        write_atomic(dir.path(), "x.json", b"two", Durability::Process).unwrap();
         assert_eq!(fs::read(dir.path().join("x.json")).unwrap(), b"two");
         let names: Vec<_> = fs::read_dir(dir.path()).unwrap().collect();
         assert_eq!(names.len(), 1);
@@ -171,7 +202,7 @@ mod tests {
                 exclusive: false,
             }],
         };
-        write_json(dir.path(), NODE_FILE, &st).unwrap();
+        write_json(dir.path(), NODE_FILE, &st, Durability::Process).unwrap();
         assert_eq!(read_json(dir.path(), NODE_FILE).unwrap(), Some(st));
     }
 

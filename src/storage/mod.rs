@@ -37,6 +37,7 @@ use nix::unistd::{AccessFlags, access};
 
 pub use id::{IdError, VolumeId};
 use image::ImageError;
+use meta::Durability;
 pub use meta::{AccessKind, FsType, NodeState, Published, Staged, VolumeMeta};
 pub use pool::{BackendKind, PoolSpec, RangeError};
 
@@ -433,24 +434,79 @@ impl Store {
 
     fn save(&self, meta: &VolumeMeta) -> Result<()> {
         let dir = self.volume_dir(meta)?;
-        meta::write_json(&dir, meta::VOLUME_FILE, meta)
+        meta::write_json(&dir, meta::VOLUME_FILE, meta, Durability::Disk)
             .map_err(io_at("writing volume record", &dir))?;
         self.write_cache().insert(meta.id.clone(), meta.clone());
         Ok(())
     }
 
     /// The node-side record of a volume.
+    ///
+    /// The record is not fsynced (see [`NodeState`]), so a power loss may
+    /// leave it torn. Such a record is read as empty only when the kernel
+    /// shows nothing of the volume in use: no loop device on its image, no
+    /// mount of its data directory. Otherwise the volume is refused, naming
+    /// the file, rather than risk treating a mounted volume as idle.
     pub fn node_state(&self, meta: &VolumeMeta) -> Result<NodeState> {
         let dir = self.volume_dir(meta)?;
-        Ok(meta::read_json(&dir, meta::NODE_FILE)
-            .map_err(io_at("reading node record", &dir))?
-            .unwrap_or_default())
+        match meta::read_json(&dir, meta::NODE_FILE) {
+            Ok(state) => Ok(state.unwrap_or_default()),
+            Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+                let file = dir.join(meta::NODE_FILE);
+                if let Some(usage) = self.kernel_usage(meta)? {
+                    return Err(Error::Busy {
+                        id: meta.id.clone(),
+                        reason: format!(
+                            "its node record {} is unreadable ({e}) while {usage}; repair or remove the record after checking the mounts",
+                            file.display()
+                        ),
+                    });
+                }
+                tracing::warn!(volume.id = %meta.id, file = %file.display(), error = %e,
+                    "node record unreadable (torn by a power loss?) and nothing of the volume is mounted or attached; treating it as neither staged nor published");
+                Ok(NodeState::default())
+            }
+            Err(e) => Err(io_at("reading node record", &dir)(e)),
+        }
     }
 
-    /// Replaces the node-side record of a volume (atomically).
+    /// What the kernel shows of a volume in use, independent of any record:
+    /// a loop device on its image, or a mount whose root is its data folder.
+    fn kernel_usage(&self, meta: &VolumeMeta) -> Result<Option<String>> {
+        let data = self.data_path(meta)?;
+        if meta.backend == BackendKind::Image {
+            let dev = image::find_attached(&data).map_err(|source| Error::Image {
+                id: meta.id.clone(),
+                source,
+            })?;
+            return Ok(dev.map(|d| format!("its image is attached to {}", d.display())));
+        }
+        let st = match nix::sys::stat::stat(&data) {
+            Ok(st) => st,
+            Err(nix::errno::Errno::ENOENT) => return Ok(None),
+            Err(e) => return Err(io_at("inspecting data directory", &data)(e.into())),
+        };
+        let device = format!(
+            "{}:{}",
+            nix::sys::stat::major(st.st_dev),
+            nix::sys::stat::minor(st.st_dev)
+        );
+        let suffix = Path::new(&meta.folder).join(dir::DATA_DIR);
+        let table = crate::mount::mount_table().map_err(|e| {
+            io_at("reading the mount table", Path::new("/proc/self/mountinfo"))(io::Error::other(e))
+        })?;
+        Ok(table
+            .iter()
+            .find(|m| m.device == device && m.root.ends_with(&suffix))
+            .map(|m| format!("its data is mounted at {}", m.mount_point.display())))
+    }
+
+    /// Replaces the node-side record of a volume (atomically, not fsynced:
+    /// see [`NodeState`]).
     pub fn save_node_state(&self, meta: &VolumeMeta, state: &NodeState) -> Result<()> {
         let dir = self.volume_dir(meta)?;
-        meta::write_json(&dir, meta::NODE_FILE, state).map_err(io_at("writing node record", &dir))
+        meta::write_json(&dir, meta::NODE_FILE, state, Durability::Process)
+            .map_err(io_at("writing node record", &dir))
     }
 
     /// Capacity of a pool for volumes of the given access.
@@ -604,7 +660,8 @@ fn assemble(tmp: &Path, meta: &VolumeMeta) -> Result<()> {
             )?;
         }
     }
-    meta::write_json(tmp, meta::VOLUME_FILE, meta).map_err(io_at("writing volume record", tmp))
+    meta::write_json(tmp, meta::VOLUME_FILE, meta, Durability::Disk)
+        .map_err(io_at("writing volume record", tmp))
 }
 
 fn check_compatible(existing: &VolumeMeta, pool: &Pool, req: &NewVolume) -> Result<()> {
