@@ -8,6 +8,7 @@ pub mod capacity;
 pub mod claim;
 pub mod class;
 pub mod client;
+mod events;
 pub mod ledger;
 pub mod pv;
 pub mod quantity;
@@ -76,7 +77,7 @@ pub(crate) struct Ctx<C> {
     classes: Store<StorageClass>,
     claims: Store<PersistentVolumeClaim>,
     volumes: Store<PersistentVolume>,
-    recorder: Recorder,
+    events: events::Events,
     ledger: ledger::Ledger,
     capacity_changed: Arc<Notify>,
     /// Consecutive failures per object uid, for backoff.
@@ -163,8 +164,9 @@ where
                 .unwrap_or_else(|| config.node.clone()),
         ),
     };
+    let (events, record_events) = events::Events::new(Recorder::new(client.clone(), reporter));
     let ctx = Arc::new(Ctx {
-        recorder: Recorder::new(client.clone(), reporter),
+        events,
         client,
         csi,
         config,
@@ -198,6 +200,7 @@ where
     // Claims are looked at only once the classes are known: a claim whose
     // class is not in the store yet would be skipped until it next changes.
     let mut class_watch = tokio::spawn(class_watch);
+    let record_events = tokio::spawn(record_events);
     tokio::select! {
         r = classes.wait_until_ready() => {
             if r.is_err() {
@@ -208,6 +211,7 @@ where
         // The apiserver may be unreachable: a signal must still stop us.
         _ = shutdown.clone() => {
             class_watch.abort();
+            record_events.abort();
             return Ok(());
         }
     }
@@ -238,6 +242,7 @@ where
         _ = shutdown => {}
     }
     class_watch.abort();
+    record_events.abort();
     tracing::info!("provisioner stopped");
     Ok(())
 }

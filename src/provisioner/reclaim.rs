@@ -10,7 +10,7 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::PersistentVolume;
 use kube::api::{DeleteParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Event, EventType};
+use kube::runtime::events::EventType;
 use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 use tonic::Code;
@@ -110,14 +110,13 @@ pub(crate) async fn reconcile<C: CsiController>(
 
     if released && delete_policy {
         if let Err(e) = ctx.delete_volume(handle).await {
-            let ev = Event {
-                type_: EventType::Warning,
-                reason: "VolumeFailedDelete".into(),
-                note: Some(e.to_string()),
-                action: "Delete".into(),
-                secondary: None,
-            };
-            let _ = ctx.recorder.publish(&ev, &pv.object_ref(&())).await;
+            ctx.events.post(
+                pv.object_ref(&()),
+                EventType::Warning,
+                "VolumeFailedDelete",
+                "Delete",
+                e.to_string(),
+            );
             return Err(e);
         }
         tracing::info!(pv = %name, volume = %handle, node = %ctx.config.node, "deleted volume of released PV");

@@ -6,7 +6,7 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
 use kube::api::{Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Event, EventType};
+use kube::runtime::events::EventType;
 use kube::runtime::reflector::ObjectRef;
 use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
@@ -26,29 +26,20 @@ use crate::proto::csi::v1::{
 const RECHECK: Duration = Duration::from_secs(300);
 
 impl<C: CsiController> Ctx<C> {
-    async fn event(
-        &self,
-        pvc: &PersistentVolumeClaim,
-        type_: EventType,
-        reason: &str,
-        note: String,
-    ) {
-        let ev = Event {
-            type_,
-            reason: reason.to_string(),
-            note: Some(note),
-            action: "Provision".to_string(),
-            secondary: None,
+    /// Queues an event on a claim (recorded in the background).
+    fn event(&self, pvc: &PersistentVolumeClaim, type_: EventType, reason: &str, note: String) {
+        let action = if reason.starts_with("VolumeResize") {
+            "Resize"
+        } else {
+            "Provision"
         };
-        if let Err(e) = self.recorder.publish(&ev, &pvc.object_ref(&())).await {
-            tracing::warn!(pvc = %claim::claim_key(pvc), reason, error = %e, "could not record event");
-        }
+        self.events
+            .post(pvc.object_ref(&()), type_, reason, action, note);
     }
 
-    async fn fail(&self, pvc: &PersistentVolumeClaim, note: String) {
+    fn fail(&self, pvc: &PersistentVolumeClaim, note: String) {
         tracing::warn!(pvc = %claim::claim_key(pvc), node = %self.config.node, "{note}");
-        self.event(pvc, EventType::Warning, "ProvisioningFailed", note)
-            .await;
+        self.event(pvc, EventType::Warning, "ProvisioningFailed", note);
     }
 
     /// Free bytes this node offers to `class` (GetCapacity on our own pool).
@@ -104,14 +95,14 @@ pub(crate) async fn reconcile<C: CsiController>(
     let class = match class::parse(&sc) {
         Ok(c) => c,
         Err(e) => {
-            ctx.fail(&pvc, format!("{e}; no volume was created")).await;
+            ctx.fail(&pvc, format!("{e}; no volume was created"));
             return Ok(Action::requeue(RECHECK));
         }
     };
     let request = match claim::create_request(&pvc, &class, &node) {
         Ok(r) => r,
         Err(e) => {
-            ctx.fail(&pvc, format!("{e}; no volume was created")).await;
+            ctx.fail(&pvc, format!("{e}; no volume was created"));
             return Ok(Action::requeue(RECHECK));
         }
     };
@@ -144,8 +135,7 @@ pub(crate) async fn reconcile<C: CsiController>(
                     class.pool.as_deref().unwrap_or("(default)"),
                     quantity::human(free)
                 ),
-            )
-            .await;
+            );
             return Ok(Action::requeue(Duration::from_secs(30)));
         }
         // Optimistic concurrency: the resourceVersion in the patch makes the
@@ -187,8 +177,7 @@ pub(crate) async fn reconcile<C: CsiController>(
             quantity::human(wanted),
             class.pool.as_deref().unwrap_or("(default)")
         ),
-    )
-    .await;
+    );
     ctx.ledger.record(&volume_name, &key, &uid)?;
     let volume = match ctx.csi.create_volume(tonic::Request::new(request)).await {
         Ok(resp) => resp.into_inner().volume.unwrap_or_default(),
@@ -207,8 +196,7 @@ pub(crate) async fn reconcile<C: CsiController>(
             "created volume {volume_name} ({}) on node {node}",
             quantity::human(volume.capacity_bytes)
         ),
-    )
-    .await;
+    );
     Ok(Action::await_change())
 }
 
@@ -249,8 +237,7 @@ async fn create_failed<C: CsiController>(
                     "node {node} has no room for claim {key}: {}; releasing the node choice so another node can be picked",
                     status.message()
                 ),
-            )
-            .await;
+            );
             let api: Api<PersistentVolumeClaim> =
                 Api::namespaced(ctx.client.clone(), &pvc.namespace().unwrap_or_default());
             let patch = json!({"metadata": {"annotations": {claim::ANN_SELECTED_NODE: null}}});
@@ -269,8 +256,7 @@ async fn create_failed<C: CsiController>(
                     "node {node} refused volume {volume_name} for claim {key}: {}",
                     status.message()
                 ),
-            )
-            .await;
+            );
             Ok(Action::requeue(RECHECK))
         }
         _ => {
@@ -281,8 +267,7 @@ async fn create_failed<C: CsiController>(
                     status.code(),
                     status.message()
                 ),
-            )
-            .await;
+            );
             Err(csi_error("CreateVolume", volume_name, node, status))
         }
     }
@@ -362,18 +347,16 @@ async fn expand_if_grown<C: CsiController>(
     {
         Ok(r) => r.into_inner(),
         Err(status) => {
-            let ev = Event {
-                type_: EventType::Warning,
-                reason: "VolumeResizeFailed".into(),
-                note: Some(format!(
+            ctx.event(
+                pvc,
+                EventType::Warning,
+                "VolumeResizeFailed",
+                format!(
                     "node {node} could not expand volume {handle} of claim {key} to {}: {}",
                     quantity::human(wanted),
                     status.message()
-                )),
-                action: "Resize".into(),
-                secondary: None,
-            };
-            let _ = ctx.recorder.publish(&ev, &pvc.object_ref(&())).await;
+                ),
+            );
             return Err(csi_error("ControllerExpandVolume", handle, &node, status));
         }
     };
@@ -415,8 +398,7 @@ async fn expand_if_grown<C: CsiController>(
         EventType::Normal,
         "VolumeResizeSuccessful",
         format!("node {node} expanded volume {handle} to {new_size}"),
-    )
-    .await;
+    );
     ctx.capacity_changed.notify_one();
     Ok(Some(Action::await_change()))
 }

@@ -138,8 +138,14 @@ impl Drop for Agent {
 struct Run {
     claims: usize,
     total: Duration,
+    /// From the first create call to the return of the last one.
+    creating: Duration,
     p50: Duration,
     p99: Duration,
+    /// From a claim's create to the moment its PV is seen: the agent's part,
+    /// before kube-controller-manager's binder takes over.
+    pv_p50: Duration,
+    pv_p99: Duration,
     requests: u64,
 }
 
@@ -163,6 +169,24 @@ async fn run(client: &Client, ns: &str, class: &str, n: usize, pods: bool) -> Re
                     if b.len() >= n {
                         return;
                     }
+                }
+            }
+        })
+    };
+    // The PVs the agent creates for these claims, by claim name.
+    let pv_seen: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    let pv_watch = {
+        let pv_seen = pv_seen.clone();
+        let ns = ns.to_string();
+        let pvs: Api<PersistentVolume> = Api::all(client.clone());
+        tokio::spawn(async move {
+            let mut s = std::pin::pin!(watcher(pvs, watcher::Config::default()).applied_objects());
+            while let Some(Ok(pv)) = s.next().await {
+                let claim = pv.spec.as_ref().and_then(|s| s.claim_ref.as_ref());
+                if let Some(c) = claim.filter(|c| c.namespace.as_deref() == Some(ns.as_str())) {
+                    let mut seen = pv_seen.lock().unwrap();
+                    seen.entry(c.name.clone().unwrap_or_default())
+                        .or_insert_with(Instant::now);
                 }
             }
         })
@@ -210,22 +234,32 @@ async fn run(client: &Client, ns: &str, class: &str, n: usize, pods: bool) -> Re
         .await
         .into_iter()
         .collect::<Result<Vec<()>, _>>()?;
+    let creating = start.elapsed();
     tokio::time::timeout(Duration::from_secs(600), watch)
         .await
         .map_err(|_| format!("not all {n} claims were Bound within 10 minutes"))??;
     let total = start.elapsed();
     let requests = agent_requests().saturating_sub(requests_before);
-    let (created, bound) = (created.lock().unwrap(), bound.lock().unwrap());
-    let mut lat: Vec<Duration> = bound
-        .iter()
-        .filter_map(|(name, b)| created.get(name).map(|c| b.saturating_duration_since(*c)))
-        .collect();
-    lat.sort();
+    pv_watch.abort();
+    let created = created.lock().unwrap();
+    let since_created = |seen: &HashMap<String, Instant>| {
+        let mut lat: Vec<Duration> = seen
+            .iter()
+            .filter_map(|(name, t)| created.get(name).map(|c| t.saturating_duration_since(*c)))
+            .collect();
+        lat.sort();
+        lat
+    };
+    let lat = since_created(&bound.lock().unwrap());
+    let pv_lat = since_created(&pv_seen.lock().unwrap());
     Ok(Run {
         claims: n,
         total,
+        creating,
         p50: percentile(&lat, 0.5),
         p99: percentile(&lat, 0.99),
+        pv_p50: percentile(&pv_lat, 0.5),
+        pv_p99: percentile(&pv_lat, 0.99),
         requests,
     })
 }
@@ -299,6 +333,29 @@ fn write_section(section: &str) -> Result<(), Error> {
     Ok(())
 }
 
+/// The agent's default workers and client rate limits, from its `--help`.
+fn agent_defaults(bin: &Path) -> String {
+    let help = Command::new(bin)
+        .args(["node", "--help"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    let default_of = |flag: &str| {
+        let at = help.find(flag)?;
+        let rest = &help[at..];
+        let d = rest.find("[default: ")?;
+        let v = &rest[d + 10..];
+        Some(v[..v.find(']')?].to_string())
+    };
+    let get = |flag: &str| default_of(flag).unwrap_or_else(|| "?".into());
+    format!(
+        "{} workers, {} QPS, burst {}",
+        get("--workers"),
+        get("--kube-qps"),
+        get("--kube-burst")
+    )
+}
+
 fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .unwrap_or_default()
@@ -342,6 +399,7 @@ async fn main() -> Result<(), Error> {
         .output()?;
     let date = String::from_utf8_lossy(&date.stdout).trim().to_string();
 
+    let settings = agent_defaults(&bin);
     let agent = Agent::start(&bin, &node)?;
     let pid = agent.child.id();
     let (rss_idle, _) = proc_stats(pid);
@@ -376,9 +434,12 @@ async fn main() -> Result<(), Error> {
 
     let row = |what: &str, r: &Run| {
         format!(
-            "| {what} | {} | {:.1} s | {} | {} | {:.1} |",
+            "| {what} | {} | {:.1} s | {:.1} s | {} | {} | {} | {} | {:.1} |",
             r.claims,
+            r.creating.as_secs_f64(),
             r.total.as_secs_f64(),
+            ms(r.pv_p50),
+            ms(r.pv_p99),
             ms(r.p50),
             ms(r.p99),
             r.requests as f64 / r.claims as f64
@@ -391,12 +452,12 @@ async fn main() -> Result<(), Error> {
 ## Provisioning: claims to bound PVs
 
 - Machine: {machine}
-- Command: `make bench-provision` (release agent as a host process on the bundled local cluster, Kubernetes v1.34.4 from tests/cluster; `dir` pool; default agent settings: 32 workers, 100 QPS, burst 200)
+- Command: `make bench-provision` (release agent as a host process on the bundled local cluster, Kubernetes v1.34.4 from tests/cluster; `dir` pool; default agent settings: {settings})
 - Date: {date}
-- Per-claim latency: from the return of the claim's create call to the moment a watch sees it Bound. Requests: what the agent itself sent to the apiserver (its `stead_kube_requests_total`), including events, capacity updates and the deletes of the teardown that overlap the run.
+- Claims are created by 32 concurrent clients. Per-claim latency: from the return of the claim's create call to the moment a watch sees its PV (the agent's work) and to the moment a watch sees the claim Bound (the agent, then kube-controller-manager's PV binder, which binds one claim at a time). Requests: what the agent itself sent to the apiserver (its `stead_kube_requests_total`), including events, capacity updates and the deletes of the teardown that overlap the run.
 
-| run | claims | all Bound after | per-claim p50 | p99 | agent requests per claim |
-|---|---|---|---|---|---|
+| run | claims | all created after | all Bound after | claim→PV p50 | p99 | claim→Bound p50 | p99 | agent requests per claim |
+|---|---|---|---|---|---|---|---|---|
 {}
 {}
 

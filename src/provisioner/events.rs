@@ -1,0 +1,98 @@
+//! Events for users, recorded off the provisioning path.
+//!
+//! An Event is a courtesy to whoever runs `kubectl describe`; a claim must
+//! not wait for it. Reconcilers hand events to a bounded queue and go on; one
+//! task records them in the order they were posted (so `Provisioning` comes
+//! before `ProvisioningSucceeded`), through the agent's rate-limited client.
+//! When the queue is full (an apiserver that stalls), events are dropped and
+//! counted in the log, never waited for.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::ObjectReference;
+use kube::runtime::events::{Event, EventType, Recorder};
+use tokio::sync::mpsc;
+
+/// Events waiting to be recorded before new ones are dropped.
+const QUEUE: usize = 4096;
+
+/// The sending side, shared by every reconciler.
+pub(crate) struct Events {
+    tx: mpsc::Sender<(ObjectReference, Event)>,
+    dropped: AtomicU64,
+}
+
+impl Events {
+    /// The sender, and the task that records what is sent (run it until
+    /// shutdown).
+    pub(crate) fn new(recorder: Recorder) -> (Events, impl Future<Output = ()>) {
+        let (tx, rx) = mpsc::channel::<(ObjectReference, Event)>(QUEUE);
+        let drain = async move {
+            let mut rx = tokio_stream::wrappers::ReceiverStream::new(rx);
+            while let Some((reference, ev)) = rx.next().await {
+                if let Err(e) = recorder.publish(&ev, &reference).await {
+                    tracing::warn!(
+                        object = reference.name.as_deref().unwrap_or_default(),
+                        reason = %ev.reason,
+                        error = %e,
+                        "could not record event"
+                    );
+                }
+            }
+        };
+        let events = Events {
+            tx,
+            dropped: AtomicU64::new(0),
+        };
+        (events, drain)
+    }
+
+    /// Queues an event on `reference`; never waits.
+    pub(crate) fn post(
+        &self,
+        reference: ObjectReference,
+        type_: EventType,
+        reason: &str,
+        action: &str,
+        note: String,
+    ) {
+        let ev = Event {
+            type_,
+            reason: reason.to_string(),
+            note: Some(note),
+            action: action.to_string(),
+            secondary: None,
+        };
+        if self.tx.try_send((reference, ev)).is_err() {
+            let n = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+            if n.is_power_of_two() {
+                tracing::warn!(dropped = n, reason, "event queue full; events dropped");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_full_queue_drops_instead_of_waiting() {
+        let (tx, _rx) = mpsc::channel(1);
+        let events = Events {
+            tx,
+            dropped: AtomicU64::new(0),
+        };
+        for _ in 0..3 {
+            events.post(
+                ObjectReference::default(),
+                EventType::Normal,
+                "Provisioning",
+                "Provision",
+                "x".into(),
+            );
+        }
+        assert_eq!(events.dropped.load(Ordering::Relaxed), 2);
+    }
+}
