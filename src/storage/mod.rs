@@ -660,7 +660,9 @@ fn assemble(tmp: &Path, meta: &VolumeMeta) -> Result<()> {
             )?;
         }
     }
-    meta::write_json(tmp, meta::VOLUME_FILE, meta, Durability::Disk)
+    // The folder is still private (published by the caller's rename), so
+    // the record needs no atomic replace, only to be on disk before that.
+    meta::create_json_durable(tmp, meta::VOLUME_FILE, meta)
         .map_err(io_at("writing volume record", tmp))
 }
 
