@@ -41,6 +41,7 @@ use meta::Durability;
 pub use meta::{AccessKind, FsType, NodeState, Published, Staged, VolumeMeta};
 pub use pool::{BackendKind, PoolSpec, RangeError};
 
+/// Folders of creates by earlier versions, assembled under a temporary name.
 const TMP_PREFIX: &str = ".tmp-";
 const DEL_PREFIX: &str = ".del-";
 
@@ -321,17 +322,11 @@ impl Store {
                 available,
             });
         }
-        let tmp = pool.root.join(format!("{TMP_PREFIX}{}", meta.folder));
-        if let Err(e) = assemble(&tmp, &meta) {
-            let _ = fs::remove_dir_all(&tmp);
-            return Err(e);
-        }
-        let target = pool.root.join(&meta.folder);
-        let placed = fs::rename(&tmp, &target)
-            .and_then(|()| meta::sync_dir(&pool.root))
-            .map_err(io_at("placing volume folder", &target));
-        if let Err(e) = placed {
-            let _ = fs::remove_dir_all(&tmp);
+        let folder = pool.root.join(&meta.folder);
+        if let Err(e) = assemble(&folder, &meta) {
+            if !matches!(&e, Error::Io { what, .. } if *what == FOLDER_EXISTS) {
+                let _ = fs::remove_dir_all(&folder);
+            }
             return Err(e);
         }
         self.write_cache().insert(meta.id.clone(), meta.clone());
@@ -611,13 +606,23 @@ impl Pool {
                     }
                     found.push(m);
                 }
+                Ok(None) | Err(_) if record_missing_or_empty(&path) && data_untouched(&path) => {
+                    // A create interrupted before its record was on disk:
+                    // never acknowledged, nothing written to it.
+                    tracing::info!(pool = %self.name, path = %path.display(),
+                        "removing the folder of an unfinished create (no record, no data)");
+                    if let Err(e) = remove_leftover(&path) {
+                        tracing::warn!(pool = %self.name, path = %path.display(), error = %e,
+                            "could not remove leftover");
+                    }
+                }
                 Ok(None) => {
-                    tracing::warn!(pool = %self.name, path = %path.display(),
-                        "folder without volume.json in pool; ignored");
+                    tracing::error!(pool = %self.name, path = %path.display(),
+                        "folder with data but without volume.json in pool; kept and ignored");
                 }
                 Err(e) => {
                     tracing::error!(pool = %self.name, path = %path.display(), error = %e,
-                        "unreadable volume record; ignored");
+                        "unreadable volume record beside data; kept and ignored");
                 }
             }
         }
@@ -637,22 +642,35 @@ fn remove_leftover(path: &Path) -> io::Result<()> {
     fs::remove_dir_all(path)
 }
 
-/// Builds a complete volume folder at `tmp` (not yet visible as a volume).
-fn assemble(tmp: &Path, meta: &VolumeMeta) -> Result<()> {
-    if tmp.exists() {
-        fs::remove_dir_all(tmp).map_err(io_at("removing stale temporary folder", tmp))?;
+/// What [`assemble`] reports when the volume's folder is already there.
+const FOLDER_EXISTS: &str =
+    "volume folder exists but holds no volume record (inspect it, then remove it)";
+
+/// Builds the folder of a new volume, durably, in the order that makes an
+/// interruption harmless: folder, data, then the record, written last and
+/// fsynced with the folder and the pool directory. A folder without a
+/// readable record is therefore a create that was never acknowledged;
+/// [`Pool::recover_and_scan`] removes it when its data is untouched.
+///
+/// On ext4 and xfs the first fsync commits the journal with every step
+/// before it, so the later ones find nothing left to write: one commit per
+/// volume, where assembling under a temporary name and renaming it into
+/// place costs two.
+fn assemble(folder: &Path, meta: &VolumeMeta) -> Result<()> {
+    match DirBuilder::new().mode(0o700).create(folder) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+            return Err(io_at(FOLDER_EXISTS, folder)(e));
+        }
+        Err(e) => return Err(io_at("creating volume folder", folder)(e)),
     }
-    DirBuilder::new()
-        .mode(0o700)
-        .create(tmp)
-        .map_err(io_at("creating volume folder", tmp))?;
     match meta.backend {
         BackendKind::Dir => {
-            let data = tmp.join(dir::DATA_DIR);
+            let data = folder.join(dir::DATA_DIR);
             dir::create_data_dir(&data).map_err(io_at("creating data directory", &data))?;
         }
         BackendKind::Image => {
-            image::create_file(&tmp.join(image::IMAGE_FILE), meta.capacity_bytes).map_err(
+            image::create_file(&folder.join(image::IMAGE_FILE), meta.capacity_bytes).map_err(
                 |source| Error::Image {
                     id: meta.id.clone(),
                     source,
@@ -660,10 +678,34 @@ fn assemble(tmp: &Path, meta: &VolumeMeta) -> Result<()> {
             )?;
         }
     }
-    // The folder is still private (published by the caller's rename), so
-    // the record needs no atomic replace, only to be on disk before that.
-    meta::create_json_durable(tmp, meta::VOLUME_FILE, meta)
-        .map_err(io_at("writing volume record", tmp))
+    meta::create_json_durable(folder, meta::VOLUME_FILE, meta)
+        .map_err(io_at("writing volume record", folder))?;
+    let pool = folder.parent().unwrap_or(Path::new("/"));
+    meta::sync_dir(pool).map_err(io_at("syncing pool directory", pool))
+}
+
+/// Whether a volume folder has no record or an empty one (what a crash
+/// before the record's fsync leaves), as opposed to a damaged record.
+fn record_missing_or_empty(folder: &Path) -> bool {
+    match fs::symlink_metadata(folder.join(meta::VOLUME_FILE)) {
+        Ok(m) => m.is_file() && m.len() == 0,
+        Err(e) => e.kind() == io::ErrorKind::NotFound,
+    }
+}
+
+/// Whether a volume folder's data was never written: an empty `data`
+/// directory, or an image file with no block allocated.
+fn data_untouched(folder: &Path) -> bool {
+    let data = folder.join(dir::DATA_DIR);
+    if let Ok(mut entries) = fs::read_dir(&data) {
+        return entries.next().is_none();
+    }
+    let img = folder.join(image::IMAGE_FILE);
+    match fs::symlink_metadata(&img) {
+        Ok(m) => m.is_file() && image::allocated_bytes(&img) == 0,
+        // Neither data nor image: the create stopped before making either.
+        Err(e) => e.kind() == io::ErrorKind::NotFound,
+    }
 }
 
 fn check_compatible(existing: &VolumeMeta, pool: &Pool, req: &NewVolume) -> Result<()> {
@@ -760,6 +802,38 @@ mod tests {
         assert_eq!(s.len(), 1);
         assert!(!root.join(".tmp-v2").exists());
         assert!(!root.join(".del-v3-1").exists());
+    }
+
+    #[test]
+    fn unfinished_creates_are_removed_but_folders_with_data_are_kept() {
+        let tmp = tempfile::tempdir().unwrap();
+        let s = store(tmp.path());
+        s.create(&new_volume("v1", pool::MIB)).unwrap();
+        drop(s);
+        let root = tmp.path().join("pool");
+        // Interrupted before the record: folder and empty data only.
+        fs::create_dir_all(root.join("v2/data")).unwrap();
+        // Interrupted before the record's fsync: an empty record.
+        fs::create_dir_all(root.join("v3/data")).unwrap();
+        fs::write(root.join("v3/volume.json"), b"").unwrap();
+        // Data without a record, and data beside a damaged record: kept.
+        fs::create_dir_all(root.join("v4/data")).unwrap();
+        fs::write(root.join("v4/data/precious"), b"x").unwrap();
+        fs::create_dir_all(root.join("v5/data")).unwrap();
+        fs::write(root.join("v5/volume.json"), b"{garbage").unwrap();
+
+        let s = store(tmp.path());
+        assert_eq!(s.len(), 1);
+        assert!(!root.join("v2").exists());
+        assert!(!root.join("v3").exists());
+        assert!(root.join("v4/data/precious").exists());
+        assert!(root.join("v5/volume.json").exists());
+        // The create of an unfinished volume can run again.
+        s.create(&new_volume("v2", pool::MIB)).unwrap();
+        // A folder that is in the way is named, not overwritten.
+        let err = s.create(&new_volume("v4", pool::MIB)).unwrap_err();
+        assert!(err.to_string().contains("no volume record"), "{err}");
+        assert!(root.join("v4/data/precious").exists());
     }
 
     #[test]
