@@ -92,17 +92,23 @@ pub(crate) async fn reconcile<C: CsiController>(
         tracing::trace!(pvc = %key, why, "skipped");
         return Ok(Action::await_change());
     }
-    let class = match class::parse(&sc) {
-        Ok(c) => c,
-        Err(e) => {
-            ctx.fail(&pvc, format!("{e}; no volume was created"));
-            return Ok(Action::requeue(RECHECK));
-        }
-    };
-    let request = match claim::create_request(&pvc, &class, &node) {
-        Ok(r) => r,
-        Err(e) => {
-            ctx.fail(&pvc, format!("{e}; no volume was created"));
+    let parsed = class::parse(&sc)
+        .map_err(|e| e.to_string())
+        .and_then(|class| {
+            claim::create_request(&pvc, &class, &node)
+                .map(|request| (class, request))
+                .map_err(|e| e.to_string())
+        });
+    let (class, request) = match parsed {
+        Ok(ok) => ok,
+        Err(why) => {
+            // An Immediate claim that cannot be provisioned is taken like any
+            // other before it is reported: one agent reports it, not every
+            // node of the cluster.
+            if decision == Decision::Claim && take(&ctx, &pvc).await?.is_none() {
+                return Ok(Action::await_change());
+            }
+            ctx.fail(&pvc, format!("{why}; no volume was created"));
             return Ok(Action::requeue(RECHECK));
         }
     };
@@ -138,31 +144,9 @@ pub(crate) async fn reconcile<C: CsiController>(
             );
             return Ok(Action::requeue(Duration::from_secs(30)));
         }
-        // Optimistic concurrency: the resourceVersion in the patch makes the
-        // apiserver refuse it if another agent took the claim first.
-        let patch = json!({"metadata": {
-            "resourceVersion": pvc.resource_version(),
-            "annotations": {claim::ANN_SELECTED_NODE: node},
-        }});
-        let api: Api<PersistentVolumeClaim> =
-            Api::namespaced(ctx.client.clone(), &pvc.namespace().unwrap_or_default());
-        match api
-            .patch(
-                &pvc.name_any(),
-                &PatchParams::default(),
-                &Patch::Merge(&patch),
-            )
-            .await
-        {
-            Ok(updated) => {
-                tracing::info!(pvc = %key, node = %node, "claimed Immediate claim");
-                Arc::new(updated)
-            }
-            Err(kube::Error::Api(s)) if s.code == 409 => {
-                tracing::debug!(pvc = %key, "another agent claimed it first");
-                return Ok(Action::await_change());
-            }
-            Err(e) => return Err(e.into()),
+        match take(&ctx, &pvc).await? {
+            Some(taken) => taken,
+            None => return Ok(Action::await_change()),
         }
     } else {
         pvc
@@ -198,6 +182,42 @@ pub(crate) async fn reconcile<C: CsiController>(
         ),
     );
     Ok(Action::await_change())
+}
+
+/// Takes an Immediate claim for this node: sets `selected-node` with an
+/// optimistic-concurrency patch (the resourceVersion makes the apiserver
+/// refuse it when another agent took the claim first). `None` when another
+/// agent won.
+async fn take<C: CsiController>(
+    ctx: &Ctx<C>,
+    pvc: &PersistentVolumeClaim,
+) -> Result<Option<Arc<PersistentVolumeClaim>>, Error> {
+    let node = &ctx.config.node;
+    let key = claim::claim_key(pvc);
+    let patch = json!({"metadata": {
+        "resourceVersion": pvc.resource_version(),
+        "annotations": {claim::ANN_SELECTED_NODE: node},
+    }});
+    let api: Api<PersistentVolumeClaim> =
+        Api::namespaced(ctx.client.clone(), &pvc.namespace().unwrap_or_default());
+    match api
+        .patch(
+            &pvc.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await
+    {
+        Ok(updated) => {
+            tracing::info!(pvc = %key, node = %node, "took Immediate claim");
+            Ok(Some(Arc::new(updated)))
+        }
+        Err(kube::Error::Api(s)) if s.code == 409 => {
+            tracing::debug!(pvc = %key, "another agent took it first");
+            Ok(None)
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 async fn create_pv<C: CsiController>(

@@ -5,7 +5,7 @@
 //! agents would share the node).
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -38,6 +38,11 @@ struct Agent {
     root: PathBuf,
     child: Option<Child>,
     extra: Vec<String>,
+    /// The node it claims to run on, its CSI socket, and whether it
+    /// registers with the kubelet (only the agent of the real node does).
+    node: String,
+    socket: PathBuf,
+    registration: bool,
 }
 
 impl Agent {
@@ -48,7 +53,20 @@ impl Agent {
             root,
             child: None,
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            node: node_name(),
+            socket: PathBuf::from(CSI_SOCKET),
+            registration: true,
         }
+    }
+
+    /// An agent for a node without a kubelet: it provisions (Immediate
+    /// claims need no pod) but registers nowhere, on a socket of its own.
+    fn elsewhere(test: &str, node: &str) -> Agent {
+        let mut agent = Agent::new(test, &[]);
+        agent.node = node.to_string();
+        agent.socket = agent.root.join("csi.sock");
+        agent.registration = false;
+        agent
     }
 
     fn pool(&self, name: &str) -> PathBuf {
@@ -74,13 +92,14 @@ impl Agent {
             .expect("agent log");
         let child = Command::new(stead_bin())
             .arg("node")
-            .args(["--node-id", &node_name()])
-            .args(["--endpoint", &format!("unix://{CSI_SOCKET}")])
+            .args(["--node-id", &self.node])
+            .arg("--endpoint")
+            .arg(format!("unix://{}", self.socket.display()))
             .arg("--pool")
             .arg(format!("image:image:{}", self.pool("image").display()))
             .arg("--pool")
             .arg(format!("dir:dir:{}", self.pool("dir").display()))
-            .arg("--registration=true")
+            .arg(format!("--registration={}", self.registration))
             .arg(format!("--provisioner={provisioner}"))
             .arg("--state-dir")
             .arg(self.state())
@@ -102,19 +121,19 @@ impl Agent {
     /// A CSI controller client on the agent's socket (waits for it).
     async fn csi(&self) -> ControllerClient<tonic::transport::Channel> {
         let deadline = Instant::now() + Duration::from_secs(30);
+        let endpoint = format!("unix://{}", self.socket.display());
         loop {
-            if Path::new(CSI_SOCKET).exists()
-                && let Ok(ch) =
-                    tonic::transport::Endpoint::from_shared(format!("unix://{CSI_SOCKET}"))
-                        .expect("endpoint")
-                        .connect()
-                        .await
+            if self.socket.exists()
+                && let Ok(ch) = tonic::transport::Endpoint::from_shared(endpoint.clone())
+                    .expect("endpoint")
+                    .connect()
+                    .await
             {
                 return ControllerClient::new(ch);
             }
             assert!(
                 Instant::now() < deadline,
-                "the agent did not serve {CSI_SOCKET}; its log: {}",
+                "the agent did not serve {endpoint}; its log: {}",
                 self.log().display()
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -778,4 +797,126 @@ async fn grown_claim_is_expanded_online_and_the_pod_sees_it() {
     agent
         .wait_volumes("image", &[], "the volume deleted with the namespace")
         .await;
+}
+
+#[tokio::test]
+async fn racing_agents_take_each_immediate_claim_exactly_once() {
+    const CLAIMS: usize = 30;
+    let mut agents = vec![
+        Agent::new("race", &[]),
+        Agent::elsewhere("race-a", "stead-ghost-a"),
+        Agent::elsewhere("race-b", "stead-ghost-b"),
+    ];
+    for a in &mut agents {
+        a.start(true).await;
+    }
+    let scn = Scenario::new("prov-race").await;
+    let sc = Class::create(
+        &scn.client,
+        "prov-race",
+        &[("pool", "dir")],
+        "Immediate",
+        "Delete",
+    )
+    .await;
+    let odd = Class::create(
+        &scn.client,
+        "prov-race-odd",
+        &[("pool", "dir"), ("speed", "ludicrous")],
+        "Immediate",
+        "Delete",
+    )
+    .await;
+    let pvcs = scn.api::<PersistentVolumeClaim>();
+
+    step(&format!(
+        "{CLAIMS} Immediate claims, three agents (stead-node and two kubelet-less nodes) racing for each"
+    ));
+    let mut claims = Vec::new();
+    for i in 0..CLAIMS {
+        claims.push(create_claim(&scn, &format!("r-{i:02}"), &sc.name, "16Mi").await);
+    }
+    let mut per_node: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for c in &claims {
+        let bound = wait_bound(&pvcs, &c.name_any()).await;
+        let pvs = pvs_of_claim(&scn.client, &c.uid().unwrap()).await;
+        assert_eq!(pvs.len(), 1, "claim {}: PVs {:?}", c.name_any(), pvs);
+        let pv = &pvs[0];
+        let node = pinned_node(pv).expect("PV pinned to a node");
+        let selected = bound
+            .annotations()
+            .get(claim::ANN_SELECTED_NODE)
+            .cloned()
+            .unwrap_or_default();
+        assert_eq!(
+            selected,
+            node,
+            "claim {}: selected-node vs PV",
+            c.name_any()
+        );
+        per_node.entry(node).or_default().push(volume_handle(pv));
+    }
+    step(&format!(
+        "claims per node: {:?}",
+        per_node
+            .iter()
+            .map(|(n, v)| (n, v.len()))
+            .collect::<Vec<_>>()
+    ));
+    for a in &agents {
+        let want = per_node.get(&a.node).cloned().unwrap_or_default();
+        a.wait_volumes("dir", &want, &format!("the volumes of node {}", a.node))
+            .await;
+    }
+    let total: usize = agents.iter().map(|a| a.volumes("dir").len()).sum();
+    assert_eq!(total, CLAIMS, "one volume per claim across the nodes");
+
+    step("a claim of a broken Immediate class: taken and reported by one agent only");
+    create_claim(&scn, "odd", &odd.name, "16Mi").await;
+    wait_event(&scn.client, "odd", "ProvisioningFailed", &["speed"]).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let events =
+        Api::<k8s_openapi::api::events::v1::Event>::namespaced(scn.client.clone(), &scn.ns)
+            .list(&ListParams::default())
+            .await
+            .expect("list events");
+    let reporters: std::collections::BTreeSet<String> = events
+        .items
+        .iter()
+        .filter(|e| e.reason.as_deref() == Some("ProvisioningFailed"))
+        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("odd"))
+        .map(|e| e.reporting_instance.clone().unwrap_or_default())
+        .collect();
+    assert_eq!(
+        reporters.len(),
+        1,
+        "ProvisioningFailed reported by {reporters:?}"
+    );
+    assert!(
+        agents.iter().all(|a| a.volumes("dir").len() <= CLAIMS),
+        "no volume for the broken claim"
+    );
+
+    step("delete everything: every agent deletes the volumes it made");
+    scn.finish().await;
+    for a in &agents {
+        a.wait_volumes("dir", &[], &format!("node {} emptied", a.node))
+            .await;
+    }
+    let caps = Api::<k8s_openapi::api::storage::v1::CSIStorageCapacity>::namespaced(
+        stead_e2e::client().await,
+        "default",
+    );
+    for c in caps
+        .list(&ListParams::default())
+        .await
+        .expect("capacities")
+        .items
+    {
+        if c.name_any().starts_with("stead-stead-ghost-") {
+            let _ = caps.delete(&c.name_any(), &DeleteParams::default()).await;
+        }
+    }
+    drop(sc);
+    drop(odd);
 }
