@@ -85,7 +85,9 @@ async fn main() -> Result<()> {
             let mut teardown = Vec::new();
             let mut round_p50s = Vec::new();
             for round in 1..=ROUNDS {
-                println!("bench-csi: {backend}: {VOLUMES} sequential volumes (round {round}/{ROUNDS})");
+                println!(
+                    "bench-csi: {backend}: {VOLUMES} sequential volumes (round {round}/{ROUNDS})"
+                );
                 let (up, down) = sequential(&plugin, backend).await?;
                 let totals: Vec<Duration> = up.iter().map(|s| s.iter().sum()).collect();
                 round_p50s.push(percentile(&totals, 0.50));
