@@ -684,11 +684,19 @@ fn assemble(folder: &Path, meta: &VolumeMeta) -> Result<()> {
     meta::sync_dir(pool).map_err(io_at("syncing pool directory", pool))
 }
 
-/// Whether a volume folder has no record or an empty one (what a crash
-/// before the record's fsync leaves), as opposed to a damaged record.
+/// Whether a volume folder has no record or an empty one, as opposed to a
+/// damaged record. A crash before the record's fsync leaves it missing,
+/// empty, or (xfs) its size with zeros in place of the bytes.
 fn record_missing_or_empty(folder: &Path) -> bool {
-    match fs::symlink_metadata(folder.join(meta::VOLUME_FILE)) {
-        Ok(m) => m.is_file() && m.len() == 0,
+    let record = folder.join(meta::VOLUME_FILE);
+    match fs::symlink_metadata(&record) {
+        Ok(m) if !m.is_file() => false,
+        Ok(m) if m.len() == 0 => true,
+        // A record is a few hundred bytes; anything large is not a torn one.
+        Ok(m) if m.len() <= 64 * 1024 => {
+            fs::read(&record).is_ok_and(|bytes| bytes.iter().all(|&b| b == 0))
+        }
+        Ok(_) => false,
         Err(e) => e.kind() == io::ErrorKind::NotFound,
     }
 }
@@ -816,6 +824,9 @@ mod tests {
         // Interrupted before the record's fsync: an empty record.
         fs::create_dir_all(root.join("v3/data")).unwrap();
         fs::write(root.join("v3/volume.json"), b"").unwrap();
+        // Interrupted before the record's data reached the disk (xfs).
+        fs::create_dir_all(root.join("v6/data")).unwrap();
+        fs::write(root.join("v6/volume.json"), [0u8; 230]).unwrap();
         // Data without a record, and data beside a damaged record: kept.
         fs::create_dir_all(root.join("v4/data")).unwrap();
         fs::write(root.join("v4/data/precious"), b"x").unwrap();
@@ -826,6 +837,7 @@ mod tests {
         assert_eq!(s.len(), 1);
         assert!(!root.join("v2").exists());
         assert!(!root.join("v3").exists());
+        assert!(!root.join("v6").exists());
         assert!(root.join("v4/data/precious").exists());
         assert!(root.join("v5/volume.json").exists());
         // The create of an unfinished volume can run again.
