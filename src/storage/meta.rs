@@ -3,6 +3,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -152,6 +153,14 @@ pub fn sync_dir(dir: &Path) -> io::Result<()> {
 }
 
 /// Serializes `value` as pretty JSON into `dir/name`, atomically.
+///
+/// With [`Durability::Process`] a record of at most a page is overwritten in
+/// place by a single write(2) from offset 0, padded with spaces (which JSON
+/// ignores) to the old length. One write to one page of a regular file is
+/// all or nothing even if the agent is killed, and it avoids what a rename
+/// over an existing file costs on ext4 (`auto_da_alloc` starts writeback of
+/// the new file at every rename). Larger records go through
+/// [`write_atomic`].
 pub fn write_json<T: Serialize>(
     dir: &Path,
     name: &str,
@@ -160,8 +169,29 @@ pub fn write_json<T: Serialize>(
 ) -> io::Result<()> {
     let mut bytes = serde_json::to_vec_pretty(value).map_err(io::Error::other)?;
     bytes.push(b'\n');
+    if durability == Durability::Process && bytes.len() <= IN_PLACE_MAX {
+        let path = dir.join(name);
+        let f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)?;
+        let old = usize::try_from(f.metadata()?.len()).unwrap_or(usize::MAX);
+        if old <= IN_PLACE_MAX {
+            if bytes.len() < old {
+                bytes.resize(old, b' ');
+            }
+            if f.write_at(&bytes, 0)? == bytes.len() {
+                return Ok(());
+            }
+            // A short write (a full disk): fall through, replace it whole.
+        }
+    }
     write_atomic(dir, name, &bytes, durability)
 }
+
+/// The largest record [`write_json`] overwrites in place: one page.
+const IN_PLACE_MAX: usize = 4096;
 
 /// Writes `value` as pretty JSON into a new file `dir/name` and fsyncs the
 /// file and `dir`, with no temporary file: for a folder nobody reads yet (a
@@ -203,6 +233,44 @@ mod tests {
         assert_eq!(fs::read(dir.path().join("x.json")).unwrap(), b"two");
         let names: Vec<_> = fs::read_dir(dir.path()).unwrap().collect();
         assert_eq!(names.len(), 1);
+    }
+
+    #[test]
+    fn in_place_records_shrink_and_grow_and_stay_valid_json() {
+        let dir = tempfile::tempdir().unwrap();
+        let long = NodeState {
+            staged: Some(Staged {
+                path: "/var/lib/kubelet/a/very/long/staging/path".into(),
+            }),
+            published: vec![Published {
+                path: "/p".into(),
+                readonly: false,
+                exclusive: false,
+            }],
+        };
+        let short = NodeState::default();
+        for st in [&long, &short, &long, &short] {
+            write_json(dir.path(), NODE_FILE, st, Durability::Process).unwrap();
+            assert_eq!(read_json(dir.path(), NODE_FILE).unwrap().as_ref(), Some(st));
+        }
+        // Shrinking pads with spaces instead of truncating: one write.
+        let len = fs::metadata(dir.path().join(NODE_FILE)).unwrap().len();
+        assert!(len as usize > serde_json::to_vec_pretty(&short).unwrap().len() + 1);
+        // A record larger than a page is replaced by a rename.
+        let big = NodeState {
+            staged: None,
+            published: (0..100)
+                .map(|i| Published {
+                    path: format!("/var/lib/kubelet/pods/{i:040}/volumes/x").into(),
+                    readonly: false,
+                    exclusive: false,
+                })
+                .collect(),
+        };
+        write_json(dir.path(), NODE_FILE, &big, Durability::Process).unwrap();
+        assert_eq!(read_json(dir.path(), NODE_FILE).unwrap(), Some(big));
+        write_json(dir.path(), NODE_FILE, &short, Durability::Process).unwrap();
+        assert_eq!(read_json(dir.path(), NODE_FILE).unwrap(), Some(short));
     }
 
     #[test]

@@ -294,8 +294,19 @@ pub fn release_under(root: &Path) {
             let _ = nix::mount::umount2(&p, nix::mount::MntFlags::MNT_DETACH);
         }
     }
-    for dev in loops_under(root) {
-        let _ = Command::new("losetup").arg("-d").arg(&dev).status();
+    // A loop device whose filesystem was lazily unmounted may still be busy:
+    // `losetup -d` then only marks it for autoclear, and it goes once the
+    // kernel has let go of the filesystem. Wait for that, asking again.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let loops = loops_under(root);
+        if loops.is_empty() || Instant::now() > deadline {
+            break;
+        }
+        for dev in loops {
+            let _ = Command::new("losetup").arg("-d").arg(&dev).status();
+        }
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
