@@ -26,15 +26,23 @@ use crate::proto::csi::v1::{
 const RECHECK: Duration = Duration::from_secs(300);
 
 impl<C: CsiController> Ctx<C> {
-    /// Queues an event on a claim (recorded in the background).
+    /// Queues an event of the provisioning of a claim (recorded in the
+    /// background).
     fn event(&self, pvc: &PersistentVolumeClaim, type_: EventType, reason: &str, note: String) {
-        let action = if reason.starts_with("VolumeResize") {
-            "Resize"
-        } else {
-            "Provision"
-        };
         self.events
-            .post(pvc.object_ref(&()), type_, reason, action, note);
+            .post(pvc.object_ref(&()), type_, reason, "Provision", note);
+    }
+
+    /// Queues an event of the expansion of a claim.
+    fn resize_event(
+        &self,
+        pvc: &PersistentVolumeClaim,
+        type_: EventType,
+        reason: &str,
+        note: String,
+    ) {
+        self.events
+            .post(pvc.object_ref(&()), type_, reason, "Resize", note);
     }
 
     fn fail(&self, pvc: &PersistentVolumeClaim, note: String) {
@@ -367,7 +375,7 @@ async fn expand_if_grown<C: CsiController>(
     {
         Ok(r) => r.into_inner(),
         Err(status) => {
-            ctx.event(
+            ctx.resize_event(
                 pvc,
                 EventType::Warning,
                 "VolumeResizeFailed",
@@ -413,7 +421,7 @@ async fn expand_if_grown<C: CsiController>(
         )
         .await?;
     tracing::info!(pvc = %key, volume = %handle, size = %new_size, node_step = resp.node_expansion_required, "expanded");
-    ctx.event(
+    ctx.resize_event(
         pvc,
         EventType::Normal,
         "VolumeResizeSuccessful",

@@ -167,25 +167,9 @@ pub fn write_json<T: Serialize>(
     value: &T,
     durability: Durability,
 ) -> io::Result<()> {
-    let mut bytes = serde_json::to_vec_pretty(value).map_err(io::Error::other)?;
-    bytes.push(b'\n');
-    if durability == Durability::Process && bytes.len() <= IN_PLACE_MAX {
-        let path = dir.join(name);
-        let f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)?;
-        let old = usize::try_from(f.metadata()?.len()).unwrap_or(usize::MAX);
-        if old <= IN_PLACE_MAX {
-            if bytes.len() < old {
-                bytes.resize(old, b' ');
-            }
-            if f.write_at(&bytes, 0)? == bytes.len() {
-                return Ok(());
-            }
-            // A short write (a full disk): fall through, replace it whole.
-        }
+    let bytes = json_line(value)?;
+    if durability == Durability::Process && overwrite_in_place(&dir.join(name), &bytes)? {
+        return Ok(());
     }
     write_atomic(dir, name, &bytes, durability)
 }
@@ -193,14 +177,34 @@ pub fn write_json<T: Serialize>(
 /// The largest record [`write_json`] overwrites in place: one page.
 const IN_PLACE_MAX: usize = 4096;
 
+/// Overwrites `path` (created if missing) from offset 0 with one write of
+/// `bytes`, space-padded to the old length. `false` when that cannot be
+/// done in one page (record or old file too large) or the write came short
+/// (a full disk): the caller replaces the file whole.
+fn overwrite_in_place(path: &Path, bytes: &[u8]) -> io::Result<bool> {
+    if bytes.len() > IN_PLACE_MAX {
+        return Ok(false);
+    }
+    let f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)?;
+    let old = usize::try_from(f.metadata()?.len()).unwrap_or(usize::MAX);
+    if old > IN_PLACE_MAX {
+        return Ok(false);
+    }
+    let mut buf = bytes.to_vec();
+    buf.resize(buf.len().max(old), b' ');
+    Ok(f.write_at(&buf, 0)? == buf.len())
+}
+
 /// Writes `value` as pretty JSON into a new file `dir/name` and fsyncs the
 /// file and `dir`, with no temporary file: for a folder nobody reads yet (a
-/// volume being assembled under a temporary name, published later by one
-/// rename), where the inner rename of [`write_atomic`] would only cost a
-/// second journal commit.
+/// volume folder whose record is written last; see `assemble`), where the
+/// rename of [`write_atomic`] would only cost a second journal commit.
 pub fn create_json_durable<T: Serialize>(dir: &Path, name: &str, value: &T) -> io::Result<()> {
-    let mut bytes = serde_json::to_vec_pretty(value).map_err(io::Error::other)?;
-    bytes.push(b'\n');
+    let bytes = json_line(value)?;
     let mut f = OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -208,6 +212,13 @@ pub fn create_json_durable<T: Serialize>(dir: &Path, name: &str, value: &T) -> i
     f.write_all(&bytes)?;
     f.sync_all()?;
     sync_dir(dir)
+}
+
+/// `value` as pretty JSON with a final newline.
+fn json_line<T: Serialize>(value: &T) -> io::Result<Vec<u8>> {
+    let mut bytes = serde_json::to_vec_pretty(value).map_err(io::Error::other)?;
+    bytes.push(b'\n');
+    Ok(bytes)
 }
 
 /// Reads `dir/name` as JSON; `Ok(None)` when the file does not exist.

@@ -322,13 +322,7 @@ impl Store {
                 available,
             });
         }
-        let folder = pool.root.join(&meta.folder);
-        if let Err(e) = assemble(&folder, &meta) {
-            if !matches!(&e, Error::Io { what, .. } if *what == FOLDER_EXISTS) {
-                let _ = fs::remove_dir_all(&folder);
-            }
-            return Err(e);
-        }
+        assemble(&pool.root.join(&meta.folder), &meta)?;
         self.write_cache().insert(meta.id.clone(), meta.clone());
         Ok((meta, true))
     }
@@ -487,8 +481,10 @@ impl Store {
             nix::sys::stat::minor(st.st_dev)
         );
         let suffix = Path::new(&meta.folder).join(dir::DATA_DIR);
-        let table = crate::mount::mount_table().map_err(|e| {
-            io_at("reading the mount table", Path::new("/proc/self/mountinfo"))(io::Error::other(e))
+        let table = crate::mount::mount_table().map_err(|e| Error::Io {
+            what: "reading the mount table",
+            path: "/proc/self/mountinfo".into(),
+            source: io::Error::other(e),
         })?;
         Ok(table
             .iter()
@@ -664,6 +660,16 @@ fn assemble(folder: &Path, meta: &VolumeMeta) -> Result<()> {
         }
         Err(e) => return Err(io_at("creating volume folder", folder)(e)),
     }
+    // From here the folder is ours: a failure takes it away again.
+    let filled = fill(folder, meta);
+    if filled.is_err() {
+        let _ = fs::remove_dir_all(folder);
+    }
+    filled
+}
+
+/// The data, then the durable record, of a volume folder just created.
+fn fill(folder: &Path, meta: &VolumeMeta) -> Result<()> {
     match meta.backend {
         BackendKind::Dir => {
             let data = folder.join(dir::DATA_DIR);
