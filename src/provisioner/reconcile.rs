@@ -97,7 +97,9 @@ pub(crate) async fn reconcile<C: CsiController>(
     }
     let decision = claim::decide(&pvc, &probe, &node);
     if let Decision::Skip(why) = decision {
-        tracing::trace!(pvc = %key, why, "skipped");
+        // Debug, not trace: which agents passed on a claim is what one asks
+        // first when a claim stays Pending (and what the race test waits for).
+        tracing::debug!(pvc = %key, why, "skipped");
         return Ok(Action::await_change());
     }
     let parsed = class::parse(&sc)
