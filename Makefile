@@ -28,8 +28,10 @@ clippy:
 lint: fmt-check clippy
 
 # Unit and integration tests. The integration tests mount loop devices and
-# bind mounts, so they need root (CI runs as root). One test thread: they share
-# the kernel's loop devices and mount table.
+# bind mounts, so they need root (CI runs as root). Two test threads: each
+# test has its own temp root, sockets and loop devices, so they may overlap,
+# and more than two on this project's 2-core machines only adds contention
+# for the kernel's loop devices and mount table.
 unit:
 	$(CARGO) test --locked -- --test-threads=2
 

@@ -408,7 +408,10 @@ impl Plugin {
         cmd.arg("node")
             .arg("--endpoint")
             .arg(format!("unix://{}", socket.display()))
-            .args(["--node-id", "bench-node", "--log-format", "text"]);
+            .args(["--node-id", "bench-node", "--log-format", "text"])
+            // Staging and target paths lie under the bench's own folder.
+            .arg("--kubelet-dir")
+            .arg(dir.path());
         for pool in pools {
             let path = dir.path().join("pools").join(pool);
             std::fs::create_dir_all(&path)?;

@@ -76,7 +76,8 @@ pub struct NodeArgs {
     #[arg(long, env = "STEAD_REGISTRATION", default_value_t = false, action = clap::ArgAction::Set)]
     pub registration: bool,
 
-    /// Kubelet's root directory: the registration socket lives under it,
+    /// Kubelet's root directory: staging and target paths must lie under
+    /// it (and never in a pool), the registration socket lives under it,
     /// and the provisioner keeps its state in
     /// `<kubelet-dir>/plugins/stead.csi.dev/state` unless --state-dir says.
     #[arg(long, env = "STEAD_KUBELET_DIR", default_value = "/var/lib/kubelet")]
@@ -167,6 +168,7 @@ impl NodeArgs {
             node_id: self.node_id.clone(),
             pools: self.pools.clone(),
             max_volumes_per_node: self.max_volumes_per_node,
+            kubelet_dir: self.kubelet_dir.clone(),
         }
     }
 }

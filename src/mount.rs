@@ -139,16 +139,11 @@ pub fn is_mounted(path: &Path) -> Result<bool> {
     }
 }
 
-/// Bind-mounts `source` on `target`, read-only if asked.
+/// Bind-mounts `source` on `target`.
 ///
 /// The kernel ignores MS_RDONLY on the initial bind; a read-only bind needs
-/// a second, remounting call (mount(2), "Creating a bind mount").
-pub fn bind(source: &Path, target: &Path, readonly: bool) -> Result<()> {
-    let err = |errno| Error::Mount {
-        source_path: source.display().to_string(),
-        target: target.to_owned(),
-        errno,
-    };
+/// a second, remounting call on the new mount ([`remount_readonly`]).
+pub fn bind(source: &Path, target: &Path) -> Result<()> {
     mount(
         Some(source),
         target,
@@ -156,16 +151,23 @@ pub fn bind(source: &Path, target: &Path, readonly: bool) -> Result<()> {
         MsFlags::MS_BIND,
         None::<&str>,
     )
-    .map_err(err)?;
-    if readonly {
-        let flags = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY;
-        if let Err(e) = mount(None::<&str>, target, None::<&str>, flags, None::<&str>) {
-            // Never leave a writable mount where a read-only one was asked.
-            let _ = umount2(target, MntFlags::empty());
-            return Err(err(e));
-        }
-    }
-    Ok(())
+    .map_err(|errno| Error::Mount {
+        source_path: source.display().to_string(),
+        target: target.to_owned(),
+        errno,
+    })
+}
+
+/// Makes the bind mount whose root is `target` read-only (mount(2),
+/// "Creating a bind mount"). `target` must reach the new mount itself: a
+/// path resolved after the bind, not a handle opened before it.
+pub fn remount_readonly(target: &Path) -> Result<()> {
+    let flags = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY;
+    mount(None::<&str>, target, None::<&str>, flags, None::<&str>).map_err(|errno| Error::Mount {
+        source_path: "(read-only remount)".into(),
+        target: target.to_owned(),
+        errno,
+    })
 }
 
 /// Mounts the filesystem of type `fs_type` on `device` at `target`, with

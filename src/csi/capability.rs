@@ -6,34 +6,13 @@ use super::error::{Error, Result};
 use crate::TOPOLOGY_KEY;
 use crate::proto::csi::v1::volume_capability::{AccessMode, AccessType, access_mode::Mode};
 use crate::proto::csi::v1::{Topology, VolumeCapability};
-use crate::storage::{AccessKind, FsType};
+use crate::storage::{AccessKind, Capability, FsType, Sharing};
 
 /// StorageClass parameter naming the pool.
 pub const POOL_PARAMETER: &str = "pool";
 /// Prefix of the parameters external-provisioner adds (PVC/PV names,
 /// secrets, fstype); accepted and ignored.
 pub const K8S_PARAMETER_PREFIX: &str = "csi.storage.k8s.io/";
-
-/// How a single-node volume may be shared between targets on the node.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Sharing {
-    /// SINGLE_NODE_WRITER / SINGLE_NODE_MULTI_WRITER: any number of targets.
-    Shared,
-    /// SINGLE_NODE_READER_ONLY: any number of targets, all read-only.
-    ReadOnly,
-    /// SINGLE_NODE_SINGLE_WRITER: one target at a time.
-    Exclusive,
-}
-
-/// A validated volume capability.
-#[derive(Debug, Clone)]
-pub struct Capability {
-    pub access: AccessKind,
-    /// Whether `fs_type` was named explicitly (as opposed to defaulted).
-    pub explicit_fs: bool,
-    pub sharing: Sharing,
-    pub mount_flags: Vec<String>,
-}
 
 /// Validates one capability; `field` names it in error messages.
 pub fn parse(cap: &VolumeCapability, field: &'static str) -> Result<Capability> {
@@ -98,7 +77,7 @@ fn parse_mode(mode: Option<&AccessMode>, field: &'static str) -> Result<Sharing>
         ) => Err(Error::invalid(
             field,
             format!(
-                "access mode {} is not supported: Stead volumes are node-local, use a SINGLE_NODE_* mode (ReadWriteOnce, ReadWriteOncePod, ReadOnlyMany on one node)",
+                "access mode {} is not supported: Stead volumes are node-local, use a SINGLE_NODE_* mode (in Kubernetes: ReadWriteOnce or ReadWriteOncePod)",
                 m.as_str_name()
             ),
         )),

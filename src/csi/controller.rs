@@ -5,10 +5,10 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
-use super::capability::{self, Capability};
+use super::capability;
 use super::error::{Error, Result};
-use super::node::live_usage;
 use super::{Shared, blocking, outcome, volume_id};
 use crate::proto::csi::v1::controller_server::Controller;
 use crate::proto::csi::v1::controller_service_capability::{Rpc, Type as CapType, rpc};
@@ -26,7 +26,7 @@ use crate::proto::csi::v1::{
     ListVolumesRequest, ListVolumesResponse, ValidateVolumeCapabilitiesRequest,
     ValidateVolumeCapabilitiesResponse, list_volumes_response,
 };
-use crate::storage::{self, AccessKind, BackendKind, NewVolume, VolumeId, VolumeMeta, pool};
+use crate::storage::{AccessKind, BackendKind, NewVolume, VolumeId, VolumeMeta, attach, pool};
 
 /// Key of the volume context entry naming the pool.
 pub const CONTEXT_POOL: &str = "pool";
@@ -135,11 +135,7 @@ async fn delete(shared: Arc<Shared>, req: DeleteVolumeRequest) -> Result<DeleteV
             // DeleteVolume is idempotent: a volume that is gone is deleted.
             return Ok(());
         };
-        if let Some(use_) = live_usage(&s.store, &meta)? {
-            return Err(Error::FailedPrecondition(format!(
-                "volume {id} is still in use on this node: {use_}; unpublish and unstage it first"
-            )));
-        }
+        attach::ensure_unused(&s.store, &meta)?;
         if s.store.delete(&id)? {
             tracing::info!(volume.id = %id, pool = %meta.pool, "volume deleted");
         }
@@ -166,7 +162,7 @@ async fn validate(
         Ok(c) => c,
         Err(e) => return Ok(unconfirmed(e.to_string())),
     };
-    if let Err(e) = check_access(&meta, &caps[0]) {
+    if let Err(e) = attach::check_access(&meta, &caps[0]) {
         return Ok(unconfirmed(e.to_string()));
     }
     match capability::parse_parameters(&req.parameters) {
@@ -193,34 +189,6 @@ async fn validate(
         }),
         message: String::new(),
     })
-}
-
-/// Checks that a capability fits the access type the volume was created
-/// with (a filesystem volume is not handed out as a raw device, nor the
-/// reverse; an explicit fsType must be the one the volume has).
-pub(crate) fn check_access(meta: &VolumeMeta, cap: &Capability) -> Result<()> {
-    let mismatch = || {
-        Error::invalid(
-            "volume_capability",
-            format!(
-                "volume {} was created for {}, the request asks for {}",
-                meta.id,
-                storage::describe_access(meta.access),
-                storage::describe_access(cap.access)
-            ),
-        )
-    };
-    match (meta.access, cap.access) {
-        (AccessKind::Block, AccessKind::Block) => Ok(()),
-        (AccessKind::Mount { fs_type: have }, AccessKind::Mount { fs_type: want }) => {
-            // The dir backend has no filesystem of its own: fsType is moot.
-            if meta.backend == BackendKind::Image && cap.explicit_fs && have != want {
-                return Err(mismatch());
-            }
-            Ok(())
-        }
-        _ => Err(mismatch()),
-    }
 }
 
 fn list(shared: &Shared, req: &ListVolumesRequest) -> Result<ListVolumesResponse> {
@@ -353,7 +321,9 @@ impl Controller for ControllerService {
         outcome(
             "CreateVolume",
             &name,
-            create(self.shared.clone(), req).await,
+            create(self.shared.clone(), req)
+                .instrument(super::span("CreateVolume", &name))
+                .await,
             false,
         )
     }
@@ -367,7 +337,9 @@ impl Controller for ControllerService {
         outcome(
             "DeleteVolume",
             &id,
-            delete(self.shared.clone(), req).await,
+            delete(self.shared.clone(), req)
+                .instrument(super::span("DeleteVolume", &id))
+                .await,
             false,
         )
     }
@@ -395,7 +367,9 @@ impl Controller for ControllerService {
         outcome(
             "ValidateVolumeCapabilities",
             &id,
-            validate(self.shared.clone(), req).await,
+            validate(self.shared.clone(), req)
+                .instrument(super::span("ValidateVolumeCapabilities", &id))
+                .await,
             true,
         )
     }
@@ -419,7 +393,9 @@ impl Controller for ControllerService {
         outcome(
             "GetCapacity",
             "",
-            capacity(self.shared.clone(), request.into_inner()).await,
+            capacity(self.shared.clone(), request.into_inner())
+                .instrument(super::span("GetCapacity", ""))
+                .await,
             true,
         )
     }
@@ -468,7 +444,9 @@ impl Controller for ControllerService {
         outcome(
             "ControllerExpandVolume",
             &id,
-            expand(self.shared.clone(), req).await,
+            expand(self.shared.clone(), req)
+                .instrument(super::span("ControllerExpandVolume", &id))
+                .await,
             false,
         )
     }

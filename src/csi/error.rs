@@ -3,7 +3,7 @@
 use tonic::{Code, Status};
 
 use crate::mount;
-use crate::storage::{self, RangeError};
+use crate::storage::{self, RangeError, attach};
 
 /// Everything a CSI RPC can fail with.
 #[derive(Debug, thiserror::Error)]
@@ -12,21 +12,17 @@ pub enum Error {
     #[error("{field}: {reason}")]
     Invalid { field: &'static str, reason: String },
     #[error("{0}")]
-    NotFound(String),
-    #[error("{0}")]
-    AlreadyExists(String),
-    #[error("{0}")]
-    FailedPrecondition(String),
-    #[error("{0}")]
     ResourceExhausted(String),
-    #[error("{0}")]
-    OutOfRange(String),
     #[error("{0}")]
     Aborted(String),
     #[error("{0} is not supported by Stead")]
     Unimplemented(&'static str),
     #[error(transparent)]
     Storage(#[from] storage::Error),
+    /// Boxed: the attach errors carry several paths, and every Result of
+    /// this layer would otherwise be as large as the largest of them.
+    #[error(transparent)]
+    Attach(Box<attach::Error>),
     #[error(transparent)]
     Mount(#[from] mount::Error),
     #[error("{0}")]
@@ -49,33 +45,76 @@ impl Error {
 
     /// The gRPC code of this error, per the CSI spec's error tables.
     pub fn code(&self) -> Code {
-        use storage::Error as S;
         match self {
             Error::Invalid { .. } => Code::InvalidArgument,
-            Error::NotFound(_) => Code::NotFound,
-            Error::AlreadyExists(_) => Code::AlreadyExists,
-            Error::FailedPrecondition(_) => Code::FailedPrecondition,
             Error::ResourceExhausted(_) => Code::ResourceExhausted,
-            Error::OutOfRange(_) => Code::OutOfRange,
             Error::Aborted(_) => Code::Aborted,
             Error::Unimplemented(_) => Code::Unimplemented,
-            Error::Storage(e) => match e {
-                S::Id(_) | S::UnknownPool { .. } | S::Unsupported { .. } => Code::InvalidArgument,
-                S::Range { source, .. } => match source {
-                    RangeError::Negative { .. } | RangeError::LimitBelowRequired { .. } => {
-                        Code::InvalidArgument
-                    }
-                    RangeError::Unsatisfiable { .. } => Code::OutOfRange,
-                },
-                S::NotFound(_) => Code::NotFound,
-                S::Conflict { .. } => Code::AlreadyExists,
-                S::Exhausted { .. } => Code::ResourceExhausted,
-                S::Busy { .. } | S::PoolUnusable { .. } => Code::FailedPrecondition,
-                S::Io { .. } | S::Image { .. } => Code::Internal,
-            },
-            Error::Mount(mount::Error::BadOption(_)) => Code::InvalidArgument,
-            Error::Mount(_) | Error::Internal(_) => Code::Internal,
+            Error::Storage(e) => storage_code(e),
+            Error::Attach(e) => attach_code(e),
+            Error::Mount(e) => mount_code(e),
+            Error::Internal(_) => Code::Internal,
         }
+    }
+}
+
+fn storage_code(e: &storage::Error) -> Code {
+    use storage::Error as S;
+    match e {
+        S::Id(_) | S::UnknownPool { .. } | S::Unsupported { .. } => Code::InvalidArgument,
+        S::Range { source, .. } => match source {
+            RangeError::Negative { .. } | RangeError::LimitBelowRequired { .. } => {
+                Code::InvalidArgument
+            }
+            RangeError::Unsatisfiable { .. } => Code::OutOfRange,
+        },
+        S::NotFound(_) => Code::NotFound,
+        S::Conflict { .. } => Code::AlreadyExists,
+        S::Exhausted { .. } => Code::ResourceExhausted,
+        S::Busy { .. } | S::PoolUnusable { .. } => Code::FailedPrecondition,
+        S::Io { .. } | S::Image { .. } => Code::Internal,
+    }
+}
+
+fn mount_code(e: &mount::Error) -> Code {
+    match e {
+        mount::Error::BadOption(_) => Code::InvalidArgument,
+        _ => Code::Internal,
+    }
+}
+
+/// CSI spec, NodeStageVolume / NodePublishVolume / NodeExpandVolume /
+/// NodeGetVolumeStats error tables, and DeleteVolume's "volume in use".
+fn attach_code(e: &attach::Error) -> Code {
+    use attach::Error as A;
+    match e {
+        A::Storage(s) => storage_code(s),
+        A::Mount { source, .. } | A::Kernel(source) => mount_code(source),
+        A::AccessMismatch { .. }
+        | A::PathOutsideKubelet { .. }
+        | A::PathInPool { .. }
+        | A::PathIsSymlink { .. }
+        | A::WrongKind { .. } => Code::InvalidArgument,
+        A::StagedElsewhere { .. }
+        | A::NotStaged { .. }
+        | A::StillPublished { .. }
+        | A::PublishedElsewhere { .. }
+        | A::NoLoopDevice { .. }
+        | A::InUse { .. }
+        | A::NoFilesystem { .. }
+        | A::SignatureLost { .. }
+        | A::ForeignSignature { .. }
+        | A::Ext4OnlineGrowth { .. } => Code::FailedPrecondition,
+        A::PublishedWithOtherMode { .. } => Code::AlreadyExists,
+        A::NotAtPath { .. } => Code::NotFound,
+        A::BeyondCapacity { .. } => Code::OutOfRange,
+        A::Image { .. } | A::StillMounted { .. } | A::PathIo { .. } => Code::Internal,
+    }
+}
+
+impl From<attach::Error> for Error {
+    fn from(e: attach::Error) -> Self {
+        Error::Attach(Box::new(e))
     }
 }
 

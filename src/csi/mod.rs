@@ -13,6 +13,7 @@ pub mod locks;
 pub mod node;
 pub mod server;
 
+use std::path::PathBuf;
 use std::sync::Arc;
 
 pub use controller::ControllerService;
@@ -23,6 +24,7 @@ pub use node::NodeService;
 use crate::proto::csi::v1::controller_server::ControllerServer;
 use crate::proto::csi::v1::identity_server::IdentityServer;
 use crate::proto::csi::v1::node_server::NodeServer;
+use crate::storage::attach::Confinement;
 use crate::storage::{self, PoolSpec, Store, VolumeId};
 use locks::VolumeLocks;
 
@@ -35,6 +37,8 @@ pub struct Config {
     pub pools: Vec<PoolSpec>,
     /// Reported by NodeGetInfo; `None` means no limit.
     pub max_volumes_per_node: Option<i64>,
+    /// Staging and target paths must lie under it (kubelet's `--root-dir`).
+    pub kubelet_dir: PathBuf,
 }
 
 /// State shared by the three services.
@@ -44,6 +48,8 @@ pub(crate) struct Shared {
     pub node_id: String,
     pub max_volumes_per_node: i64,
     pub locks: VolumeLocks,
+    /// Where staging and target paths may lie.
+    pub paths: Confinement,
 }
 
 /// The CSI plugin of one node.
@@ -58,12 +64,15 @@ impl Plugin {
     /// Blocking: call it before serving, or from `spawn_blocking`.
     pub fn new(config: Config) -> Result<Plugin, storage::Error> {
         let store = Store::open(&config.pools)?;
+        let pools: Vec<PathBuf> = store.pools().iter().map(|p| p.root.clone()).collect();
+        let paths = Confinement::new(&config.kubelet_dir, &pools);
         Ok(Plugin {
             shared: Arc::new(Shared {
                 store,
                 node_id: config.node_id,
                 max_volumes_per_node: config.max_volumes_per_node.unwrap_or(0).max(0),
                 locks: VolumeLocks::default(),
+                paths,
             }),
         })
     }
@@ -106,13 +115,16 @@ impl Plugin {
     }
 }
 
-/// Runs blocking storage or mount work off the async executor.
+/// Runs blocking storage or mount work off the async executor, inside the
+/// caller's span (so that storage's log lines carry the RPC's and the
+/// claim's fields).
 pub(crate) async fn blocking<T, F>(f: F) -> Result<T>
 where
     F: FnOnce() -> Result<T> + Send + 'static,
     T: Send + 'static,
 {
-    tokio::task::spawn_blocking(f)
+    let span = tracing::Span::current();
+    tokio::task::spawn_blocking(move || span.in_scope(f))
         .await
         .map_err(|e| Error::Internal(format!("worker task failed: {e}")))?
 }
@@ -123,6 +135,13 @@ pub(crate) fn volume_id(raw: &str) -> Result<VolumeId> {
         return Err(Error::missing("volume_id"));
     }
     VolumeId::parse(raw).map_err(|e| Error::invalid("volume_id", e.to_string()))
+}
+
+/// The span of one RPC: every line logged while it runs (storage's
+/// included, see [`blocking`]) carries the RPC and the volume id, under the
+/// provisioner's claim span when the provisioner made the call in-process.
+pub(crate) fn span(rpc: &'static str, volume: &str) -> tracing::Span {
+    tracing::info_span!("csi", rpc, volume.id = volume)
 }
 
 /// Logs the outcome of one RPC (one line) and converts its error.

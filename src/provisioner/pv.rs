@@ -30,6 +30,12 @@ pub fn build_pv(
 ) -> PersistentVolume {
     let spec = pvc.spec.clone().unwrap_or_default();
     let block = claim::is_block(pvc);
+    // A `dir` volume has no filesystem of its own: its PV names none
+    // (kubelet still applies fsGroup: the CSIDriver's policy is File).
+    let dir = volume
+        .volume_context
+        .get(crate::csi::controller::CONTEXT_BACKEND)
+        .is_some_and(|b| b == "dir");
     let volume_attributes: BTreeMap<String, String> = volume
         .volume_context
         .iter()
@@ -62,7 +68,8 @@ pub fn build_pv(
             csi: Some(CSIPersistentVolumeSource {
                 driver: DRIVER_NAME.to_string(),
                 volume_handle: volume.volume_id.clone(),
-                fs_type: (!block).then(|| class.fs_type.clone().unwrap_or_else(|| "ext4".into())),
+                fs_type: (!block && !dir)
+                    .then(|| class.fs_type.clone().unwrap_or_else(|| "ext4".into())),
                 volume_attributes: (!volume_attributes.is_empty()).then_some(volume_attributes),
                 ..Default::default()
             }),
@@ -209,5 +216,26 @@ mod tests {
         let spec = pv.spec.unwrap();
         assert_eq!(spec.volume_mode.as_deref(), Some("Block"));
         assert_eq!(spec.csi.unwrap().fs_type, None);
+    }
+
+    #[test]
+    fn a_dir_volume_names_no_filesystem() {
+        let class = class::parse(&sc(
+            "stead-dir",
+            &[("pool", "dir")],
+            "WaitForFirstConsumer",
+            "Delete",
+        ))
+        .unwrap();
+        let claim = pvc("files", "64Mi", Some("n"));
+        let mut vol = volume();
+        vol.volume_context = HashMap::from([
+            ("pool".to_string(), "dir".to_string()),
+            ("backend".to_string(), "dir".to_string()),
+        ]);
+        let pv = build_pv(&claim, &class, &vol, "n");
+        let csi = pv.spec.unwrap().csi.unwrap();
+        assert_eq!(csi.fs_type, None, "a directory is not an ext4 filesystem");
+        assert_eq!(csi.volume_attributes.unwrap()["backend"], "dir");
     }
 }

@@ -8,7 +8,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use super::command::{self, CommandError};
-use super::meta::FsType;
+use super::kind::FsType;
 
 /// Name of the image file inside a volume folder.
 pub const IMAGE_FILE: &str = "disk.img";
@@ -202,7 +202,9 @@ fn superblock_size(head: &[u8; 2048]) -> Option<u64> {
         let bs = u32::from_be_bytes([head[4], head[5], head[6], head[7]]);
         let mut d = [0u8; 8];
         d.copy_from_slice(&head[8..16]);
-        return Some(u64::from(bs) * u64::from_be_bytes(d));
+        // A corrupt superblock may hold any numbers: a product that does
+        // not fit is no size at all, never a panic or a wrapped value.
+        return u64::from(bs).checked_mul(u64::from_be_bytes(d));
     }
     // ext*: superblock at 1024, magic 0xEF53 at +0x38, blocks_count_lo at
     // +0x04, log_block_size at +0x18, blocks_count_hi at +0x150 when the
@@ -217,7 +219,7 @@ fn superblock_size(head: &[u8; 2048]) -> Option<u64> {
             0
         };
         let bs = 1024u64.checked_shl(log)?;
-        return Some(((hi << 32) | lo) * bs);
+        return ((hi << 32) | lo).checked_mul(bs);
     }
     None
 }
@@ -284,5 +286,27 @@ mod tests {
         head[sb + 0x18..sb + 0x1c].copy_from_slice(&2u32.to_le_bytes());
         assert_eq!(superblock_size(&head), Some(16384 * 4096));
         assert_eq!(superblock_size(&[0u8; 2048]), None);
+    }
+
+    #[test]
+    fn corrupt_superblocks_give_no_size_instead_of_overflowing() {
+        let mut xfs = [0u8; 2048];
+        xfs[0..4].copy_from_slice(b"XFSB");
+        xfs[4..8].copy_from_slice(&u32::MAX.to_be_bytes());
+        xfs[8..16].copy_from_slice(&u64::MAX.to_be_bytes());
+        assert_eq!(superblock_size(&xfs), None);
+
+        let mut ext = [0u8; 2048];
+        let sb = 1024;
+        ext[sb + 0x38..sb + 0x3a].copy_from_slice(&0xEF53u16.to_le_bytes());
+        ext[sb + 0x04..sb + 0x08].copy_from_slice(&u32::MAX.to_le_bytes());
+        ext[sb + 0x60..sb + 0x64].copy_from_slice(&0x80u32.to_le_bytes());
+        ext[sb + 0x150..sb + 0x154].copy_from_slice(&u32::MAX.to_le_bytes());
+        // log_block_size 20: 1 GiB blocks times 2^64-1 blocks.
+        ext[sb + 0x18..sb + 0x1c].copy_from_slice(&20u32.to_le_bytes());
+        assert_eq!(superblock_size(&ext), None);
+        // log_block_size past 63: the shift itself is refused.
+        ext[sb + 0x18..sb + 0x1c].copy_from_slice(&70u32.to_le_bytes());
+        assert_eq!(superblock_size(&ext), None);
     }
 }

@@ -1,61 +1,29 @@
-//! Per-volume metadata kept beside the data, and the atomic writes that keep
-//! it consistent when the agent is killed at any instruction.
+//! Per-volume metadata kept beside the data, and how records are written so
+//! that an agent killed at any instruction leaves a readable one:
+//!
+//! - a new volume's record is created in its still-private folder and
+//!   fsynced with it ([`create_json_durable`]): no temporary file, no rename;
+//! - a later change of it (expansion, `formatted`) replaces it whole: a
+//!   temporary file renamed over it, file and folder fsynced
+//!   ([`write_atomic`] with [`Durability::Disk`]);
+//! - the node record (`node.json`, see `attach::record`) is overwritten in
+//!   place by one write of at most a page, not fsynced ([`write_json`] with
+//!   [`Durability::Process`]).
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
 use super::id::VolumeId;
-use super::pool::BackendKind;
+use super::kind::{AccessKind, BackendKind, FsType};
 
 /// Name of the volume record inside a volume folder.
 pub const VOLUME_FILE: &str = "volume.json";
-/// Name of the node-side record (staging and publications).
-pub const NODE_FILE: &str = "node.json";
 /// Bumped when the on-disk format changes incompatibly.
 pub const FORMAT_VERSION: u32 = 1;
-
-/// A filesystem Stead can create on an `image` volume.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum FsType {
-    Ext4,
-    Xfs,
-}
-
-impl FsType {
-    /// The default when a capability names no fsType.
-    pub const DEFAULT: FsType = FsType::Ext4;
-
-    /// Parses a CSI `fs_type`; the empty string means the default.
-    pub fn parse(raw: &str) -> Option<FsType> {
-        match raw {
-            "" | "ext4" => Some(FsType::Ext4),
-            "xfs" => Some(FsType::Xfs),
-            _ => None,
-        }
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            FsType::Ext4 => "ext4",
-            FsType::Xfs => "xfs",
-        }
-    }
-}
-
-/// How a volume is consumed, fixed at creation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case", tag = "kind")]
-pub enum AccessKind {
-    /// A filesystem mounted into the pod.
-    Mount { fs_type: FsType },
-    /// The raw block device (image backend only).
-    Block,
-}
 
 /// The record of one volume (`volume.json`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -72,39 +40,6 @@ pub struct VolumeMeta {
     pub formatted: Option<FsType>,
     /// Folder name inside the pool (derived from the id).
     pub folder: String,
-}
-
-/// Where a volume is staged on this node.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Staged {
-    pub path: PathBuf,
-}
-
-/// One publication of a volume at a target path.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Published {
-    pub path: PathBuf,
-    pub readonly: bool,
-    /// Published with SINGLE_NODE_SINGLE_WRITER: no other target may exist.
-    #[serde(default)]
-    pub exclusive: bool,
-}
-
-/// The node-side record (`node.json`): an intent log of mounts. Every entry is
-/// written *before* its mount is made and removed *after* it is undone, so
-/// the record is always a superset of what is mounted; the mount table
-/// decides what of it is live (after a reboot, nothing is).
-///
-/// It is written with [`Durability::Process`]: a power loss that tears it
-/// also takes every mount and loop device it describes, and an unreadable
-/// record is trusted as empty only once the kernel confirms that nothing of
-/// the volume is mounted or attached (see `Store::node_state`).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct NodeState {
-    #[serde(default)]
-    pub staged: Option<Staged>,
-    #[serde(default)]
-    pub published: Vec<Published>,
 }
 
 /// How far a write must have reached when it returns.
@@ -244,68 +179,5 @@ mod tests {
         assert_eq!(fs::read(dir.path().join("x.json")).unwrap(), b"two");
         let names: Vec<_> = fs::read_dir(dir.path()).unwrap().collect();
         assert_eq!(names.len(), 1);
-    }
-
-    #[test]
-    fn in_place_records_shrink_and_grow_and_stay_valid_json() {
-        let dir = tempfile::tempdir().unwrap();
-        let long = NodeState {
-            staged: Some(Staged {
-                path: "/var/lib/kubelet/a/very/long/staging/path".into(),
-            }),
-            published: vec![Published {
-                path: "/p".into(),
-                readonly: false,
-                exclusive: false,
-            }],
-        };
-        let short = NodeState::default();
-        for st in [&long, &short, &long, &short] {
-            write_json(dir.path(), NODE_FILE, st, Durability::Process).unwrap();
-            assert_eq!(read_json(dir.path(), NODE_FILE).unwrap().as_ref(), Some(st));
-        }
-        // Shrinking pads with spaces instead of truncating: one write.
-        let len = fs::metadata(dir.path().join(NODE_FILE)).unwrap().len();
-        assert!(len as usize > serde_json::to_vec_pretty(&short).unwrap().len() + 1);
-        // A record larger than a page is replaced by a rename.
-        let big = NodeState {
-            staged: None,
-            published: (0..100)
-                .map(|i| Published {
-                    path: format!("/var/lib/kubelet/pods/{i:040}/volumes/x").into(),
-                    readonly: false,
-                    exclusive: false,
-                })
-                .collect(),
-        };
-        write_json(dir.path(), NODE_FILE, &big, Durability::Process).unwrap();
-        assert_eq!(read_json(dir.path(), NODE_FILE).unwrap(), Some(big));
-        write_json(dir.path(), NODE_FILE, &short, Durability::Process).unwrap();
-        assert_eq!(read_json(dir.path(), NODE_FILE).unwrap(), Some(short));
-    }
-
-    #[test]
-    fn node_state_round_trips() {
-        let dir = tempfile::tempdir().unwrap();
-        assert_eq!(read_json::<NodeState>(dir.path(), NODE_FILE).unwrap(), None);
-        let st = NodeState {
-            staged: Some(Staged {
-                path: "/var/lib/kubelet/x".into(),
-            }),
-            published: vec![Published {
-                path: "/p".into(),
-                readonly: true,
-                exclusive: false,
-            }],
-        };
-        write_json(dir.path(), NODE_FILE, &st, Durability::Process).unwrap();
-        assert_eq!(read_json(dir.path(), NODE_FILE).unwrap(), Some(st));
-    }
-
-    #[test]
-    fn fs_type_parsing() {
-        assert_eq!(FsType::parse(""), Some(FsType::Ext4));
-        assert_eq!(FsType::parse("xfs"), Some(FsType::Xfs));
-        assert_eq!(FsType::parse("btrfs"), None);
     }
 }

@@ -5,39 +5,7 @@ use std::fmt;
 use std::path::PathBuf;
 use std::str::FromStr;
 
-use serde::{Deserialize, Serialize};
-
-use super::meta::{AccessKind, FsType};
-
-/// Which backend a pool uses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum BackendKind {
-    /// A directory per volume, bind-mounted.
-    Dir,
-    /// A sparse file per volume on a loop device, with a filesystem.
-    Image,
-}
-
-impl BackendKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            BackendKind::Dir => "dir",
-            BackendKind::Image => "image",
-        }
-    }
-
-    /// Whether volumes of this backend can be consumed as raw block devices.
-    pub fn supports_block(self) -> bool {
-        matches!(self, BackendKind::Image)
-    }
-}
-
-impl fmt::Display for BackendKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+use super::kind::{AccessKind, BackendKind, FsType};
 
 /// A pool as configured: `NAME:BACKEND:PATH`.
 #[derive(Debug, Clone, PartialEq, Eq)]

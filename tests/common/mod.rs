@@ -236,6 +236,8 @@ fn spawn(root: &Path, socket: &Path) -> Child {
         .arg("node")
         .env("STEAD_CSI_ENDPOINT", format!("unix://{}", socket.display()))
         .env("NODE_NAME", NODE)
+        // Staging and target paths of the tests lie under their root.
+        .env("STEAD_KUBELET_DIR", root)
         .env(
             "STEAD_POOLS",
             format!(

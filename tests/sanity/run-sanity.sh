@@ -195,6 +195,7 @@ run_one() {
     --endpoint "unix://$sock" \
     --node-id sanity-node \
     --pool "sanity:$backend:$tmp/pool" \
+    --kubelet-dir "$tmp" \
     --log-format text \
     >"$out/$name.stead.log" 2>&1 &
   plugin_pid=$!

@@ -1,0 +1,141 @@
+//! What a pool can still promise: the free space of its filesystem minus
+//! what existing volumes were promised and have not used yet.
+
+use nix::sys::statvfs::statvfs;
+use nix::unistd::{AccessFlags, access};
+
+use super::kind::{AccessKind, BackendKind};
+use super::store::{Pool, Store};
+use super::{Error, Result, image, pool};
+
+/// Space in a pool, in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolCapacity {
+    /// What a new volume may still be given.
+    pub available: u64,
+    /// The smallest volume the pool creates for the access asked about.
+    pub minimum: u64,
+}
+
+impl Store {
+    /// Capacity of a pool for volumes of the given access.
+    pub fn capacity(&self, pool: &Pool, access: Option<AccessKind>) -> Result<PoolCapacity> {
+        Ok(PoolCapacity {
+            available: self.available(pool)?,
+            minimum: pool::minimum_size(pool.backend, access),
+        })
+    }
+
+    /// Free space of the pool's filesystem minus what existing volumes were
+    /// promised and have not yet used (see [`Store::promised`]).
+    pub(super) fn available(&self, pool: &Pool) -> Result<u64> {
+        let st = statvfs(&pool.root).map_err(|e| Error::Io {
+            what: "statvfs of pool",
+            path: pool.root.clone(),
+            source: e.into(),
+        })?;
+        let free = st.blocks_available().saturating_mul(st.fragment_size());
+        Ok(free.saturating_sub(self.promised(pool)))
+    }
+
+    /// What the volumes of a pool may still write: each one's capacity less
+    /// what it already occupies, since that is gone from the filesystem's
+    /// free space already. Counting it again made a pool of `dir` volumes
+    /// refuse claims it had room for.
+    ///
+    /// `image`: what the sparse file has allocated. `dir`: the last
+    /// measurement of its tree by the usage meter (a volume not measured
+    /// yet counts whole, which never over-commits). Data removed from a
+    /// directory since its last measurement is promised too little by that
+    /// much until the next one (the meter refreshes at every stats call,
+    /// and at start).
+    fn promised(&self, pool: &Pool) -> u64 {
+        self.read_cache()
+            .values()
+            .filter(|m| m.pool == pool.name)
+            .map(|m| {
+                let used = match m.backend {
+                    BackendKind::Dir => self.usage().cached(&m.id).map_or(0, |u| u.bytes),
+                    BackendKind::Image => {
+                        image::allocated_bytes(&pool.root.join(&m.folder).join(image::IMAGE_FILE))
+                    }
+                };
+                outstanding(m.capacity_bytes, used)
+            })
+            .sum()
+    }
+
+    /// Checks that every pool is usable: a writable directory whose
+    /// filesystem answers statvfs.
+    pub fn probe(&self) -> Result<()> {
+        for pool in self.pools() {
+            let unusable = |reason: String| Error::PoolUnusable {
+                pool: pool.name.clone(),
+                path: pool.root.clone(),
+                reason,
+            };
+            if !pool.root.is_dir() {
+                return Err(unusable("not a directory (or missing)".into()));
+            }
+            access(&pool.root, AccessFlags::W_OK | AccessFlags::X_OK)
+                .map_err(|e| unusable(format!("not writable: {e}")))?;
+            statvfs(&pool.root).map_err(|e| unusable(format!("statvfs failed: {e}")))?;
+        }
+        Ok(())
+    }
+}
+
+/// What a volume of `capacity` bytes that occupies `used` may still write.
+fn outstanding(capacity: u64, used: u64) -> u64 {
+    capacity - used.min(capacity)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::storage::kind::FsType;
+    use crate::storage::{NewVolume, PoolSpec, VolumeId, dir};
+
+    #[test]
+    fn a_volume_promises_what_it_has_not_written_yet() {
+        assert_eq!(outstanding(100, 0), 100);
+        assert_eq!(outstanding(100, 30), 70);
+        // A volume past its size (dir volumes are not enforced) promises 0.
+        assert_eq!(outstanding(100, 130), 0);
+    }
+
+    #[tokio::test]
+    async fn what_a_dir_volume_holds_is_not_counted_twice() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::open(&[PoolSpec {
+            name: "p".into(),
+            backend: BackendKind::Dir,
+            path: tmp.path().join("pool"),
+        }])
+        .unwrap();
+        let (meta, _) = store
+            .create(&NewVolume {
+                id: VolumeId::parse("v").unwrap(),
+                pool: None,
+                access: AccessKind::Mount {
+                    fs_type: FsType::Ext4,
+                },
+                required: 64 * pool::MIB,
+                limit: 0,
+            })
+            .unwrap();
+        let pool = store.pool(None).unwrap();
+        assert_eq!(store.promised(pool), 64 * pool::MIB);
+        let data = store.volume_dir(&meta).unwrap().join(dir::DATA_DIR);
+        let f = data.join("f");
+        std::fs::write(&f, vec![7u8; 8 * pool::MIB as usize]).unwrap();
+        std::fs::File::open(&f).unwrap().sync_all().unwrap();
+        // Forget the "empty" of the create, so that the next measure walks.
+        store.usage().forget(&meta.id);
+        let used = store.usage().measure(&meta.id, data, Duration::ZERO).await;
+        assert!(used.bytes >= 8 * pool::MIB, "{used:?}");
+        assert_eq!(store.promised(pool), 64 * pool::MIB - used.bytes);
+    }
+}

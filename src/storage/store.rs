@@ -1,0 +1,569 @@
+//! The volume store over all pools: the disk is the source of truth, the
+//! map is a cache of every `volume.json`, loaded at start. Creates assemble
+//! a volume's folder in place, record last; deletes retire the folder under
+//! a `.del-` name before removing it.
+
+use std::collections::BTreeMap;
+use std::fs::{self, DirBuilder};
+use std::io;
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use super::kind::{AccessKind, BackendKind, FsType};
+use super::meta::{self, Durability, VolumeMeta};
+use super::pool::{self, PoolSpec, RangeError};
+use super::recovery::DEL_PREFIX;
+use super::usage::UsageMeter;
+use super::{Error, Result, VolumeId, dir, image, io_at};
+
+/// A configured pool.
+#[derive(Debug)]
+pub struct Pool {
+    pub name: String,
+    pub backend: BackendKind,
+    pub root: PathBuf,
+    /// Serializes capacity checks with the reservations they allow.
+    alloc: Mutex<()>,
+}
+
+/// What CreateVolume asks for, validated.
+#[derive(Debug, Clone)]
+pub struct NewVolume {
+    pub id: VolumeId,
+    /// `None`: the default pool.
+    pub pool: Option<String>,
+    pub access: AccessKind,
+    pub required: u64,
+    pub limit: u64,
+}
+/// The volume store over all pools.
+///
+/// Callers serialize operations on one volume (the CSI layer holds a lock
+/// per volume id); the store itself only guards its cache and each pool's
+/// capacity reservations.
+#[derive(Debug)]
+pub struct Store {
+    pools: Vec<Pool>,
+    volumes: RwLock<BTreeMap<VolumeId, VolumeMeta>>,
+    /// What the trees of `dir` volumes occupy, measured off the request
+    /// path (stats and capacity read it; nothing here walks a tree).
+    usage: UsageMeter,
+}
+
+impl Store {
+    /// Opens the pools: creates missing directories, finishes interrupted
+    /// creations and deletions, and loads every volume record.
+    pub fn open(specs: &[PoolSpec]) -> Result<Self> {
+        if specs.is_empty() {
+            return Err(Error::PoolUnusable {
+                pool: String::new(),
+                path: PathBuf::new(),
+                reason: "no pool configured".into(),
+            });
+        }
+        let mut pools: Vec<Pool> = Vec::with_capacity(specs.len());
+        let mut volumes = BTreeMap::new();
+        for spec in specs {
+            if pools.iter().any(|p| p.name == spec.name) {
+                return Err(Error::PoolUnusable {
+                    pool: spec.name.clone(),
+                    path: spec.path.clone(),
+                    reason: "configured twice".into(),
+                });
+            }
+            DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&spec.path)
+                .map_err(io_at("creating pool directory", &spec.path))?;
+            let pool = Pool {
+                name: spec.name.clone(),
+                backend: spec.backend,
+                root: spec.path.clone(),
+                alloc: Mutex::new(()),
+            };
+            for meta in pool.recover_and_scan()? {
+                if let Some(other) = volumes.get(&meta.id) {
+                    let other: &VolumeMeta = other;
+                    tracing::error!(volume.id = %meta.id, pool = %pool.name, other.pool = %other.pool,
+                        "volume found in two pools; serving the first");
+                    continue;
+                }
+                volumes.insert(meta.id.clone(), meta);
+            }
+            pools.push(pool);
+        }
+        let usage = UsageMeter::start();
+        // Measure every directory volume once, in the background, so that
+        // capacity stops counting what they hold twice soon after start.
+        for meta in volumes.values().filter(|m| m.backend == BackendKind::Dir) {
+            if let Some(pool) = pools.iter().find(|p| p.name == meta.pool) {
+                usage.refresh(&meta.id, pool.root.join(&meta.folder).join(dir::DATA_DIR));
+            }
+        }
+        Ok(Self {
+            pools,
+            volumes: RwLock::new(volumes),
+            usage,
+        })
+    }
+
+    pub fn pools(&self) -> &[Pool] {
+        &self.pools
+    }
+
+    /// The named pool, or the default (first) one for `None`.
+    pub fn pool(&self, name: Option<&str>) -> Result<&Pool> {
+        match name {
+            None => Ok(&self.pools[0]),
+            Some(n) => self
+                .pools
+                .iter()
+                .find(|p| p.name == n)
+                .ok_or_else(|| Error::UnknownPool {
+                    pool: n.to_owned(),
+                    known: self
+                        .pools
+                        .iter()
+                        .map(|p| p.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                }),
+        }
+    }
+
+    /// The record of a volume, if it exists.
+    pub fn get(&self, id: &VolumeId) -> Option<VolumeMeta> {
+        self.read_cache().get(id).cloned()
+    }
+
+    /// The record of a volume, or `NotFound`.
+    pub fn require(&self, id: &VolumeId) -> Result<VolumeMeta> {
+        self.get(id).ok_or_else(|| Error::NotFound(id.clone()))
+    }
+
+    /// Up to `max` volumes (0: all) with ids strictly after `after`, in id
+    /// order, and whether more follow.
+    pub fn list(&self, after: Option<&VolumeId>, max: usize) -> (Vec<VolumeMeta>, bool) {
+        use std::ops::Bound;
+        let cache = self.read_cache();
+        let lower = after.map_or(Bound::Unbounded, Bound::Excluded);
+        let mut it = cache
+            .range((lower, Bound::Unbounded))
+            .map(|(_, m)| m.clone());
+        if max == 0 {
+            return (it.collect(), false);
+        }
+        let page: Vec<_> = it.by_ref().take(max).collect();
+        let more = it.next().is_some();
+        (page, more)
+    }
+
+    pub fn len(&self) -> usize {
+        self.read_cache().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The folder of a volume.
+    pub fn volume_dir(&self, meta: &VolumeMeta) -> Result<PathBuf> {
+        Ok(self.pool(Some(&meta.pool))?.root.join(&meta.folder))
+    }
+
+    /// The data of a volume: its directory (dir) or image file (image).
+    pub fn data_path(&self, meta: &VolumeMeta) -> Result<PathBuf> {
+        let dir = self.volume_dir(meta)?;
+        Ok(match meta.backend {
+            BackendKind::Dir => dir.join(dir::DATA_DIR),
+            BackendKind::Image => dir.join(image::IMAGE_FILE),
+        })
+    }
+
+    /// Creates a volume, or returns the existing one when it is compatible
+    /// with the request (CreateVolume is idempotent by name). The bool tells
+    /// whether it was created now.
+    pub fn create(&self, req: &NewVolume) -> Result<(VolumeMeta, bool)> {
+        let pool = self.pool(req.pool.as_deref())?;
+        if let Some(existing) = self.get(&req.id) {
+            check_compatible(&existing, pool, req)?;
+            return Ok((existing, false));
+        }
+        if matches!(req.access, AccessKind::Block) && !pool.backend.supports_block() {
+            return Err(Error::Unsupported {
+                id: req.id.clone(),
+                pool: pool.name.clone(),
+                backend: pool.backend,
+                what: "block volumes",
+            });
+        }
+        let minimum = pool::minimum_size(pool.backend, Some(req.access));
+        let size =
+            pool::plan_size(req.required, req.limit, minimum).map_err(|source| Error::Range {
+                id: req.id.clone(),
+                source,
+            })?;
+        let folder = req.id.folder_name()?;
+        let meta = VolumeMeta {
+            version: meta::FORMAT_VERSION,
+            id: req.id.clone(),
+            pool: pool.name.clone(),
+            backend: pool.backend,
+            capacity_bytes: size,
+            access: req.access,
+            formatted: None,
+            folder,
+        };
+
+        let _reservation = pool.alloc.lock().unwrap_or_else(PoisonError::into_inner);
+        let available = self.available(pool)?;
+        if size > available {
+            return Err(Error::Exhausted {
+                id: req.id.clone(),
+                pool: pool.name.clone(),
+                needed: size,
+                available,
+            });
+        }
+        assemble(&pool.root.join(&meta.folder), &meta)?;
+        if meta.backend == BackendKind::Dir {
+            // A new directory holds nothing: known without a walk.
+            self.usage.set_empty(&meta.id);
+        }
+        self.write_cache().insert(meta.id.clone(), meta.clone());
+        Ok((meta, true))
+    }
+
+    /// Deletes a volume and its data. `Ok(false)` when it did not exist.
+    /// The caller has made sure it is neither staged nor published.
+    pub fn delete(&self, id: &VolumeId) -> Result<bool> {
+        let Some(meta) = self.get(id) else {
+            return Ok(false);
+        };
+        let pool = self.pool(Some(&meta.pool))?;
+        let dir = pool.root.join(&meta.folder);
+        if meta.backend == BackendKind::Image {
+            let img = dir.join(image::IMAGE_FILE);
+            if let Some(dev) = image::find_attached(&img).map_err(|source| Error::Image {
+                id: id.clone(),
+                source,
+            })? {
+                image::detach(&dev).map_err(|e| Error::Busy {
+                    id: id.clone(),
+                    reason: format!("its loop device {} cannot be detached: {e}", dev.display()),
+                })?;
+            }
+        }
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or_default();
+        let graveyard = pool
+            .root
+            .join(format!("{DEL_PREFIX}{}-{nanos}", meta.folder));
+        fs::rename(&dir, &graveyard).map_err(io_at("retiring volume folder", &dir))?;
+        meta::sync_dir(&pool.root).map_err(io_at("syncing pool directory", &pool.root))?;
+        self.write_cache().remove(id);
+        self.usage.forget(id);
+        fs::remove_dir_all(&graveyard).map_err(io_at("removing volume data", &graveyard))?;
+        Ok(true)
+    }
+
+    /// Grows a volume to satisfy `[required, limit]`; a volume already large
+    /// enough is returned unchanged. Grows the image file (and its loop
+    /// device, if attached); the filesystem is grown by the node.
+    pub fn expand(&self, id: &VolumeId, required: u64, limit: u64) -> Result<VolumeMeta> {
+        let mut meta = self.require(id)?;
+        if meta.capacity_bytes >= required {
+            if limit != 0 && meta.capacity_bytes > limit {
+                return Err(Error::Range {
+                    id: id.clone(),
+                    source: RangeError::Unsatisfiable {
+                        required,
+                        limit,
+                        minimum: meta.capacity_bytes,
+                    },
+                });
+            }
+            return Ok(meta);
+        }
+        let pool = self.pool(Some(&meta.pool))?;
+        let minimum = pool::minimum_size(meta.backend, Some(meta.access));
+        let size = pool::plan_size(required, limit, minimum).map_err(|source| Error::Range {
+            id: id.clone(),
+            source,
+        })?;
+        let _reservation = pool.alloc.lock().unwrap_or_else(PoisonError::into_inner);
+        let available = self.available(pool)?;
+        let growth = size - meta.capacity_bytes;
+        if growth > available {
+            return Err(Error::Exhausted {
+                id: id.clone(),
+                pool: pool.name.clone(),
+                needed: growth,
+                available,
+            });
+        }
+        let dir = pool.root.join(&meta.folder);
+        if meta.backend == BackendKind::Image {
+            let img = dir.join(image::IMAGE_FILE);
+            let image_err = |source| Error::Image {
+                id: id.clone(),
+                source,
+            };
+            image::grow_file(&img, size).map_err(image_err)?;
+            if let Some(dev) = image::find_attached(&img).map_err(image_err)? {
+                image::refresh(&dev).map_err(image_err)?;
+            }
+        }
+        meta.capacity_bytes = size;
+        self.save(&meta)?;
+        Ok(meta)
+    }
+
+    /// Records that an image volume now carries a filesystem.
+    pub fn mark_formatted(&self, id: &VolumeId, fs: FsType) -> Result<VolumeMeta> {
+        let mut meta = self.require(id)?;
+        meta.formatted = Some(fs);
+        self.save(&meta)?;
+        Ok(meta)
+    }
+
+    fn save(&self, meta: &VolumeMeta) -> Result<()> {
+        let dir = self.volume_dir(meta)?;
+        meta::write_json(&dir, meta::VOLUME_FILE, meta, Durability::Disk)
+            .map_err(io_at("writing volume record", &dir))?;
+        self.write_cache().insert(meta.id.clone(), meta.clone());
+        Ok(())
+    }
+    /// The meter of `dir` volumes' trees.
+    pub fn usage(&self) -> &UsageMeter {
+        &self.usage
+    }
+
+    pub(super) fn read_cache(&self) -> RwLockReadGuard<'_, BTreeMap<VolumeId, VolumeMeta>> {
+        self.volumes.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn write_cache(&self) -> RwLockWriteGuard<'_, BTreeMap<VolumeId, VolumeMeta>> {
+        self.volumes.write().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// What [`assemble`] reports when the volume's folder is already there.
+const FOLDER_EXISTS: &str =
+    "volume folder exists but holds no volume record (inspect it, then remove it)";
+
+/// Builds the folder of a new volume, durably, in the order that makes an
+/// interruption harmless: folder, data, then the record, written last and
+/// fsynced with the folder and the pool directory. A folder without a
+/// readable record is therefore a create that was never acknowledged;
+/// [`Pool::recover_and_scan`] removes it when its data is untouched.
+///
+/// On ext4 and xfs the first fsync commits the journal with every step
+/// before it, so the later ones find nothing left to write: one commit per
+/// volume, where assembling under a temporary name and renaming it into
+/// place costs two.
+fn assemble(folder: &Path, meta: &VolumeMeta) -> Result<()> {
+    match DirBuilder::new().mode(0o700).create(folder) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+            return Err(io_at(FOLDER_EXISTS, folder)(e));
+        }
+        Err(e) => return Err(io_at("creating volume folder", folder)(e)),
+    }
+    // From here the folder is ours: a failure takes it away again.
+    let filled = fill(folder, meta);
+    if filled.is_err() {
+        let _ = fs::remove_dir_all(folder);
+    }
+    filled
+}
+
+/// The data, then the durable record, of a volume folder just created.
+fn fill(folder: &Path, meta: &VolumeMeta) -> Result<()> {
+    match meta.backend {
+        BackendKind::Dir => {
+            let data = folder.join(dir::DATA_DIR);
+            dir::create_data_dir(&data).map_err(io_at("creating data directory", &data))?;
+        }
+        BackendKind::Image => {
+            image::create_file(&folder.join(image::IMAGE_FILE), meta.capacity_bytes).map_err(
+                |source| Error::Image {
+                    id: meta.id.clone(),
+                    source,
+                },
+            )?;
+        }
+    }
+    meta::create_json_durable(folder, meta::VOLUME_FILE, meta)
+        .map_err(io_at("writing volume record", folder))?;
+    let pool = folder.parent().unwrap_or(Path::new("/"));
+    meta::sync_dir(pool).map_err(io_at("syncing pool directory", pool))
+}
+
+fn check_compatible(existing: &VolumeMeta, pool: &Pool, req: &NewVolume) -> Result<()> {
+    let conflict = |existing: String, requested: String| Error::Conflict {
+        id: req.id.clone(),
+        existing,
+        requested,
+    };
+    if existing.pool != pool.name {
+        return Err(conflict(
+            format!("pool {}", existing.pool),
+            format!("pool {}", pool.name),
+        ));
+    }
+    if existing.access != req.access {
+        return Err(conflict(
+            existing.access.to_string(),
+            req.access.to_string(),
+        ));
+    }
+    if !pool::fits(existing.capacity_bytes, req.required, req.limit) {
+        return Err(conflict(
+            format!("capacity {} bytes", existing.capacity_bytes),
+            format!(
+                "required_bytes {} and limit_bytes {}",
+                req.required, req.limit
+            ),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store(dir: &Path) -> Store {
+        Store::open(&[PoolSpec {
+            name: "p".into(),
+            backend: BackendKind::Dir,
+            path: dir.join("pool"),
+        }])
+        .unwrap()
+    }
+
+    fn new_volume(id: &str, required: u64) -> NewVolume {
+        NewVolume {
+            id: VolumeId::parse(id).unwrap(),
+            pool: None,
+            access: AccessKind::Mount {
+                fs_type: FsType::Ext4,
+            },
+            required,
+            limit: 0,
+        }
+    }
+
+    #[test]
+    fn create_is_idempotent_and_survives_reopen() {
+        let tmp = tempfile::tempdir().unwrap();
+        let s = store(tmp.path());
+        let (a, created) = s.create(&new_volume("v1", pool::MIB)).unwrap();
+        assert!(created);
+        let (b, created) = s.create(&new_volume("v1", pool::MIB)).unwrap();
+        assert!(!created);
+        assert_eq!(a, b);
+        assert!(matches!(
+            s.create(&new_volume("v1", 2 * pool::MIB)),
+            Err(Error::Conflict { .. })
+        ));
+        drop(s);
+        let s = store(tmp.path());
+        assert_eq!(s.get(&a.id), Some(a));
+    }
+
+    #[test]
+    fn leftovers_are_removed_at_open() {
+        let tmp = tempfile::tempdir().unwrap();
+        let s = store(tmp.path());
+        s.create(&new_volume("v1", pool::MIB)).unwrap();
+        drop(s);
+        let root = tmp.path().join("pool");
+        fs::create_dir(root.join(".tmp-v2")).unwrap();
+        fs::create_dir(root.join(".del-v3-1")).unwrap();
+        let s = store(tmp.path());
+        assert_eq!(s.len(), 1);
+        assert!(!root.join(".tmp-v2").exists());
+        assert!(!root.join(".del-v3-1").exists());
+    }
+
+    #[test]
+    fn unfinished_creates_are_removed_but_folders_with_data_are_kept() {
+        let tmp = tempfile::tempdir().unwrap();
+        let s = store(tmp.path());
+        s.create(&new_volume("v1", pool::MIB)).unwrap();
+        drop(s);
+        let root = tmp.path().join("pool");
+        // Interrupted before the record: folder and empty data only.
+        fs::create_dir_all(root.join("v2/data")).unwrap();
+        // Interrupted before the record's fsync: an empty record.
+        fs::create_dir_all(root.join("v3/data")).unwrap();
+        fs::write(root.join("v3/volume.json"), b"").unwrap();
+        // Interrupted before the record's data reached the disk (xfs).
+        fs::create_dir_all(root.join("v6/data")).unwrap();
+        fs::write(root.join("v6/volume.json"), [0u8; 230]).unwrap();
+        // Data without a record, and data beside a damaged record: kept.
+        fs::create_dir_all(root.join("v4/data")).unwrap();
+        fs::write(root.join("v4/data/precious"), b"x").unwrap();
+        fs::create_dir_all(root.join("v5/data")).unwrap();
+        fs::write(root.join("v5/volume.json"), b"{garbage").unwrap();
+
+        let s = store(tmp.path());
+        assert_eq!(s.len(), 1);
+        assert!(!root.join("v2").exists());
+        assert!(!root.join("v3").exists());
+        assert!(!root.join("v6").exists());
+        assert!(root.join("v4/data/precious").exists());
+        assert!(root.join("v5/volume.json").exists());
+        // The create of an unfinished volume can run again.
+        s.create(&new_volume("v2", pool::MIB)).unwrap();
+        // A folder that is in the way is named, not overwritten.
+        let err = s.create(&new_volume("v4", pool::MIB)).unwrap_err();
+        assert!(err.to_string().contains("no volume record"), "{err}");
+        assert!(root.join("v4/data/precious").exists());
+    }
+
+    #[test]
+    fn delete_removes_folder_and_is_idempotent() {
+        let tmp = tempfile::tempdir().unwrap();
+        let s = store(tmp.path());
+        let (m, _) = s.create(&new_volume("v1", pool::MIB)).unwrap();
+        let dir = s.volume_dir(&m).unwrap();
+        assert!(s.delete(&m.id).unwrap());
+        assert!(!dir.exists());
+        assert!(!s.delete(&m.id).unwrap());
+        assert_eq!(fs::read_dir(tmp.path().join("pool")).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn pagination_walks_ids_in_order() {
+        let tmp = tempfile::tempdir().unwrap();
+        let s = store(tmp.path());
+        for i in 0..5 {
+            s.create(&new_volume(&format!("v{i}"), pool::MIB)).unwrap();
+        }
+        let (page, more) = s.list(None, 2);
+        assert_eq!(page.len(), 2);
+        assert!(more);
+        let (page, more) = s.list(Some(&page[1].id), 10);
+        assert_eq!(page.len(), 3);
+        assert!(!more);
+    }
+
+    #[test]
+    fn never_over_commits() {
+        let tmp = tempfile::tempdir().unwrap();
+        let s = store(tmp.path());
+        let pool = s.pool(None).unwrap();
+        let avail = s.capacity(pool, None).unwrap().available;
+        let too_big = new_volume("big", avail + pool::GIB);
+        assert!(matches!(s.create(&too_big), Err(Error::Exhausted { .. })));
+        assert!(s.is_empty());
+    }
+}
