@@ -10,13 +10,9 @@ use std::io;
 use std::path::Path;
 
 use super::meta::{self, VolumeMeta};
-use super::store::Pool;
+use super::store::{DEL_PREFIX, Pool, TMP_PREFIX};
 use super::{Result, dir, image, io_at};
 
-/// Folders of creates by earlier versions, assembled under a temporary name.
-pub(super) const TMP_PREFIX: &str = ".tmp-";
-/// Folders of volumes being deleted.
-pub(super) const DEL_PREFIX: &str = ".del-";
 
 impl Pool {
     /// Removes leftovers of interrupted creations and deletions, then reads

@@ -14,9 +14,14 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use super::kind::{AccessKind, BackendKind, FsType};
 use super::meta::{self, Durability, VolumeMeta};
 use super::pool::{self, PoolSpec, RangeError};
-use super::recovery::DEL_PREFIX;
 use super::usage::UsageMeter;
 use super::{Error, Result, VolumeId, dir, image, io_at};
+
+/// Folders of creates by earlier versions, assembled under a temporary name
+/// (removed at start by [`super::recovery`]).
+pub(super) const TMP_PREFIX: &str = ".tmp-";
+/// Folders of volumes being deleted (finished at start by recovery).
+pub(super) const DEL_PREFIX: &str = ".del-";
 
 /// A configured pool.
 #[derive(Debug)]
