@@ -296,3 +296,44 @@ async fn socket_is_private_and_sigterm_stops_cleanly() {
     assert!(status.success(), "exit status after SIGTERM: {status}");
     assert!(!a.socket.exists(), "socket removed on shutdown");
 }
+
+#[tokio::test]
+async fn paths_outside_the_kubelet_dir_or_inside_a_pool_are_refused_by_name() {
+    let mut a = Agent::start("confined").await;
+    let cap = mount_cap("");
+    a.create("pvc-k", "dir", cap.clone(), MIB).await;
+    // The agent's kubelet directory is its root (STEAD_KUBELET_DIR).
+    let outside = std::env::temp_dir().join(format!("stead-outside-{}", std::process::id()));
+    let e = a
+        .node
+        .node_stage_volume(NodeStageVolumeRequest {
+            volume_id: "pvc-k".into(),
+            staging_target_path: path_str(&outside.join("staging")),
+            volume_capability: Some(cap.clone()),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(
+        e.message().contains("staging_target_path"),
+        "{}",
+        e.message()
+    );
+    assert!(e.message().contains("kubelet directory"), "{}", e.message());
+    assert!(!outside.exists(), "nothing is created outside");
+
+    let staging = a.staging("pvc-k");
+    a.stage("pvc-k", &staging, cap.clone()).await;
+    // A target inside a pool would mount a volume into the pools' tree.
+    let in_pool = a.dir_pool().join("pvc-k-target");
+    let e = a
+        .publish("pvc-k", &staging, &in_pool, cap.clone(), false)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("target_path"), "{}", e.message());
+    assert!(e.message().contains("pool"), "{}", e.message());
+    assert!(!in_pool.exists());
+    assert_eq!(mounts_under(&a.root).len(), 1, "only the staging mount");
+}

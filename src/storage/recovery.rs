@@ -13,7 +13,6 @@ use super::meta::{self, VolumeMeta};
 use super::store::{DEL_PREFIX, Pool, TMP_PREFIX};
 use super::{Result, dir, image, io_at};
 
-
 impl Pool {
     /// Removes leftovers of interrupted creations and deletions, then reads
     /// every volume record in the pool.

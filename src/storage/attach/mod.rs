@@ -195,6 +195,16 @@ fn staged_live(store: &Store, meta: &VolumeMeta, staged: &Staged) -> Result<bool
     }
 }
 
+/// The loop device of an image volume; [`Error::NoLoopDevice`] when it is
+/// not attached (not staged, or a reboot detached it).
+fn attached_device(store: &Store, meta: &VolumeMeta) -> Result<PathBuf> {
+    image::find_attached(&store.data_path(meta)?)
+        .map_err(image_err(meta))?
+        .ok_or_else(|| Error::NoLoopDevice {
+            id: meta.id.clone(),
+        })
+}
+
 /// The publications of a volume that are mounted right now.
 fn live_publications(state: &NodeState) -> Result<Vec<Published>> {
     let mut live = Vec::new();
@@ -477,12 +487,7 @@ pub fn publish(store: &Store, paths: &Confinement, meta: &VolumeMeta, req: &Publ
         let created = target.ensure(if block { Kind::File } else { Kind::Dir })?;
         let bound = match &staging {
             None => {
-                let img = store.data_path(meta)?;
-                let dev = image::find_attached(&img)
-                    .map_err(image_err(meta))?
-                    .ok_or_else(|| Error::NoLoopDevice {
-                        id: meta.id.clone(),
-                    })?;
+                let dev = attached_device(store, meta)?;
                 target
                     .with_resolved(|at| mount::bind(&dev, at).map_err(mount_err(meta, &req.target)))
             }
@@ -587,11 +592,7 @@ pub fn expand_filesystem(
         return Ok(meta.capacity_bytes);
     }
     let img = store.data_path(meta)?;
-    let dev = image::find_attached(&img)
-        .map_err(image_err(meta))?
-        .ok_or_else(|| Error::NoLoopDevice {
-            id: meta.id.clone(),
-        })?;
+    let dev = attached_device(store, meta)?;
     let file_size = fs::metadata(&img)
         .map_err(|source| Error::PathIo {
             what: "inspecting",
