@@ -4,6 +4,7 @@
 //! the node's free capacity for the scheduler. It talks to Kubernetes only
 //! through kube-rs and to storage only through the CSI controller service.
 
+mod backoff;
 pub mod capacity;
 pub mod claim;
 pub mod class;
@@ -15,7 +16,6 @@ pub mod quantity;
 mod reclaim;
 mod reconcile;
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -81,23 +81,24 @@ pub(crate) struct Ctx<C> {
     ledger: ledger::Ledger,
     capacity_changed: Arc<Notify>,
     /// Consecutive failures per object uid, for backoff.
-    failures: Mutex<HashMap<String, u32>>,
+    failures: Mutex<backoff::Backoffs>,
 }
 
 impl<C> Ctx<C> {
     /// Exponential backoff per object: 1 s, 2 s, 4 s … 5 min.
     fn backoff(&self, uid: &str) -> Duration {
-        let mut failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
-        let n = failures.entry(uid.to_string()).or_insert(0);
-        *n = (*n + 1).min(9);
-        Duration::from_secs(1 << (*n - 1)).min(Duration::from_secs(300))
+        self.failures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .failed(uid, std::time::Instant::now())
     }
 
+    /// The object succeeded or is being deleted: its backoff is forgotten.
     fn succeeded(&self, uid: &str) {
         self.failures
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .remove(uid);
+            .forget(uid);
     }
 }
 
@@ -218,17 +219,23 @@ where
     let claims_run = claims_ctrl
         .graceful_shutdown_on(shutdown.clone())
         .run(reconcile::reconcile, reconcile::error_policy, ctx.clone())
-        .for_each(|r| async move {
-            if let Err(e) = r {
-                tracing::debug!(error = %e, "claim reconcile");
+        .for_each(|r| {
+            forget_if_gone(&ctx, &r);
+            async move {
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "claim reconcile");
+                }
             }
         });
     let volumes_run = volumes_ctrl
         .graceful_shutdown_on(shutdown.clone())
         .run(reclaim::reconcile, reclaim::error_policy, ctx.clone())
-        .for_each(|r| async move {
-            if let Err(e) = r {
-                tracing::debug!(error = %e, "volume reconcile");
+        .for_each(|r| {
+            forget_if_gone(&ctx, &r);
+            async move {
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "volume reconcile");
+                }
             }
         });
     let capacity = capacity::run(ctx.clone());
@@ -245,6 +252,20 @@ where
     record_events.abort();
     tracing::info!("provisioner stopped");
     Ok(())
+}
+
+/// A retry came due for an object that is gone from the store (deleted
+/// while it waited for its backoff): its backoff entry goes with it.
+fn forget_if_gone<C, T, E1, E2>(ctx: &Ctx<C>, r: &Result<T, controller::Error<E1, E2>>)
+where
+    E1: std::error::Error + 'static,
+    E2: std::error::Error + 'static,
+{
+    if let Err(controller::Error::ObjectNotFound(obj)) = r
+        && let Some(uid) = &obj.extra.uid
+    {
+        ctx.succeeded(uid);
+    }
 }
 
 /// Maps a CSI status to the provisioner's error, naming the volume and node.

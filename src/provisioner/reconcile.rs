@@ -66,6 +66,12 @@ pub(crate) async fn reconcile<C: CsiController>(
     pvc: Arc<PersistentVolumeClaim>,
     ctx: Arc<Ctx<C>>,
 ) -> Result<Action, Error> {
+    // A claim being deleted needs nothing more from us, and its backoff
+    // entry must not outlive it.
+    if pvc.meta().deletion_timestamp.is_some() {
+        ctx.succeeded(&pvc.uid().unwrap_or_default());
+        return Ok(Action::await_change());
+    }
     let Some(class_name) = claim::class_name(&pvc) else {
         return Ok(Action::await_change());
     };
