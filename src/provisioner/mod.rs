@@ -65,6 +65,14 @@ pub enum Error {
         code: tonic::Code,
         message: String,
     },
+    #[error("PV {pv} exists already and is not the PV of claim {claim}: {mismatch}")]
+    ForeignPv {
+        pv: String,
+        claim: String,
+        mismatch: pv::PvMismatch,
+    },
+    #[error("PV {pv} conflicted on create but was gone when read back; retrying")]
+    PvVanished { pv: String },
     #[error("watch of {0} ended")]
     WatchEnded(&'static str),
 }
