@@ -86,7 +86,7 @@ pub(crate) struct Ctx<C> {
     claims: Store<PersistentVolumeClaim>,
     volumes: Store<PersistentVolume>,
     events: events::Events,
-    ledger: ledger::Ledger,
+    ledger: ledger::AsyncLedger,
     capacity_changed: Arc<Notify>,
     /// Consecutive failures per object uid, for backoff.
     failures: Mutex<backoff::Backoffs>,
@@ -121,7 +121,7 @@ where
     C: CsiController,
     F: std::future::Future<Output = ()> + Send + Sync + 'static,
 {
-    let ledger = ledger::Ledger::open(&config.state_dir)?;
+    let ledger = ledger::AsyncLedger::open(&config.state_dir).await?;
     let shutdown = shutdown.shared();
 
     let (classes, class_writer) = reflector::store();

@@ -154,7 +154,7 @@ pub(crate) async fn reap_leaks<C: CsiController>(ctx: Arc<Ctx<C>>) -> Result<(),
     let pvs: Api<PersistentVolume> = Api::all(ctx.client.clone());
     loop {
         tokio::time::sleep(period).await;
-        let intents = match ctx.ledger.older_than(ctx.config.leak_grace) {
+        let intents = match ctx.ledger.older_than(ctx.config.leak_grace).await {
             Ok(i) => i,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot read provisioning intents");
@@ -166,7 +166,7 @@ pub(crate) async fn reap_leaks<C: CsiController>(ctx: Arc<Ctx<C>>) -> Result<(),
             // must not be mistaken for a leak.
             match pvs.get_opt(&intent.volume).await {
                 Ok(Some(_)) => {
-                    ctx.ledger.remove(&intent.volume)?;
+                    ctx.ledger.remove(&intent.volume).await?;
                     continue;
                 }
                 Ok(None) => {}
@@ -191,7 +191,7 @@ pub(crate) async fn reap_leaks<C: CsiController>(ctx: Arc<Ctx<C>>) -> Result<(),
                         since = intent.since,
                         "reclaimed leaked volume: its claim is gone and it never got a PV"
                     );
-                    ctx.ledger.remove(&intent.volume)?;
+                    ctx.ledger.remove(&intent.volume).await?;
                     ctx.capacity_changed.notify_one();
                 }
                 Err(e) => {

@@ -178,13 +178,13 @@ pub(crate) async fn reconcile<C: CsiController>(
             class.pool.as_deref().unwrap_or("(default)")
         ),
     );
-    ctx.ledger.record(&volume_name, &key, &uid)?;
+    ctx.ledger.record(&volume_name, &key, &uid).await?;
     let volume = match ctx.csi.create_volume(tonic::Request::new(request)).await {
         Ok(resp) => resp.into_inner().volume.unwrap_or_default(),
         Err(status) => return create_failed(&ctx, &pvc, &volume_name, status).await,
     };
     create_pv(&ctx, &pvc, &class, &volume).await?;
-    ctx.ledger.remove(&volume_name)?;
+    ctx.ledger.remove(&volume_name).await?;
     ctx.succeeded(&uid);
     ctx.capacity_changed.notify_one();
     tracing::info!(pvc = %key, volume = %volume_name, node = %node, bytes = volume.capacity_bytes, "provisioned");
@@ -300,7 +300,7 @@ async fn create_failed<C: CsiController>(
     let node = &ctx.config.node;
     let key = claim::claim_key(pvc);
     if !intent_survives(status.code()) {
-        ctx.ledger.remove(volume_name)?;
+        ctx.ledger.remove(volume_name).await?;
     }
     match status.code() {
         Code::ResourceExhausted => {
