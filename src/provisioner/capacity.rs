@@ -14,7 +14,7 @@ use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
 use kube::{Api, ResourceExt};
 
 use super::class::{self, ClassSpec};
-use super::{Ctx, Error, claim, quantity};
+use super::{Ctx, claim, quantity};
 use crate::proto::csi::v1::GetCapacityRequest;
 use crate::proto::csi::v1::controller_server::Controller as CsiController;
 use crate::{DRIVER_NAME, TOPOLOGY_KEY};
@@ -120,7 +120,8 @@ async fn resolve_owner<C>(ctx: &Ctx<C>) -> Option<OwnerReference> {
 }
 
 /// Publishes on every change signal, and every `capacity_interval` anyway.
-pub(crate) async fn run<C: CsiController>(ctx: Arc<Ctx<C>>) -> Result<(), Error> {
+/// Never ends: what fails is logged and tried again next round.
+pub(crate) async fn run<C: CsiController>(ctx: Arc<Ctx<C>>) {
     let owner = resolve_owner(&ctx).await;
     let namespace = ctx.config.capacity_namespace.clone();
     let api: Api<CSIStorageCapacity> = Api::namespaced(ctx.client.clone(), &namespace);
@@ -128,10 +129,7 @@ pub(crate) async fn run<C: CsiController>(ctx: Arc<Ctx<C>>) -> Result<(), Error>
     let mut published: HashMap<String, (i64, Option<i64>)> = HashMap::new();
     let _ = ctx.classes.wait_until_ready().await;
     loop {
-        if let Err(e) = publish(&ctx, &api, &namespace, owner.as_ref(), &mut published).await {
-            tracing::warn!(error = %e, namespace = %namespace, "publishing capacity failed");
-            published.clear();
-        }
+        publish(&ctx, &api, &namespace, owner.as_ref(), &mut published).await;
         tokio::select! {
             _ = ctx.capacity_changed.notified() => {
                 // Let a burst of provisioning settle into one update.
@@ -148,7 +146,7 @@ async fn publish<C: CsiController>(
     namespace: &str,
     owner: Option<&OwnerReference>,
     published: &mut HashMap<String, (i64, Option<i64>)>,
-) -> Result<(), Error> {
+) {
     let node = &ctx.config.node;
     let mut wanted = Vec::new();
     for sc in ctx.classes.state() {
@@ -178,32 +176,51 @@ async fn publish<C: CsiController>(
             continue;
         }
         let obj = build(node, &spec, namespace, value.0, value.1, owner);
-        api.patch(
-            &name,
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(&obj),
-        )
-        .await?;
-        tracing::debug!(class = %spec.name, available = value.0, "capacity published");
-        published.insert(name, value);
+        // One class failing must not keep the others from being published.
+        match api
+            .patch(
+                &name,
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(&obj),
+            )
+            .await
+        {
+            Ok(_) => {
+                tracing::debug!(class = %spec.name, available = value.0, "capacity published");
+                published.insert(name, value);
+            }
+            Err(e) => {
+                tracing::warn!(class = %spec.name, object = %name, namespace, error = %e, "publishing capacity failed");
+                published.remove(&name);
+            }
+        }
     }
     // Objects of classes that are gone (or no longer Stead's) go too.
     let mine = ListParams::default().labels(&format!(
         "{LABEL_DRIVER}={DRIVER_NAME},{LABEL_NODE}={}",
         node_label(node)
     ));
-    for obj in api.list(&mine).await? {
+    let listed = match api.list(&mine).await {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::warn!(namespace, error = %e, "cannot list this node's capacity objects");
+            return;
+        }
+    };
+    for obj in listed {
         let name = obj.name_any();
         if !wanted.contains(&name) {
             match api.delete(&name, &DeleteParams::default()).await {
                 Ok(_) => {}
                 Err(kube::Error::Api(s)) if s.code == 404 => {}
-                Err(e) => return Err(e.into()),
+                Err(e) => {
+                    tracing::warn!(object = %name, namespace, error = %e, "cannot delete capacity object of a class that is gone");
+                    continue;
+                }
             }
             published.remove(&name);
         }
     }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -15,6 +15,7 @@ pub mod pv;
 pub mod quantity;
 mod reclaim;
 mod reconcile;
+pub mod supervisor;
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -110,11 +111,14 @@ impl<C> Ctx<C> {
     }
 }
 
-/// Runs the provisioner until `shutdown` resolves.
+/// Runs the provisioner until `shutdown` resolves; tells `status` once its
+/// watches are synced. An error ends the run (see `supervisor`, which
+/// starts it again); errors of single objects never do.
 pub async fn run<C, F>(
     client: Client,
     csi: Arc<C>,
     config: Config,
+    status: Arc<supervisor::Status>,
     shutdown: F,
 ) -> Result<(), Error>
 where
@@ -224,6 +228,7 @@ where
             return Ok(());
         }
     }
+    status.serving();
     let claims_run = claims_ctrl
         .graceful_shutdown_on(shutdown.clone())
         .run(reconcile::reconcile, reconcile::error_policy, ctx.clone())
@@ -252,8 +257,9 @@ where
     tokio::select! {
         _ = async { tokio::join!(claims_run, volumes_run) } => {}
         _ = &mut class_watch => return Err(Error::WatchEnded("StorageClasses")),
-        r = capacity => r?,
-        r = reaper => r?,
+        // Both loop forever, logging what fails and going on.
+        _ = capacity => {}
+        _ = reaper => {}
         _ = shutdown => {}
     }
     class_watch.abort();

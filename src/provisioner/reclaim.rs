@@ -145,8 +145,10 @@ pub(crate) fn error_policy<C: CsiController>(
 }
 
 /// Periodically reclaims volumes whose intent outlived the grace period with
-/// no PV and no claim on this node still waiting for them.
-pub(crate) async fn reap_leaks<C: CsiController>(ctx: Arc<Ctx<C>>) -> Result<(), Error> {
+/// no PV and no claim on this node still waiting for them. Never ends: a
+/// failure with one intent is logged and the others are still looked at
+/// (and it is looked at again next round).
+pub(crate) async fn reap_leaks<C: CsiController>(ctx: Arc<Ctx<C>>) {
     let period = ctx
         .config
         .leak_grace
@@ -166,7 +168,9 @@ pub(crate) async fn reap_leaks<C: CsiController>(ctx: Arc<Ctx<C>>) -> Result<(),
             // must not be mistaken for a leak.
             match pvs.get_opt(&intent.volume).await {
                 Ok(Some(_)) => {
-                    ctx.ledger.remove(&intent.volume).await?;
+                    if let Err(e) = ctx.ledger.remove(&intent.volume).await {
+                        tracing::warn!(volume = %intent.volume, error = %e, "cannot drop the intent of a volume that has its PV");
+                    }
                     continue;
                 }
                 Ok(None) => {}
@@ -191,7 +195,11 @@ pub(crate) async fn reap_leaks<C: CsiController>(ctx: Arc<Ctx<C>>) -> Result<(),
                         since = intent.since,
                         "reclaimed leaked volume: its claim is gone and it never got a PV"
                     );
-                    ctx.ledger.remove(&intent.volume).await?;
+                    if let Err(e) = ctx.ledger.remove(&intent.volume).await {
+                        // The volume is gone; next round DeleteVolume finds
+                        // nothing and the removal is tried again.
+                        tracing::warn!(volume = %intent.volume, error = %e, "cannot drop the intent of a reclaimed volume");
+                    }
                     ctx.capacity_changed.notify_one();
                 }
                 Err(e) => {
