@@ -4,7 +4,8 @@
 //!   CSI socket must still exist, since kubelet cannot reach a plugin whose
 //!   socket was removed, and a restart is what brings it back;
 //! - `GET /readyz`: 200 when every pool is usable and, if registration is
-//!   on, kubelet has accepted the plugin; 503 with the reason otherwise;
+//!   on, kubelet has accepted the plugin, and, if the provisioner runs, it
+//!   is not down after a failure; 503 with the reason otherwise;
 //! - `GET /metrics`: a few counters in the Prometheus text format.
 //!
 //! A deliberately small HTTP/1.1 responder: one request per connection,

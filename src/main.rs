@@ -89,22 +89,34 @@ async fn run_node(args: NodeArgs) -> stead::Result<()> {
         Ok::<_, stead::Error>(())
     };
 
-    let kube = if args.provisioner {
-        Some(
-            stead::provisioner::client::build(args.kube_qps, args.kube_burst)
-                .await
-                .map_err(stead::provisioner::Error::from)?,
-        )
-    } else {
-        None
-    };
-    let pacing = kube.as_ref().map(|(_, p)| p.clone());
+    let pacing = args
+        .provisioner
+        .then(|| stead::provisioner::client::Pacing::new(args.kube_qps, args.kube_burst));
+    let provisioner_status = Arc::new(stead::provisioner::supervisor::Status::default());
+    // Supervised, never joined with `?`: a provisioner fault (its state dir,
+    // the apiserver, a bug) is logged and the provisioner restarted with
+    // backoff, while CSI and registration go on serving kubelet.
+    let provisioner_pacing = pacing.clone();
     let provisioner = async {
-        let Some((client, _)) = kube else {
+        let Some(pacing) = provisioner_pacing else {
             return Ok(());
         };
         let csi = Arc::new(plugin.controller_service());
-        stead::provisioner::run(client, csi, args.provisioner_config(), shutdown.clone()).await?;
+        let config = args.provisioner_config();
+        let status = provisioner_status.clone();
+        let attempt = {
+            let shutdown = shutdown.clone();
+            let status = status.clone();
+            move || {
+                let (pacing, csi, config) = (pacing.clone(), csi.clone(), config.clone());
+                let (status, shutdown) = (status.clone(), shutdown.clone());
+                async move {
+                    let client = stead::provisioner::client::build_paced(&pacing).await?;
+                    stead::provisioner::run(client, csi, config, status, shutdown).await
+                }
+            }
+        };
+        stead::provisioner::supervisor::supervise(attempt, status, shutdown.clone()).await;
         Ok::<_, stead::Error>(())
     };
 
@@ -115,9 +127,11 @@ async fn run_node(args: NodeArgs) -> stead::Result<()> {
         let identity = plugin.identity_service();
         let needs_registration = args.registration;
         let state = registration_state.clone();
+        let provisioner = args.provisioner.then(|| provisioner_status.clone());
         let ready: health::ReadyCheck = Arc::new(move || {
             let identity = identity.clone();
             let state = state.clone();
+            let provisioner = provisioner.clone();
             Box::pin(async move {
                 use stead::proto::csi::v1::identity_server::Identity;
                 identity
@@ -126,6 +140,11 @@ async fn run_node(args: NodeArgs) -> stead::Result<()> {
                     .map_err(|s| format!("probe: {}", s.message()))?;
                 if needs_registration && !state.registered() {
                     return Err("kubelet has not registered the plugin yet".to_string());
+                }
+                // Readiness only: liveness never fails for the provisioner,
+                // since restarting the agent would take CSI down with it.
+                if let Some(p) = &provisioner {
+                    p.readiness()?;
                 }
                 Ok(())
             })

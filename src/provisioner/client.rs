@@ -117,14 +117,20 @@ where
 
 /// Builds a client from the environment (in-cluster, or KUBECONFIG), paced.
 pub async fn build(qps: f64, burst: u32) -> Result<(kube::Client, Pacing), kube::Error> {
+    let pacing = Pacing::new(qps, burst);
+    Ok((build_paced(&pacing).await?, pacing))
+}
+
+/// Builds a client from the environment, paced by (and counted in) an
+/// existing `pacing`: a provisioner restarted after a failure keeps the
+/// agent's one budget and request count.
+pub async fn build_paced(pacing: &Pacing) -> Result<kube::Client, kube::Error> {
     let config = kube::Config::infer()
         .await
         .map_err(kube::Error::InferConfig)?;
-    let pacing = Pacing::new(qps, burst);
-    let client = kube::client::ClientBuilder::try_from(config)?
-        .with_layer(&pacing)
-        .build();
-    Ok((client, pacing))
+    Ok(kube::client::ClientBuilder::try_from(config)?
+        .with_layer(pacing)
+        .build())
 }
 
 #[cfg(test)]

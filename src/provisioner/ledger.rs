@@ -134,6 +134,68 @@ impl Ledger {
     }
 }
 
+/// The ledger for async callers. Its writes fsync a file, rename it and
+/// fsync the folder: each can take milliseconds (or, on a stalled disk,
+/// seconds), and the agent's runtime threads also serve kubelet's gRPC. So
+/// every file operation runs on tokio's blocking pool, never on the runtime
+/// thread that awaits it. Cheap to clone: one per task that needs it.
+#[derive(Debug, Clone)]
+pub struct AsyncLedger {
+    ledger: Ledger,
+}
+
+impl AsyncLedger {
+    /// Opens (creates) `<state_dir>/provisioning` off the runtime.
+    pub async fn open(state_dir: &Path) -> Result<Self, LedgerError> {
+        let dir = state_dir.to_path_buf();
+        let ledger = blocking(state_dir.join("provisioning"), move || Ledger::open(&dir)).await?;
+        Ok(Self { ledger })
+    }
+
+    /// See [`Ledger::record`].
+    pub async fn record(
+        &self,
+        volume: &str,
+        claim: &str,
+        claim_uid: &str,
+    ) -> Result<(), LedgerError> {
+        let ledger = self.ledger.clone();
+        let (volume, claim, claim_uid) =
+            (volume.to_string(), claim.to_string(), claim_uid.to_string());
+        blocking(self.ledger.path(&volume), move || {
+            ledger.record(&volume, &claim, &claim_uid)
+        })
+        .await
+    }
+
+    /// See [`Ledger::remove`].
+    pub async fn remove(&self, volume: &str) -> Result<(), LedgerError> {
+        let ledger = self.ledger.clone();
+        let volume = volume.to_string();
+        blocking(self.ledger.path(&volume), move || ledger.remove(&volume)).await
+    }
+
+    /// See [`Ledger::older_than`].
+    pub async fn older_than(&self, grace: Duration) -> Result<Vec<Intent>, LedgerError> {
+        let ledger = self.ledger.clone();
+        blocking(self.ledger.dir.clone(), move || ledger.older_than(grace)).await
+    }
+}
+
+/// Runs `f` on the blocking pool; a task that could not finish (a panic, or
+/// the runtime shutting down) is an error of `path`.
+async fn blocking<T: Send + 'static>(
+    path: PathBuf,
+    f: impl FnOnce() -> Result<T, LedgerError> + Send + 'static,
+) -> Result<T, LedgerError> {
+    tokio::task::spawn_blocking(f).await.unwrap_or_else(|e| {
+        Err(LedgerError {
+            path,
+            source: io::Error::other(format!("ledger task did not finish: {e}")),
+        })
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -156,5 +218,90 @@ mod tests {
         reopened.remove("pvc-1").unwrap();
         reopened.remove("pvc-1").unwrap();
         assert!(reopened.older_than(Duration::ZERO).unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn async_ledger_records_reads_and_removes() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = AsyncLedger::open(dir.path()).await.unwrap();
+        ledger.record("pvc-1", "db/a", "1").await.unwrap();
+        let intents = ledger.older_than(Duration::ZERO).await.unwrap();
+        assert_eq!(intents.len(), 1);
+        assert_eq!(intents[0].claim, "db/a");
+        // The sync ledger (used by tools and the cluster suite) sees it.
+        assert_eq!(
+            Ledger::open(dir.path())
+                .unwrap()
+                .older_than(Duration::ZERO)
+                .unwrap(),
+            intents
+        );
+        ledger.remove("pvc-1").await.unwrap();
+        assert!(ledger.older_than(Duration::ZERO).await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn async_ledger_open_under_a_regular_file_fails_naming_the_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("not-a-dir");
+        fs::write(&file, b"").unwrap();
+        let err = AsyncLedger::open(&file.join("state")).await.unwrap_err();
+        assert_eq!(err.path, file.join("state/provisioning"));
+    }
+
+    /// A ledger write stuck in the filesystem (here: its temp file is a FIFO
+    /// nobody reads, so opening it blocks until a reader comes) leaves the
+    /// runtime's only thread free: another task runs meanwhile, and the
+    /// write finishes once the filesystem lets it. Were the write done on the
+    /// runtime thread, the runtime would stall, which the watchdog reports.
+    #[test]
+    fn a_stuck_ledger_write_does_not_stall_a_current_thread_runtime() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().to_path_buf();
+        let (done, finished) = std::sync::mpsc::channel();
+        let runner = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                let ledger = AsyncLedger::open(&state).await.unwrap();
+                let tmp = state.join("provisioning/pvc-1.json.tmp");
+                nix::unistd::mkfifo(&tmp, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+
+                let write = tokio::spawn({
+                    let ledger = ledger.clone();
+                    async move { ledger.record("pvc-1", "db/a", "uid-1").await }
+                });
+                let (beat, heard) = tokio::sync::oneshot::channel();
+                // Spawned after the write, so polled after it on this thread.
+                tokio::spawn(async move { beat.send(()).unwrap() });
+                heard
+                    .await
+                    .expect("another task ran while the write was stuck");
+                assert!(
+                    !write.is_finished(),
+                    "the write waits for the FIFO's reader"
+                );
+
+                // Be the reader: the write goes on and its bytes arrive.
+                let bytes = tokio::task::spawn_blocking(move || fs::read(&tmp).unwrap())
+                    .await
+                    .unwrap();
+                let intent: Intent = serde_json::from_slice(&bytes).unwrap();
+                assert_eq!(intent.volume, "pvc-1");
+                // fsync of a FIFO fails (EINVAL): what matters is that the
+                // write finished, and said so.
+                let _ = write.await.unwrap();
+            });
+            let _ = done.send(());
+        });
+        match finished.recv_timeout(Duration::from_secs(60)) {
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                panic!("the runtime thread stalled behind a blocked ledger write")
+            }
+            // Finished, or failed an assertion: join tells which.
+            _ => runner.join().unwrap(),
+        }
     }
 }

@@ -4,6 +4,7 @@
 //! the node's free capacity for the scheduler. It talks to Kubernetes only
 //! through kube-rs and to storage only through the CSI controller service.
 
+mod backoff;
 pub mod capacity;
 pub mod claim;
 pub mod class;
@@ -14,8 +15,8 @@ pub mod pv;
 pub mod quantity;
 mod reclaim;
 mod reconcile;
+pub mod supervisor;
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -65,6 +66,14 @@ pub enum Error {
         code: tonic::Code,
         message: String,
     },
+    #[error("PV {pv} exists already and is not the PV of claim {claim}: {mismatch}")]
+    ForeignPv {
+        pv: String,
+        claim: String,
+        mismatch: pv::PvMismatch,
+    },
+    #[error("PV {pv} conflicted on create but was gone when read back; retrying")]
+    PvVanished { pv: String },
     #[error("watch of {0} ended")]
     WatchEnded(&'static str),
 }
@@ -78,41 +87,45 @@ pub(crate) struct Ctx<C> {
     claims: Store<PersistentVolumeClaim>,
     volumes: Store<PersistentVolume>,
     events: events::Events,
-    ledger: ledger::Ledger,
+    ledger: ledger::AsyncLedger,
     capacity_changed: Arc<Notify>,
     /// Consecutive failures per object uid, for backoff.
-    failures: Mutex<HashMap<String, u32>>,
+    failures: Mutex<backoff::Backoffs>,
 }
 
 impl<C> Ctx<C> {
     /// Exponential backoff per object: 1 s, 2 s, 4 s … 5 min.
     fn backoff(&self, uid: &str) -> Duration {
-        let mut failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
-        let n = failures.entry(uid.to_string()).or_insert(0);
-        *n = (*n + 1).min(9);
-        Duration::from_secs(1 << (*n - 1)).min(Duration::from_secs(300))
+        self.failures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .failed(uid, std::time::Instant::now())
     }
 
+    /// The object succeeded or is being deleted: its backoff is forgotten.
     fn succeeded(&self, uid: &str) {
         self.failures
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .remove(uid);
+            .forget(uid);
     }
 }
 
-/// Runs the provisioner until `shutdown` resolves.
+/// Runs the provisioner until `shutdown` resolves; tells `status` once its
+/// watches are synced. An error ends the run (see `supervisor`, which
+/// starts it again); errors of single objects never do.
 pub async fn run<C, F>(
     client: Client,
     csi: Arc<C>,
     config: Config,
+    status: Arc<supervisor::Status>,
     shutdown: F,
 ) -> Result<(), Error>
 where
     C: CsiController,
     F: std::future::Future<Output = ()> + Send + Sync + 'static,
 {
-    let ledger = ledger::Ledger::open(&config.state_dir)?;
+    let ledger = ledger::AsyncLedger::open(&config.state_dir).await?;
     let shutdown = shutdown.shared();
 
     let (classes, class_writer) = reflector::store();
@@ -215,20 +228,27 @@ where
             return Ok(());
         }
     }
+    status.serving();
     let claims_run = claims_ctrl
         .graceful_shutdown_on(shutdown.clone())
         .run(reconcile::reconcile, reconcile::error_policy, ctx.clone())
-        .for_each(|r| async move {
-            if let Err(e) = r {
-                tracing::debug!(error = %e, "claim reconcile");
+        .for_each(|r| {
+            forget_if_gone(&ctx, &r);
+            async move {
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "claim reconcile");
+                }
             }
         });
     let volumes_run = volumes_ctrl
         .graceful_shutdown_on(shutdown.clone())
         .run(reclaim::reconcile, reclaim::error_policy, ctx.clone())
-        .for_each(|r| async move {
-            if let Err(e) = r {
-                tracing::debug!(error = %e, "volume reconcile");
+        .for_each(|r| {
+            forget_if_gone(&ctx, &r);
+            async move {
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "volume reconcile");
+                }
             }
         });
     let capacity = capacity::run(ctx.clone());
@@ -237,14 +257,29 @@ where
     tokio::select! {
         _ = async { tokio::join!(claims_run, volumes_run) } => {}
         _ = &mut class_watch => return Err(Error::WatchEnded("StorageClasses")),
-        r = capacity => r?,
-        r = reaper => r?,
+        // Both loop forever, logging what fails and going on.
+        _ = capacity => {}
+        _ = reaper => {}
         _ = shutdown => {}
     }
     class_watch.abort();
     record_events.abort();
     tracing::info!("provisioner stopped");
     Ok(())
+}
+
+/// A retry came due for an object that is gone from the store (deleted
+/// while it waited for its backoff): its backoff entry goes with it.
+fn forget_if_gone<C, T, E1, E2>(ctx: &Ctx<C>, r: &Result<T, controller::Error<E1, E2>>)
+where
+    E1: std::error::Error + 'static,
+    E2: std::error::Error + 'static,
+{
+    if let Err(controller::Error::ObjectNotFound(obj)) = r
+        && let Some(uid) = &obj.extra.uid
+    {
+        ctx.succeeded(uid);
+    }
 }
 
 /// Maps a CSI status to the provisioner's error, naming the volume and node.

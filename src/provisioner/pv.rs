@@ -117,6 +117,72 @@ pub fn stead_volume_handle(pv: &PersistentVolume) -> Option<&str> {
     (csi.driver == DRIVER_NAME).then_some(csi.volume_handle.as_str())
 }
 
+/// How an existing PV of a volume's name differs from the PV Stead would
+/// have made for it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PvMismatch {
+    #[error("it is not served by {DRIVER_NAME} (spec.csi.driver is {driver:?})")]
+    NotStead { driver: Option<String> },
+    #[error("its spec.csi.volumeHandle is {found:?}, not {expected:?}")]
+    Handle { found: String, expected: String },
+    #[error("its node affinity pins it to {found:?}, not to node {expected:?}")]
+    Node {
+        found: Option<String>,
+        expected: String,
+    },
+    #[error("its spec.claimRef.uid is {found:?}, not claim uid {expected:?}")]
+    Claim {
+        found: Option<String>,
+        expected: String,
+    },
+}
+
+/// Whether `existing` is the PV of `volume_id` on `node` for the claim of
+/// uid `claim_uid`: a Stead PV with that handle, pinned to that node, bound
+/// to that claim. A create that conflicted with such a PV was done by an
+/// earlier attempt; any other PV of that name is somebody else's.
+pub fn check_owned(
+    existing: &PersistentVolume,
+    volume_id: &str,
+    node: &str,
+    claim_uid: &str,
+) -> Result<(), PvMismatch> {
+    let Some(handle) = stead_volume_handle(existing) else {
+        return Err(PvMismatch::NotStead {
+            driver: existing
+                .spec
+                .as_ref()
+                .and_then(|s| s.csi.as_ref())
+                .map(|c| c.driver.clone()),
+        });
+    };
+    if handle != volume_id {
+        return Err(PvMismatch::Handle {
+            found: handle.to_string(),
+            expected: volume_id.to_string(),
+        });
+    }
+    let pinned = pv_node(existing);
+    if pinned != Some(node) {
+        return Err(PvMismatch::Node {
+            found: pinned.map(str::to_string),
+            expected: node.to_string(),
+        });
+    }
+    let bound_to = existing
+        .spec
+        .as_ref()
+        .and_then(|s| s.claim_ref.as_ref())
+        .and_then(|r| r.uid.as_deref());
+    if bound_to != Some(claim_uid) {
+        return Err(PvMismatch::Claim {
+            found: bound_to.map(str::to_string),
+            expected: claim_uid.to_string(),
+        });
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -237,5 +303,85 @@ mod tests {
         let csi = pv.spec.unwrap().csi.unwrap();
         assert_eq!(csi.fs_type, None, "a directory is not an ext4 filesystem");
         assert_eq!(csi.volume_attributes.unwrap()["backend"], "dir");
+    }
+
+    fn ours() -> (PersistentVolumeClaim, PersistentVolume) {
+        let class = class::parse(&sc("stead", &[], "WaitForFirstConsumer", "Delete")).unwrap();
+        let claim = pvc("db-vol-db-ss-0", "500Mi", Some("node-a"));
+        let pv = build_pv(&claim, &class, &volume(), "node-a");
+        (claim, pv)
+    }
+
+    const VOL: &str = "pvc-0a1b2c3d-0000-4000-8000-000000000001";
+
+    #[test]
+    fn conflicting_pv_made_by_an_earlier_attempt_is_accepted() {
+        let (claim, pv) = ours();
+        let uid = claim.metadata.uid.clone().unwrap();
+        assert_eq!(check_owned(&pv, VOL, "node-a", &uid), Ok(()));
+    }
+
+    #[test]
+    fn conflicting_pv_of_another_driver_is_refused() {
+        let (claim, mut pv) = ours();
+        pv.spec.as_mut().unwrap().csi.as_mut().unwrap().driver = "hostpath.csi.k8s.io".into();
+        let err = check_owned(&pv, VOL, "node-a", &claim.metadata.uid.unwrap()).unwrap_err();
+        assert_eq!(
+            err,
+            PvMismatch::NotStead {
+                driver: Some("hostpath.csi.k8s.io".into())
+            }
+        );
+        pv.spec.as_mut().unwrap().csi = None;
+        let err = check_owned(&pv, VOL, "node-a", "x").unwrap_err();
+        assert_eq!(err, PvMismatch::NotStead { driver: None });
+    }
+
+    #[test]
+    fn conflicting_pv_of_another_volume_is_refused_naming_both_handles() {
+        let (claim, mut pv) = ours();
+        pv.spec
+            .as_mut()
+            .unwrap()
+            .csi
+            .as_mut()
+            .unwrap()
+            .volume_handle = "pvc-other".into();
+        let err = check_owned(&pv, VOL, "node-a", &claim.metadata.uid.unwrap()).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!("its spec.csi.volumeHandle is \"pvc-other\", not \"{VOL}\"")
+        );
+    }
+
+    #[test]
+    fn conflicting_pv_pinned_to_another_node_is_refused() {
+        let (claim, pv) = ours();
+        let err = check_owned(&pv, VOL, "node-b", &claim.metadata.uid.unwrap()).unwrap_err();
+        assert_eq!(
+            err,
+            PvMismatch::Node {
+                found: Some("node-a".into()),
+                expected: "node-b".into()
+            }
+        );
+    }
+
+    #[test]
+    fn conflicting_pv_bound_to_another_claim_is_refused() {
+        let (_, mut pv) = ours();
+        let err = check_owned(&pv, VOL, "node-a", "uid-of-a-new-claim").unwrap_err();
+        assert!(
+            matches!(err, PvMismatch::Claim { expected, .. } if expected == "uid-of-a-new-claim")
+        );
+        pv.spec.as_mut().unwrap().claim_ref = None;
+        let err = check_owned(&pv, VOL, "node-a", "u").unwrap_err();
+        assert_eq!(
+            err,
+            PvMismatch::Claim {
+                found: None,
+                expected: "u".into()
+            }
+        );
     }
 }

@@ -69,6 +69,12 @@ fn phase(pv: &PersistentVolume) -> &str {
         .unwrap_or("")
 }
 
+/// One PV's reconcile; its span names the PV and its volume (see
+/// `reconcile::reconcile`).
+#[tracing::instrument(skip_all, fields(
+    pv = %pv.name_any(),
+    volume.id = %pv::stead_volume_handle(&pv).unwrap_or_default(),
+))]
 pub(crate) async fn reconcile<C: CsiController>(
     pv: Arc<PersistentVolume>,
     ctx: Arc<Ctx<C>>,
@@ -100,7 +106,7 @@ pub(crate) async fn reconcile<C: CsiController>(
                 return Ok(Action::await_change());
             }
             ctx.delete_volume(handle).await?;
-            tracing::info!(pv = %name, volume = %handle, "deleted volume of deleted PV");
+            tracing::info!(pv = %name, volume.id = %handle, "deleted volume of deleted PV");
             ctx.capacity_changed.notify_one();
         }
         ctx.drop_finalizer(&pv).await?;
@@ -119,7 +125,7 @@ pub(crate) async fn reconcile<C: CsiController>(
             );
             return Err(e);
         }
-        tracing::info!(pv = %name, volume = %handle, node = %ctx.config.node, "deleted volume of released PV");
+        tracing::info!(pv = %name, volume.id = %handle, node = %ctx.config.node, "deleted volume of released PV");
         ctx.capacity_changed.notify_one();
         let api: Api<PersistentVolume> = Api::all(ctx.client.clone());
         match api.delete(&name, &DeleteParams::default()).await {
@@ -140,13 +146,21 @@ pub(crate) fn error_policy<C: CsiController>(
     ctx: Arc<Ctx<C>>,
 ) -> Action {
     let wait = ctx.backoff(&pv.uid().unwrap_or_default());
-    tracing::warn!(pv = %pv.name_any(), error = %err, retry_in = ?wait, "volume reclaim failed");
+    tracing::warn!(
+        pv = %pv.name_any(),
+        volume.id = %pv::stead_volume_handle(&pv).unwrap_or_default(),
+        error = %err,
+        retry_in = ?wait,
+        "volume reclaim failed"
+    );
     Action::requeue(wait)
 }
 
 /// Periodically reclaims volumes whose intent outlived the grace period with
-/// no PV and no claim on this node still waiting for them.
-pub(crate) async fn reap_leaks<C: CsiController>(ctx: Arc<Ctx<C>>) -> Result<(), Error> {
+/// no PV and no claim on this node still waiting for them. Never ends: a
+/// failure with one intent is logged and the others are still looked at
+/// (and it is looked at again next round).
+pub(crate) async fn reap_leaks<C: CsiController>(ctx: Arc<Ctx<C>>) {
     let period = ctx
         .config
         .leak_grace
@@ -154,7 +168,7 @@ pub(crate) async fn reap_leaks<C: CsiController>(ctx: Arc<Ctx<C>>) -> Result<(),
     let pvs: Api<PersistentVolume> = Api::all(ctx.client.clone());
     loop {
         tokio::time::sleep(period).await;
-        let intents = match ctx.ledger.older_than(ctx.config.leak_grace) {
+        let intents = match ctx.ledger.older_than(ctx.config.leak_grace).await {
             Ok(i) => i,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot read provisioning intents");
@@ -166,12 +180,14 @@ pub(crate) async fn reap_leaks<C: CsiController>(ctx: Arc<Ctx<C>>) -> Result<(),
             // must not be mistaken for a leak.
             match pvs.get_opt(&intent.volume).await {
                 Ok(Some(_)) => {
-                    ctx.ledger.remove(&intent.volume)?;
+                    if let Err(e) = ctx.ledger.remove(&intent.volume).await {
+                        tracing::warn!(pvc = %intent.claim, volume.id = %intent.volume, error = %e, "cannot drop the intent of a volume that has its PV");
+                    }
                     continue;
                 }
                 Ok(None) => {}
                 Err(e) => {
-                    tracing::warn!(volume = %intent.volume, error = %e, "cannot check PV");
+                    tracing::warn!(pvc = %intent.claim, volume.id = %intent.volume, error = %e, "cannot check PV");
                     continue;
                 }
             }
@@ -186,16 +202,20 @@ pub(crate) async fn reap_leaks<C: CsiController>(ctx: Arc<Ctx<C>>) -> Result<(),
             match ctx.delete_volume(&intent.volume).await {
                 Ok(()) => {
                     tracing::warn!(
-                        volume = %intent.volume,
-                        claim = %intent.claim,
+                        volume.id = %intent.volume,
+                        pvc = %intent.claim,
                         since = intent.since,
                         "reclaimed leaked volume: its claim is gone and it never got a PV"
                     );
-                    ctx.ledger.remove(&intent.volume)?;
+                    if let Err(e) = ctx.ledger.remove(&intent.volume).await {
+                        // The volume is gone; next round DeleteVolume finds
+                        // nothing and the removal is tried again.
+                        tracing::warn!(pvc = %intent.claim, volume.id = %intent.volume, error = %e, "cannot drop the intent of a reclaimed volume");
+                    }
                     ctx.capacity_changed.notify_one();
                 }
                 Err(e) => {
-                    tracing::warn!(volume = %intent.volume, error = %e, "cannot reclaim leaked volume")
+                    tracing::warn!(pvc = %intent.claim, volume.id = %intent.volume, error = %e, "cannot reclaim leaked volume")
                 }
             }
         }

@@ -62,10 +62,23 @@ impl<C: CsiController> Ctx<C> {
     }
 }
 
+/// One claim's reconcile. Its span names the claim and its volume with the
+/// field names the CSI layer uses, so that the lines of the RPCs it makes
+/// in-process carry them too.
+#[tracing::instrument(skip_all, fields(
+    pvc = %claim::claim_key(&pvc),
+    volume.id = %claim::volume_name(&pvc).unwrap_or_default(),
+))]
 pub(crate) async fn reconcile<C: CsiController>(
     pvc: Arc<PersistentVolumeClaim>,
     ctx: Arc<Ctx<C>>,
 ) -> Result<Action, Error> {
+    // A claim being deleted needs nothing more from us, and its backoff
+    // entry must not outlive it.
+    if pvc.meta().deletion_timestamp.is_some() {
+        ctx.succeeded(&pvc.uid().unwrap_or_default());
+        return Ok(Action::await_change());
+    }
     let Some(class_name) = claim::class_name(&pvc) else {
         return Ok(Action::await_change());
     };
@@ -172,16 +185,16 @@ pub(crate) async fn reconcile<C: CsiController>(
             class.pool.as_deref().unwrap_or("(default)")
         ),
     );
-    ctx.ledger.record(&volume_name, &key, &uid)?;
+    ctx.ledger.record(&volume_name, &key, &uid).await?;
     let volume = match ctx.csi.create_volume(tonic::Request::new(request)).await {
         Ok(resp) => resp.into_inner().volume.unwrap_or_default(),
         Err(status) => return create_failed(&ctx, &pvc, &volume_name, status).await,
     };
     create_pv(&ctx, &pvc, &class, &volume).await?;
-    ctx.ledger.remove(&volume_name)?;
+    ctx.ledger.remove(&volume_name).await?;
     ctx.succeeded(&uid);
     ctx.capacity_changed.notify_one();
-    tracing::info!(pvc = %key, volume = %volume_name, node = %node, bytes = volume.capacity_bytes, "provisioned");
+    tracing::info!(pvc = %key, volume.id = %volume_name, node = %node, bytes = volume.capacity_bytes, "provisioned");
     ctx.event(
         &pvc,
         EventType::Normal,
@@ -236,18 +249,55 @@ async fn create_pv<C: CsiController>(
     class: &ClassSpec,
     volume: &Volume,
 ) -> Result<(), Error> {
-    let pv = pv::build_pv(pvc, class, volume, &ctx.config.node);
+    let node = &ctx.config.node;
+    let pv = pv::build_pv(pvc, class, volume, node);
     let api: Api<PersistentVolume> = Api::all(ctx.client.clone());
     match api.create(&PostParams::default(), &pv).await {
         Ok(_) => Ok(()),
-        // Same name = same claim uid: an earlier attempt got this far.
-        Err(kube::Error::Api(s)) if s.code == 409 => Ok(()),
+        // An earlier attempt may have got this far; but the name alone does
+        // not prove it (anyone may create a PV of any name): read it back.
+        Err(kube::Error::Api(s)) if s.code == 409 => {
+            let name = pv.metadata.name.clone().unwrap_or_default();
+            let Some(existing) = api.get_opt(&name).await? else {
+                return Err(Error::PvVanished { pv: name });
+            };
+            let uid = pvc.uid().unwrap_or_default();
+            match pv::check_owned(&existing, &volume.volume_id, node, &uid) {
+                Ok(()) => Ok(()),
+                Err(mismatch) => {
+                    let err = Error::ForeignPv {
+                        pv: name,
+                        claim: claim::claim_key(pvc),
+                        mismatch,
+                    };
+                    ctx.fail(
+                        pvc,
+                        format!("node {node} created volume {}, but {err}", volume.volume_id),
+                    );
+                    Err(err)
+                }
+            }
+        }
         Err(e) => Err(e.into()),
     }
 }
 
-/// CreateVolume said no. Nothing was created (the plugin guarantees it), so
-/// the intent goes; what happens to the claim depends on why.
+/// Whether the intent of a volume survives a failed CreateVolume: it goes
+/// only for the codes with which the plugin guarantees that nothing was
+/// created (the request was refused before any folder or file was made, see
+/// `storage::Store::create`). Any other failure may have left a volume
+/// behind, which only the intent lets the reaper find. AlreadyExists means
+/// a volume of that very name exists (made with other parameters): it is
+/// this claim's, so its intent stays too.
+pub(crate) fn intent_survives(code: Code) -> bool {
+    !matches!(
+        code,
+        Code::InvalidArgument | Code::OutOfRange | Code::ResourceExhausted
+    )
+}
+
+/// CreateVolume said no. The intent goes only when nothing was created
+/// (`intent_survives`); what happens to the claim depends on why.
 async fn create_failed<C: CsiController>(
     ctx: &Ctx<C>,
     pvc: &PersistentVolumeClaim,
@@ -256,7 +306,9 @@ async fn create_failed<C: CsiController>(
 ) -> Result<Action, Error> {
     let node = &ctx.config.node;
     let key = claim::claim_key(pvc);
-    ctx.ledger.remove(volume_name)?;
+    if !intent_survives(status.code()) {
+        ctx.ledger.remove(volume_name).await?;
+    }
     match status.code() {
         Code::ResourceExhausted => {
             // As upstream does: give the claim back so that the scheduler
@@ -309,7 +361,13 @@ pub(crate) fn error_policy<C: CsiController>(
     ctx: Arc<Ctx<C>>,
 ) -> Action {
     let wait = ctx.backoff(&pvc.uid().unwrap_or_default());
-    tracing::warn!(pvc = %claim::claim_key(&pvc), error = %err, retry_in = ?wait, "provisioning failed");
+    tracing::warn!(
+        pvc = %claim::claim_key(&pvc),
+        volume.id = %claim::volume_name(&pvc).unwrap_or_default(),
+        error = %err,
+        retry_in = ?wait,
+        "provisioning failed"
+    );
     Action::requeue(wait)
 }
 
@@ -422,7 +480,7 @@ async fn expand_if_grown<C: CsiController>(
             &Patch::Merge(&status),
         )
         .await?;
-    tracing::info!(pvc = %key, volume = %handle, size = %new_size, node_step = resp.node_expansion_required, "expanded");
+    tracing::info!(pvc = %key, volume.id = %handle, size = %new_size, node_step = resp.node_expansion_required, "expanded");
     ctx.resize_event(
         pvc,
         EventType::Normal,
@@ -431,4 +489,32 @@ async fn expand_if_grown<C: CsiController>(
     );
     ctx.capacity_changed.notify_one();
     Ok(Some(Action::await_change()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn intent_goes_only_when_create_volume_made_nothing() {
+        for code in [
+            Code::InvalidArgument,
+            Code::OutOfRange,
+            Code::ResourceExhausted,
+        ] {
+            assert!(!intent_survives(code), "{code:?}: nothing was created");
+        }
+        for code in [
+            Code::AlreadyExists,
+            Code::Internal,
+            Code::Unavailable,
+            Code::DeadlineExceeded,
+            Code::Aborted,
+            Code::FailedPrecondition,
+            Code::Unknown,
+            Code::Cancelled,
+        ] {
+            assert!(intent_survives(code), "{code:?}: a volume may exist");
+        }
+    }
 }
