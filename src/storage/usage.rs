@@ -161,11 +161,11 @@ impl UsageMeter {
             rx
         };
         self.refresh(id, root.clone());
-        match rx.await {
-            Ok(usage) => usage,
-            // The meter stopped (the store is closing): measure here.
-            Err(_) => (self.shared.walker)(&root),
-        }
+        // An error: the meter stopped (the store is closing) or the walk
+        // failed. Nothing is known, and walking here would block the
+        // caller's (async) thread; stats are advisory, and capacity counts a
+        // volume without a measurement whole.
+        rx.await.unwrap_or_default()
     }
 }
 
@@ -209,13 +209,22 @@ fn work(shared: &Shared) {
                 st = shared.wake.wait(st).unwrap_or_else(PoisonError::into_inner);
             }
         };
-        let usage = (shared.walker)(&root);
+        // A walk that panics must not leave its waiters waiting forever nor
+        // end the meter: they are answered by dropping their senders (they
+        // then measure on their own thread) and the next job runs.
+        let walked =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| (shared.walker)(&root)));
         let mut st = shared.lock();
         let forgotten = st.current.take().is_some_and(|(_, f)| f);
-        if forgotten {
-            st.waiting.remove(&id);
-        } else {
-            record(&mut st, &id, usage);
+        match walked {
+            Ok(usage) if !forgotten => record(&mut st, &id, usage),
+            Ok(_) => {
+                st.waiting.remove(&id);
+            }
+            Err(_) => {
+                tracing::error!(volume.id = %id, root = %root.display(), "measuring a directory tree panicked");
+                st.waiting.remove(&id);
+            }
         }
     }
 }
@@ -302,6 +311,25 @@ mod tests {
         assert_eq!(meter.cached(&v), Some(first));
         meter.forget(&v);
         assert_eq!(meter.cached(&v), None);
+    }
+
+    fn walker_failing_on_one_root(root: &Path) -> Usage {
+        assert!(root != Path::new("/panic"), "a walk failed");
+        Usage {
+            bytes: 1,
+            inodes: 1,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_walk_that_panics_neither_hangs_its_caller_nor_stops_the_meter() {
+        let meter = UsageMeter::with_walker(walker_failing_on_one_root);
+        let max = Duration::from_secs(60);
+        let failed = meter.measure(&id("p1"), PathBuf::from("/panic"), max).await;
+        assert_eq!(failed, Usage::default(), "answered, with nothing known");
+        assert_eq!(meter.cached(&id("p1")), None);
+        let next = meter.measure(&id("p2"), PathBuf::from("/ok"), max).await;
+        assert_eq!(next.bytes, 1, "the meter goes on after a failed walk");
     }
 
     #[tokio::test]
