@@ -156,6 +156,19 @@ pub(crate) fn error_policy<C: CsiController>(
     Action::requeue(wait)
 }
 
+/// Whether the PV found under an intent's volume name is that volume's own
+/// (its hand-over, which ends the intent). A PV of the same name that is not
+/// (another driver's, another node's, another claim's) neither ends the
+/// intent nor lets the reaper delete data a PV may still name: the caller
+/// leaves the volume for an operator and says so each round.
+fn handed_over(
+    found: &PersistentVolume,
+    intent: &super::ledger::Intent,
+    node: &str,
+) -> Result<(), pv::PvMismatch> {
+    pv::check_owned(found, &intent.volume, node, &intent.claim_uid)
+}
+
 /// Periodically reclaims volumes whose intent outlived the grace period with
 /// no PV and no claim on this node still waiting for them. Never ends: a
 /// failure with one intent is logged and the others are still looked at
@@ -179,7 +192,12 @@ pub(crate) async fn reap_leaks<C: CsiController>(ctx: Arc<Ctx<C>>) {
             // Ask the apiserver, not the cache: a PV created a moment ago
             // must not be mistaken for a leak.
             match pvs.get_opt(&intent.volume).await {
-                Ok(Some(_)) => {
+                Ok(Some(found)) => {
+                    if let Err(why) = handed_over(&found, &intent, &ctx.config.node) {
+                        tracing::warn!(pvc = %intent.claim, volume.id = %intent.volume, mismatch = %why,
+                            "a PV of this volume's name is not its own; volume and intent kept, inspect both");
+                        continue;
+                    }
                     if let Err(e) = ctx.ledger.remove(&intent.volume).await {
                         tracing::warn!(pvc = %intent.claim, volume.id = %intent.volume, error = %e, "cannot drop the intent of a volume that has its PV");
                     }
@@ -219,5 +237,40 @@ pub(crate) async fn reap_leaks<C: CsiController>(ctx: Arc<Ctx<C>>) {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::csi::v1::Volume;
+    use crate::provisioner::claim::tests::pvc;
+    use crate::provisioner::class::{self, tests::class as sc};
+    use crate::provisioner::ledger::Intent;
+
+    #[test]
+    fn only_the_volumes_own_pv_ends_its_intent() {
+        let class = class::parse(&sc("stead", &[], "WaitForFirstConsumer", "Delete")).unwrap();
+        let claim = pvc("db-vol-db-ss-0", "500Mi", Some("node-a"));
+        let volume = Volume {
+            volume_id: format!("pvc-{}", claim.metadata.uid.clone().unwrap()),
+            capacity_bytes: 500 << 20,
+            ..Default::default()
+        };
+        let own = pv::build_pv(&claim, &class, &volume, "node-a");
+        let intent = Intent {
+            volume: volume.volume_id.clone(),
+            claim: "db/db-vol-db-ss-0".into(),
+            claim_uid: claim.metadata.uid.clone().unwrap(),
+            since: 0,
+        };
+        assert!(handed_over(&own, &intent, "node-a").is_ok());
+        // The same name on another node, or for another claim: not ours.
+        assert!(handed_over(&own, &intent, "node-b").is_err());
+        let other_claim = Intent {
+            claim_uid: "someone-else".into(),
+            ..intent.clone()
+        };
+        assert!(handed_over(&own, &other_claim, "node-a").is_err());
     }
 }
