@@ -79,6 +79,8 @@ impl Broken {
                 "no {n} log lines with {needle:?}; log:\n{}",
                 self.log()
             );
+            // A log file has no watch: the lines are the condition, the
+            // interval only bounds the cost of looking.
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -104,6 +106,7 @@ async fn get(addr: SocketAddr, path: &str) -> (String, String) {
             Ok(c) => break c,
             Err(e) => {
                 assert!(Instant::now() < deadline, "health endpoint {addr}: {e}");
+                // Until the agent listens: the connect is the condition.
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }

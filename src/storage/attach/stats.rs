@@ -102,7 +102,7 @@ pub fn probe(store: &Store, meta: &VolumeMeta, volume_path: &Path) -> Result<Pro
     let is_staging = state
         .staged
         .as_ref()
-        .is_some_and(|s| s.path.components().eq(path.components()));
+        .is_some_and(|s| super::same_path(&s.path, &path));
     let live = if meta.access == AccessKind::Block && is_staging {
         image::find_attached(&data)
             .map_err(|source| Error::Image {

@@ -51,11 +51,6 @@ impl Confinement {
         }
     }
 
-    /// The kubelet directory paths must lie under.
-    pub fn kubelet_dir(&self) -> &Path {
-        &self.kubelet
-    }
-
     /// Opens the parent of a request's `path` (creating the missing folders
     /// of it when `create_parents`, as kubelet expects of target paths) and
     /// checks that it is confined. `field` names the request field in

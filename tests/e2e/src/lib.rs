@@ -253,6 +253,30 @@ where
     }
 }
 
+/// Polls `check` until it passes, at most `within`; on timeout panics with
+/// what was awaited and the last reason `check` gave. For conditions with
+/// no watch to follow (files on a node's disk, an agent's log): the
+/// condition is what ends the wait, the 200 ms between looks only bounds
+/// its cost.
+pub async fn poll_until(
+    what: &str,
+    within: Duration,
+    mut check: impl FnMut() -> Result<(), String>,
+) {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        let why = match check() {
+            Ok(()) => return,
+            Err(why) => why,
+        };
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out after {within:?} waiting for {what}: {why}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// The events about objects named `name`, one per line, oldest first.
 pub async fn events_of(client: &Client, name: &str) -> String {
     let lp = ListParams::default().fields(&format!("involvedObject.name={name}"));

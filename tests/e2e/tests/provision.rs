@@ -188,40 +188,34 @@ impl Agent {
     }
 
     async fn wait_volumes(&self, pool: &str, want: &[String], what: &str) {
-        let deadline = Instant::now() + Duration::from_secs(60);
         let mut want = want.to_vec();
         want.sort();
-        loop {
+        poll_until(what, Duration::from_secs(60), || {
             let got = self.volumes(pool);
             if got == want {
-                return;
+                return Ok(());
             }
-            assert!(
-                Instant::now() < deadline,
-                "waiting for {what}: pool {pool} holds {got:?}, expected {want:?} (agent log {})",
+            Err(format!(
+                "pool {pool} holds {got:?}, expected {want:?} (agent log {})",
                 self.log().display()
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+            ))
+        })
+        .await;
     }
-}
 
-impl Agent {
     /// Waits until the agent's log has a line containing `needle`.
     async fn wait_log(&self, needle: &str, what: &str) {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
+        poll_until(what, Duration::from_secs(60), || {
             let log = std::fs::read_to_string(self.log()).unwrap_or_default();
             if log.lines().any(|l| l.contains(needle)) {
-                return;
+                return Ok(());
             }
-            assert!(
-                Instant::now() < deadline,
-                "waiting for {what}: no line with {needle:?} in {}",
+            Err(format!(
+                "no line with {needle:?} in {}",
                 self.log().display()
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+            ))
+        })
+        .await;
     }
 }
 
