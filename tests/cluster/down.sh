@@ -65,49 +65,113 @@ delete_pods() {
   delete_pods_of "DaemonSet pods" "${daemonsets[@]}"
 }
 
-[[ -d $STATE ]] || [[ -S $CONTAINERD_SOCK ]] || exit 0
+# The nodes that exist on this machine, by what they left: a network
+# namespace, a mount namespace file, a folder, a cgroup root.
+found_nodes() {
+  {
+    ip netns list 2>/dev/null | awk '{print $1}'
+    ls "$MNTNS_DIR" 2>/dev/null
+    ls "$NODES_DIR" 2>/dev/null
+    for h in /sys/fs/cgroup/*/; do ls -d "$h$NODE_PREFIX"* 2>/dev/null | xargs -r -n1 basename; done
+  } | grep -E "^$NODE_PREFIX[0-9]+\$" | sort -u | sed "s/^$NODE_PREFIX//"
+}
+mapfile -t nodes < <(found_nodes)
+
+[[ -d $STATE ]] || ((${#nodes[@]})) || ip link show "$HOST_LINK" >/dev/null 2>&1 || exit 0
 was_running=
-for c in "${COMPONENTS[@]}"; do
-  component_pid "$c" >/dev/null && was_running=1
+for c in "${CONTROL_PLANE[@]}"; do component_pid "$c" >/dev/null && was_running=1; done
+for i in "${nodes[@]}"; do
+  for c in "${NODE_COMPONENTS[@]}"; do component_pid "$(node_name "$i").$c" >/dev/null && was_running=1; done
 done
 [[ -n $was_running ]] || say "cluster is not running; removing what a stopped one may have left"
 
 # Nothing may recreate what is deleted: controllers and scheduler stop first.
 stop_component kube-controller-manager
 stop_component kube-scheduler
-if component_pid kubelet >/dev/null && probe_apiserver readyz >/dev/null 2>&1; then
+kubelets=
+for i in "${nodes[@]}"; do component_pid "$(node_name "$i").kubelet" >/dev/null && kubelets=1; done
+if [[ -n $kubelets ]] && probe_apiserver readyz >/dev/null 2>&1; then
   delete_pods
 fi
-stop_component kubelet
-stop_component kube-proxy
-if [[ -e $STATE/config/kube-proxy.yaml ]]; then
-  "$BIN/kube-proxy" --cleanup --v=0 >/dev/null 2>&1 || true
-fi
+
+# kill_node_processes I: every process of node I: those in its network or
+# mount namespace (its components, containerd's shims) and those in its
+# cgroup tree (its containers, which have namespaces of their own).
+kill_node_processes() {
+  local i=$1 name mnt_id pids=() p
+  name=$(node_name "$i")
+  mnt_id=$(stat -L -c %d:%i "$(node_mntns "$i")" 2>/dev/null || true)
+  # Never the host's own namespace (a pin that failed half-way).
+  [[ $mnt_id == "$(stat -L -c %d:%i /proc/self/ns/mnt)" ]] && mnt_id=
+  for p in /proc/[0-9]*; do
+    p=${p#/proc/}
+    ((p == $$)) && continue
+    if [[ -n $mnt_id && $(stat -L -c %d:%i "/proc/$p/ns/mnt" 2>/dev/null) == "$mnt_id" ]]; then pids+=("$p"); fi
+  done
+  mapfile -t -O "${#pids[@]}" pids < <(ip netns pids "$name" 2>/dev/null)
+  mapfile -t -O "${#pids[@]}" pids < <(find /sys/fs/cgroup/*/"$name" -name cgroup.procs -exec cat {} + 2>/dev/null)
+  ((${#pids[@]})) || return 0
+  mapfile -t pids < <(printf '%s\n' "${pids[@]}" | sort -un)
+  kill -KILL "${pids[@]}" 2>/dev/null || true
+}
+
+# remove_node I: everything up.sh made for node I, in reverse.
+remove_node() {
+  local i=$1 name dir mnt h loops=() dev disk_dev
+  name=$(node_name "$i")
+  dir=$(node_dir "$i")
+  mnt=$(node_mntns "$i")
+  stop_component "$name.kube-proxy"
+  stop_component "$name.kubelet"
+  if component_pid "$name.containerd" >/dev/null; then sweep_containers "$i"; fi
+  stop_component "$name.containerd"
+  # Twice: a process may fork while the first round runs.
+  kill_node_processes "$i"
+  kill_node_processes "$i"
+  # The namespaces go with their last process and their pin.
+  if [[ -e $mnt ]]; then
+    umount "$mnt" 2>/dev/null || umount -l "$mnt" 2>/dev/null || true
+    rm -f "$mnt"
+  fi
+  ip netns delete "$name" 2>/dev/null || true
+  ip link delete "stead-n$i" 2>/dev/null || true
+  ip route delete "$(node_pod_cidr "$i")" 2>/dev/null || true
+  # Cgroups, deepest first (each is empty once its processes are gone).
+  for h in /sys/fs/cgroup/*/; do
+    [[ -d $h$name ]] || continue
+    find "$h$name" -depth -type d -exec rmdir {} + 2>/dev/null || true
+  done
+  # Loop devices on images of the node's disk (the volumes of its image
+  # pools), then the disk itself.
+  if disk_dev=$(findmnt -n -o MAJ:MIN --target "$dir/stead" 2>/dev/null) && mountpoint -q "$dir/stead"; then
+    mapfile -t loops < <(losetup --list --noheadings --output NAME,BACK-MAJ:MIN 2>/dev/null |
+      awk -v d="$disk_dev" '$2 == d {print $1}')
+    for dev in "${loops[@]}"; do losetup --detach "$dev" 2>/dev/null || true; done
+    umount "$dir/stead" 2>/dev/null || umount -l "$dir/stead" 2>/dev/null || true
+  fi
+  if [[ -e $dir/disk.img ]]; then
+    mapfile -t loops < <(losetup --noheadings --output NAME --associated "$dir/disk.img" 2>/dev/null)
+    for dev in "${loops[@]}"; do losetup --detach "$dev" 2>/dev/null || true; done
+  fi
+  unmount_below "$dir"
+  # Never crosses into a mount that could not be undone.
+  rm -rf --one-file-system "$dir"
+}
+
+for i in "${nodes[@]}"; do remove_node "$i" & done
+wait
 stop_component kube-apiserver
 stop_component etcd
 
-if component_pid containerd >/dev/null; then
-  sweep_containers
-fi
-stop_component containerd
-# Shims of our containerd that outlived it (found by its socket path, which
-# no other containerd uses).
-for cmdline in /proc/[0-9]*/cmdline; do
-  if { tr '\0' ' ' <"$cmdline"; } 2>/dev/null | grep -- "-address $CONTAINERD_SOCK " >/dev/null; then
-    pid=${cmdline#/proc/}
-    kill -KILL "${pid%/cmdline}" 2>/dev/null || true
-  fi
-done
-
-unmount_below "$KUBELET_DIR"
-unmount_below "$CONTAINERD_STATE"
-unmount_below "$CONTAINERD_ROOT"
-# Never crosses into a mount that could not be undone.
-rm -rf --one-file-system "$KUBELET_DIR" "$CONTAINERD_STATE"
-
-# Host network pieces of up.sh.
-for link in "$POD_BRIDGE" "$NODE_LINK"; do
+# Host network pieces of up.sh (and of the single-node layout before it).
+for link in "$HOST_LINK" stead-pods0; do
   ip link show "$link" >/dev/null 2>&1 && ip link delete "$link"
+done
+ip route delete "$SERVICE_CIDR" 2>/dev/null || true
+for dir in "-i $HOST_LINK ! -o $HOST_LINK" "! -i $HOST_LINK -o $HOST_LINK"; do
+  # shellcheck disable=SC2086 # two words each
+  while iptables -w -D FORWARD $dir -m comment --comment stead-cluster \
+    -j REJECT --reject-with icmp-net-prohibited 2>/dev/null; do :; done
 done
 while iptables -w -D FORWARD -s "$POD_CIDR" ! -d "$POD_CIDR" -m comment --comment stead-cluster \
   -j REJECT --reject-with icmp-net-prohibited 2>/dev/null; do :; done
@@ -115,4 +179,6 @@ if [[ -r $STATE/ip_forward.before ]]; then
   sysctl -qw "net.ipv4.ip_forward=$(<"$STATE/ip_forward.before")"
   rm -f "$STATE/ip_forward.before"
 fi
+if mountpoint -q "$MNTNS_DIR"; then umount "$MNTNS_DIR" 2>/dev/null || true; fi
+rm -f "$STATE/nodes.count"
 [[ -z $was_running ]] || say "cluster down (logs kept in $LOGS)"

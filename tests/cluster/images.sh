@@ -59,10 +59,11 @@ build_images() {
   fi
 }
 
-# Imports the two images into the running containerd unless it has them.
+# import_images I: imports the two images into node I's containerd unless
+# it has them.
 import_images() {
-  local have
-  have=$(ctr_k8s images list --quiet)
-  grep -qxF "$PAUSE_IMAGE" <<<"$have" || "$CLUSTER_SRC/load-image" "$IMAGES_DIR/pause.oci.tar" >/dev/null
-  grep -qxF "$BUSYBOX_IMAGE" <<<"$have" || "$CLUSTER_SRC/load-image" "$IMAGES_DIR/busybox.oci.tar" >/dev/null
+  local i=$1 have
+  have=$(ctr_k8s "$i" images list --quiet)
+  grep -qxF "$PAUSE_IMAGE" <<<"$have" || import_archive "$i" "$IMAGES_DIR/pause.oci.tar" >/dev/null
+  grep -qxF "$BUSYBOX_IMAGE" <<<"$have" || import_archive "$i" "$IMAGES_DIR/busybox.oci.tar" >/dev/null
 }

@@ -18,37 +18,79 @@ PIDS=$STATE/pids
 PKI=$STATE/pki
 KUBECONFIG_ADMIN=$STATE/kubeconfig
 
-NODE_NAME=stead-node
+# Nodes. Each node is a set of namespaces on this machine, as a kind node is
+# a container: its own network namespace (named after the node), its own
+# mount namespace (a file in $MNTNS_DIR) in which the node's folders are
+# bind-mounted at the standard paths, its own containerd, kubelet, kube-proxy
+# and cgroup root. STEAD_NODES: how many (default 3); names stead-node-1..N.
+STEAD_NODES=${STEAD_NODES:-3}
+NODE_PREFIX=stead-node-
+NODES_DIR=$STATE/nodes
+MNTNS_DIR=/run/stead-cluster/mnt
+ZONES=(zone-a zone-b zone-c)
+# Size of each node's own disk (a sparse xfs image under $NODES_DIR, mounted
+# at the node's /var/lib/stead): each node has its own free space, as real
+# nodes do, so capacity differs between nodes.
+NODE_DISK_SIZE=${STEAD_NODE_DISK_SIZE:-8G}
+
+# The standard paths inside a node, and the folders behind them.
 KUBELET_DIR=/var/lib/kubelet
-# The cluster's own containerd: its own root, state and socket, so that a
-# containerd the machine may run already is left alone. Its root is outside
-# the state folder so that imported images outlive a cluster-down.
-CONTAINERD_ROOT=/var/lib/stead-containerd
-CONTAINERD_STATE=/run/stead-containerd
+STEAD_DIR=/var/lib/stead
+CONTAINERD_ROOT=/var/lib/containerd
+CONTAINERD_STATE=/run/containerd
 CONTAINERD_SOCK=$CONTAINERD_STATE/containerd.sock
+# A node's containerd root is kept outside the cluster state, so that the
+# images imported into it outlive a cluster-down.
+CONTAINERD_ROOTS=/var/lib/stead-containerd
 CNI_BIN_DIR=/usr/lib/cni
 
-# Addresses. The node's address lives on a bridge of its own with no ports
-# (this kernel has no dummy links): pods reach the apiserver through the
-# kubernetes Service, whose endpoint can be neither loopback nor link-local,
-# and nothing listens on the machine's real interface.
-NODE_LINK=stead0
-NODE_IP=10.99.0.1
-POD_BRIDGE=stead-pods0
+# Addresses. The control plane listens on the host's end of a bridge with no
+# other ports than the nodes' veths (this kernel has no dummy links): pods
+# reach the apiserver through the kubernetes Service, whose endpoint can be
+# neither loopback nor link-local; nothing listens on the machine's real
+# interface, and nothing from the bridge is forwarded past the machine.
+HOST_LINK=stead0
+HOST_IP=10.99.0.1
+NODE_NET=10.99.0.0/24
 POD_CIDR=10.88.0.0/16
 SERVICE_CIDR=10.96.0.0/16
 KUBERNETES_SVC_IP=10.96.0.1
 APISERVER_PORT=6443
-APISERVER_URL=https://$NODE_IP:$APISERVER_PORT
+APISERVER_URL=https://$HOST_IP:$APISERVER_PORT
 ETCD_CLIENT_PORT=2379
 ETCD_PEER_PORT=2380
+
+# node_name I, node_ip I, node_pod_cidr I, node_zone I (I from 1).
+node_name() { echo "$NODE_PREFIX$1"; }
+node_ip() { echo "10.99.0.$((10 + $1))"; }
+# A /20 per node (4094 pods): 10.88.16.0/20, 10.88.32.0/20, ...
+node_pod_cidr() { echo "10.88.$((16 * $1)).0/20"; }
+node_zone() { echo "${ZONES[$((($1 - 1) % ${#ZONES[@]}))]}"; }
+node_dir() { echo "$NODES_DIR/$(node_name "$1")"; }
+node_mntns() { echo "$MNTNS_DIR/$(node_name "$1")"; }
+# The node's containerd socket as seen from the host.
+node_containerd_sock() { echo "$(node_dir "$1")/containerd-state/containerd.sock"; }
+# The node indexes of the cluster that runs (or ran) here, else 1..STEAD_NODES.
+node_indexes() {
+  local n
+  if [[ -r $STATE/nodes.count ]]; then n=$(<"$STATE/nodes.count"); else n=$STEAD_NODES; fi
+  seq 1 "$n"
+}
+# Runs a command inside node I: its network and mount namespaces.
+in_node() {
+  local i=$1
+  shift
+  nsenter --net="/run/netns/$(node_name "$i")" --mount="$(node_mntns "$i")" -- "$@"
+}
 
 BUSYBOX_IMAGE=localhost/busybox:stead
 PAUSE_IMAGE=localhost/pause:stead
 
 K8S_BINARIES=(kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy kubectl)
-# In start order; cluster-down stops them in reverse.
-COMPONENTS=(etcd containerd kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy)
+# The control plane's processes, and those of each node (pid file and log
+# named <node>.<component>).
+CONTROL_PLANE=(etcd kube-apiserver kube-controller-manager kube-scheduler)
+NODE_COMPONENTS=(containerd kubelet kube-proxy)
 
 log() { printf '[cluster] %s\n' "$*" >&2; }
 die() { printf '[cluster] error: %s\n' "$*" >&2; exit 1; }
@@ -62,11 +104,15 @@ kubectl_admin() {
   "$KUBECTL_BIN" --kubeconfig "$KUBECONFIG_ADMIN" "$@"
 }
 
+# ctr_k8s I ARGS...: ctr on node I's containerd, namespace k8s.io.
 ctr_k8s() {
-  ctr --address "$CONTAINERD_SOCK" --namespace k8s.io "$@"
+  local i=$1
+  shift
+  ctr --address "$(node_containerd_sock "$i")" --namespace k8s.io "$@"
 }
 
-# The pid of a component this cluster started, if it still runs: the pid file
+# component_pid NAME: the pid of a component this cluster started, if it still
+# runs; NAME is a control-plane component or <node>.<component>. The pid file
 # must name a live process whose executable is the component's own, so that a
 # recycled pid never gets a signal from us.
 component_pid() {
@@ -76,7 +122,7 @@ component_pid() {
   [[ $pid =~ ^[0-9]+$ ]] || return 1
   exe=$(readlink "/proc/$pid/exe" 2>/dev/null) || return 1
   exe=${exe% (deleted)} # the binary was rebuilt while it ran
-  [[ ${exe##*/} == "$name" ]] || return 1
+  [[ ${exe##*/} == "${name##*.}" ]] || return 1
   echo "$pid"
 }
 
@@ -120,23 +166,34 @@ probe_apiserver() {
     "$APISERVER_URL/$1"
 }
 
-# Kills and removes every container of the cluster's containerd (k8s.io
-# namespace), then the network namespaces of their pods.
+# Kills and removes every container of node I's containerd (k8s.io namespace).
 sweep_containers() {
-  local ids=() id netns=()
-  mapfile -t ids < <(ctr_k8s containers list --quiet 2>/dev/null)
+  local i=$1 ids=() id
+  mapfile -t ids < <(ctr_k8s "$i" containers list --quiet 2>/dev/null)
   ((${#ids[@]})) || return 0
   for id in "${ids[@]}"; do
-    mapfile -t -O "${#netns[@]}" netns < <(ctr_k8s containers info "$id" 2>/dev/null |
-      grep -o '"/var/run/netns/cni-[0-9a-f-]*"' | tr -d '"')
-    ctr_k8s tasks delete --force "$id" >/dev/null 2>&1 || true
+    ctr_k8s "$i" tasks delete --force "$id" >/dev/null 2>&1 || true
   done
-  ctr_k8s containers delete "${ids[@]}" >/dev/null 2>&1 || true
-  local ns
-  for ns in $(printf '%s\n' "${netns[@]}" | sort -u); do
-    umount "$ns" 2>/dev/null || true
-    rm -f "$ns"
-  done
+  ctr_k8s "$i" containers delete "${ids[@]}" >/dev/null 2>&1 || true
+}
+
+# import_archive I ARCHIVE [NAME]: imports an OCI archive (as written by
+# `buildah push IMAGE oci-archive:FILE:IMAGE`) into node I's containerd,
+# namespace k8s.io; NAME gives the image (another) name. Prints the names the
+# image has there.
+import_archive() {
+  local i=$1 archive=$2 name=${3:-} out imported
+  out=$(ctr_k8s "$i" images import "$archive") ||
+    die "ctr could not import $archive into $(node_name "$i"): $out"
+  # ctr prints "unpacking NAME (sha256:...)...done" per image it named.
+  mapfile -t imported < <(sed -n 's/^unpacking \(.*\) (sha256:.*/\1/p' <<<"$out")
+  if [[ -n $name ]]; then
+    ((${#imported[@]})) || die "$archive holds no named image to tag as $name; push it with a name: oci-archive:FILE:NAME"
+    [[ ${imported[0]} == "$name" ]] || ctr_k8s "$i" images tag --force "${imported[0]}" "$name" >/dev/null
+    imported+=("$name")
+  fi
+  ((${#imported[@]})) || die "$archive holds no named image: push it as oci-archive:FILE:NAME, or pass a name"
+  printf '%s\n' "${imported[@]}" | sort -u
 }
 
 # Unmounts every mount below a folder, deepest first.

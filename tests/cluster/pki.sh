@@ -59,13 +59,11 @@ make_pki() {
     -out "$PKI/ca.crt"
 
   issue kube-apiserver "/CN=kube-apiserver" serverAuth \
-    "DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local,DNS:localhost,IP:127.0.0.1,IP:$NODE_IP,IP:$KUBERNETES_SVC_IP"
-  issue kubelet-serving "/CN=$NODE_NAME" serverAuth "DNS:$NODE_NAME,IP:$NODE_IP,IP:127.0.0.1"
+    "DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local,DNS:localhost,IP:127.0.0.1,IP:$HOST_IP,IP:$KUBERNETES_SVC_IP"
   issue apiserver-kubelet-client "/O=system:masters/CN=kube-apiserver-kubelet-client" clientAuth
   issue admin "/O=system:masters/CN=stead-admin" clientAuth
   issue kube-controller-manager "/CN=system:kube-controller-manager" clientAuth
   issue kube-scheduler "/CN=system:kube-scheduler" clientAuth
-  issue kubelet "/O=system:nodes/CN=system:node:$NODE_NAME" clientAuth
   issue kube-proxy "/CN=system:kube-proxy" clientAuth
 
   # Service-account token signing key (ES256) and its public half.
@@ -73,8 +71,21 @@ make_pki() {
   openssl pkey -in "$PKI/sa.key" -pubout -out "$PKI/sa.pub" 2>/dev/null
 
   local c
-  for c in kube-controller-manager kube-scheduler kubelet kube-proxy; do
+  for c in kube-controller-manager kube-scheduler kube-proxy; do
     write_kubeconfig "$STATE/$c.kubeconfig" "$c"
   done
   write_kubeconfig "$KUBECONFIG_ADMIN" admin
+}
+
+# make_node_pki I: node I's kubelet serving certificate (its name and address)
+# and its client identity system:node:<name> (group system:nodes, which the
+# Node authorizer and NodeRestriction expect), with its kubeconfig in the
+# node's folder.
+make_node_pki() {
+  local i=$1 name ip
+  name=$(node_name "$i")
+  ip=$(node_ip "$i")
+  issue "$name-serving" "/CN=$name" serverAuth "DNS:$name,IP:$ip,IP:127.0.0.1"
+  issue "$name-kubelet" "/O=system:nodes/CN=system:node:$name" clientAuth
+  write_kubeconfig "$(node_dir "$i")/kubelet.kubeconfig" "$name-kubelet"
 }

@@ -20,6 +20,8 @@ declare -A wanted=(
   [openssl]=openssl
   [mount]=mount
   [ip]=iproute2
+  [mkfs.xfs]=xfsprogs
+  [nsenter]=util-linux
   [cc]=gcc
 )
 missing=()

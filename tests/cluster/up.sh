@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# Brings up the single-node cluster: etcd, kube-apiserver,
-# kube-controller-manager, kube-scheduler, containerd, kubelet and kube-proxy as
-# local processes, state in $STEAD_CLUSTER_DIR (default /tmp/stead-cluster).
-# Already up: says so and exits 0. Its last line is `export KUBECONFIG=...`.
+# Brings up the local cluster: a control plane (etcd, kube-apiserver,
+# kube-controller-manager, kube-scheduler) as host processes, and
+# STEAD_NODES nodes (default 3), each a network namespace and a mount
+# namespace of its own with its own containerd, kubelet and kube-proxy (see
+# README.md). State in $STEAD_CLUSTER_DIR (default /tmp/stead-cluster).
+# Already up with that many nodes: says so and exits 0. Its last line is
+# `export KUBECONFIG=...`.
 set -euo pipefail
 # shellcheck source=tests/cluster/lib.sh
 source "$(dirname "$0")/lib.sh"
@@ -12,14 +15,21 @@ source "$CLUSTER_SRC/pki.sh"
 source "$CLUSTER_SRC/images.sh"
 take_cluster_lock
 
+[[ $STEAD_NODES =~ ^[1-9][0-9]?$ ]] && ((STEAD_NODES <= 15)) ||
+  die "STEAD_NODES=$STEAD_NODES: give a number of nodes from 1 to 15"
+
 write_env() {
+  local names=() i
+  for i in $(node_indexes); do names+=("$(node_name "$i")"); done
   cat >"$STATE/env" <<ENV
 export KUBECONFIG=$KUBECONFIG_ADMIN
 export KUBECTL=$KUBECTL_BIN
-export STEAD_NODE_NAME=$NODE_NAME
+export STEAD_NODES="${names[*]}"
+export STEAD_NODE_NAME=${names[0]}
+export STEAD_NODES_DIR=$NODES_DIR
+export STEAD_MNTNS_DIR=$MNTNS_DIR
 export STEAD_KUBELET_DIR=$KUBELET_DIR
 export STEAD_BUSYBOX_IMAGE=$BUSYBOX_IMAGE
-export STEAD_CONTAINERD_SOCK=$CONTAINERD_SOCK
 ENV
 }
 
@@ -30,13 +40,17 @@ print_result() {
 }
 
 all_running() {
-  local c
-  for c in "${COMPONENTS[@]}"; do component_pid "$c" >/dev/null || return 1; done
+  local c i
+  [[ -r $STATE/nodes.count && $(<"$STATE/nodes.count") == "$STEAD_NODES" ]] || return 1
+  for c in "${CONTROL_PLANE[@]}"; do component_pid "$c" >/dev/null || return 1; done
+  for i in $(node_indexes); do
+    for c in "${NODE_COMPONENTS[@]}"; do component_pid "$(node_name "$i").$c" >/dev/null || return 1; done
+  done
   probe_apiserver readyz >/dev/null 2>&1
 }
 
 if all_running; then
-  log "cluster already up ($STATE)"
+  log "cluster already up with $STEAD_NODES node(s) ($STATE)"
   write_env
   print_result
   exit 0
@@ -55,32 +69,47 @@ build_images
 # with the machine's session) goes first: each up starts from empty state.
 "$CLUSTER_SRC/down.sh" --quiet
 started=$SECONDS
-rm -rf "$STATE"
-mkdir -p "$LOGS" "$PIDS" "$STATE/cni/net.d" "$STATE/cni/ipam" "$STATE/config"
+rm -rf --one-file-system "$STATE"
+mkdir -p "$LOGS" "$PIDS" "$STATE/config" "$NODES_DIR"
 touch "$STATE/.stead-cluster"
+echo "$STEAD_NODES" >"$STATE/nodes.count"
 
 # --- host -------------------------------------------------------------------
-# mountPropagation: Bidirectional (CSI plugins) needs a shared root mount.
+# mountPropagation: Bidirectional (CSI plugins) needs shared mounts; each
+# node's namespace makes its own, and the host's stays as a real node's is.
 mount --make-rshared /
-# Bridged pod traffic must pass iptables (kube-proxy's service rules), and
-# service traffic between pods is routed.
+# Bridged pod traffic must pass iptables (kube-proxy's service rules), in
+# every node's network namespace (the setting is per namespace).
 [[ -e /proc/sys/net/bridge/bridge-nf-call-iptables ]] || modprobe br_netfilter 2>/dev/null ||
   die "br_netfilter is missing: load it (modprobe br_netfilter) or use a kernel that has it"
 cat /proc/sys/net/ipv4/ip_forward >"$STATE/ip_forward.before"
-sysctl -qw net.ipv4.ip_forward=1 net.bridge.bridge-nf-call-iptables=1
-# The node's address, on a port-less bridge of its own. The service range is
-# routed to it, so service traffic never leaves the machine, even before
-# kube-proxy has written its rules.
-ip link add "$NODE_LINK" type bridge
-ip addr add "$NODE_IP/32" dev "$NODE_LINK"
-ip link set "$NODE_LINK" up
-ip route add "$SERVICE_CIDR" dev "$NODE_LINK"
-# Pods talk to the node and to each other, never past the machine.
-iptables -w -I FORWARD -s "$POD_CIDR" ! -d "$POD_CIDR" -m comment --comment stead-cluster \
+sysctl -qw net.ipv4.ip_forward=1
+# The control plane's address, on the bridge the nodes' veths join. The
+# service range is routed to it, so service traffic from the host never
+# leaves the machine.
+ip link add "$HOST_LINK" type bridge
+ip addr add "$HOST_IP/24" dev "$HOST_LINK"
+ip link set "$HOST_LINK" up
+ip route add "$SERVICE_CIDR" dev "$HOST_LINK"
+# Nodes and pods talk to the control plane and to each other, never past the
+# machine, and nothing from outside reaches them.
+iptables -w -I FORWARD -i "$HOST_LINK" ! -o "$HOST_LINK" -m comment --comment stead-cluster \
   -j REJECT --reject-with icmp-net-prohibited
+iptables -w -I FORWARD ! -i "$HOST_LINK" -o "$HOST_LINK" -m comment --comment stead-cluster \
+  -j REJECT --reject-with icmp-net-prohibited
+# The folder that holds the nodes' mount namespaces must be a private mount:
+# a namespace cannot be pinned on a shared one.
+mkdir -p "$MNTNS_DIR"
+if ! mountpoint -q "$MNTNS_DIR"; then
+  mount --bind "$MNTNS_DIR" "$MNTNS_DIR"
+fi
+mount --make-private "$MNTNS_DIR"
+# The standard paths a node's folders are bind-mounted on, in its namespace.
+mkdir -p "$KUBELET_DIR" "$STEAD_DIR" "$CONTAINERD_ROOT" "$CONTAINERD_STATE" /var/log "$CONTAINERD_ROOTS"
 
 # --- etcd and the apiserver ---------------------------------------------------
 make_pki
+
 
 start_component etcd "$BIN/etcd" --name stead --data-dir "$STATE/etcd" \
   --listen-client-urls "http://127.0.0.1:$ETCD_CLIENT_PORT" \
@@ -92,10 +121,102 @@ start_component etcd "$BIN/etcd" --name stead --data-dir "$STATE/etcd" \
 # A throw-away test cluster: etcd skips fsync (--unsafe-no-fsync), which on a
 # shared disk is most of the apiserver's write latency.
 
+wait_healthy etcd 30 probe "http://127.0.0.1:$ETCD_CLIENT_PORT/health"
+
+start_component kube-apiserver "$BIN/kube-apiserver" \
+  --etcd-servers "http://127.0.0.1:$ETCD_CLIENT_PORT" \
+  --bind-address "$HOST_IP" --advertise-address "$HOST_IP" --secure-port "$APISERVER_PORT" \
+  --tls-cert-file "$PKI/kube-apiserver.crt" --tls-private-key-file "$PKI/kube-apiserver.key" \
+  --client-ca-file "$PKI/ca.crt" \
+  --kubelet-client-certificate "$PKI/apiserver-kubelet-client.crt" \
+  --kubelet-client-key "$PKI/apiserver-kubelet-client.key" \
+  --kubelet-certificate-authority "$PKI/ca.crt" \
+  --kubelet-preferred-address-types InternalIP \
+  --service-account-issuer https://kubernetes.default.svc.cluster.local \
+  --service-account-key-file "$PKI/sa.pub" \
+  --service-account-signing-key-file "$PKI/sa.key" \
+  --service-cluster-ip-range "$SERVICE_CIDR" \
+  --authorization-mode Node,RBAC \
+  --enable-admission-plugins NodeRestriction \
+  --allow-privileged=true \
+  --profiling=false --v=1
+
+
+# --- nodes --------------------------------------------------------------------
 # CAP_SYS_RESOURCE is bit 24 of the effective capability set.
 restrict_oom=false
 (((0x$(awk '/^CapEff/ {print $2}' /proc/self/status) >> 24) & 1)) || restrict_oom=true
-cat >"$STATE/config/containerd.toml" <<TOML
+
+# start_in_node I COMPONENT CMD...: a node component in node I's namespaces.
+start_in_node() {
+  local i=$1 c=$2
+  shift 2
+  start_component "$(node_name "$i").$c" nsenter --net="/run/netns/$(node_name "$i")" \
+    --mount="$(node_mntns "$i")" -- "$@"
+}
+
+# setup_node I: node I's disk, network, mount namespace and configuration,
+# then its containerd with the cluster's images.
+setup_node() {
+  local i=$1 name dir ip cidr netns mnt j
+  name=$(node_name "$i")
+  dir=$(node_dir "$i")
+  ip=$(node_ip "$i")
+  cidr=$(node_pod_cidr "$i")
+  mnt=$(node_mntns "$i")
+  mkdir -p "$dir"/{kubelet,stead,containerd-state,log,config,cni/net.d,cni/ipam} "$CONTAINERD_ROOTS/$name"
+
+  # Its disk: a sparse xfs image (reflink on), mounted on the host so that
+  # the node's files can be inspected from it; the node sees it at
+  # /var/lib/stead.
+  truncate -s "$NODE_DISK_SIZE" "$dir/disk.img"
+  mkfs.xfs -q -m reflink=1 "$dir/disk.img"
+  mount -o loop "$dir/disk.img" "$dir/stead"
+
+  # Its network: a veth from the host bridge, its address, its pod subnet,
+  # routes to the other nodes' pod subnets; forwarding and bridge netfilter
+  # for its pods.
+  ip netns add "$name"
+  netns=(ip netns exec "$name")
+  ip link add "stead-n$i" type veth peer name eth0 netns "$name"
+  ip link set "stead-n$i" master "$HOST_LINK" up
+  "${netns[@]}" ip link set lo up
+  "${netns[@]}" ip addr add "$ip/24" dev eth0
+  "${netns[@]}" ip link set eth0 up
+  "${netns[@]}" ip route add default via "$HOST_IP"
+  for j in $(seq 1 "$STEAD_NODES"); do
+    ((j == i)) || "${netns[@]}" ip route add "$(node_pod_cidr "$j")" via "$(node_ip "$j")"
+  done
+  "${netns[@]}" sysctl -qw net.ipv4.ip_forward=1 net.bridge.bridge-nf-call-iptables=1
+  ip route add "$cidr" via "$ip"
+
+  # Its mount namespace, pinned on a file: private from the host (its mounts
+  # stay its own), then shared inside like a real node's root, with its
+  # folders at the standard paths, each a peer group of its own.
+  touch "$mnt"
+  unshare --mount="$mnt" --propagation private sh -ec "
+    mount --make-rshared /
+    bind() { mount --bind \"\$1\" \"\$2\"; mount --make-private \"\$2\"; mount --make-shared \"\$2\"; }
+    bind '$dir/kubelet' '$KUBELET_DIR'
+    bind '$dir/stead' '$STEAD_DIR'
+    bind '$dir/containerd-state' '$CONTAINERD_STATE'
+    bind '$CONTAINERD_ROOTS/$name' '$CONTAINERD_ROOT'
+    bind '$dir/log' /var/log
+  "
+
+  # Its cgroup root, in every hierarchy (the kubelet wants it to exist); a
+  # cpuset starts empty and must be given the machine's CPUs and memory nodes.
+  local h
+  for h in /sys/fs/cgroup/*/; do
+    [[ -L ${h%/} ]] && continue
+    mkdir -p "$h$name"
+    if [[ -e ${h}cpuset.cpus ]]; then
+      cat "${h}cpuset.cpus" >"$h$name/cpuset.cpus"
+      cat "${h}cpuset.mems" >"$h$name/cpuset.mems"
+    fi
+  done
+
+  cat >"$dir/config/containerd.toml" <<TOML
 version = 2
 root = "$CONTAINERD_ROOT"
 state = "$CONTAINERD_STATE"
@@ -116,62 +237,134 @@ state = "$CONTAINERD_STATE"
         Root = "$CONTAINERD_STATE/runc"
   [plugins."io.containerd.grpc.v1.cri".cni]
     bin_dir = "$CNI_BIN_DIR"
-    conf_dir = "$STATE/cni/net.d"
+    conf_dir = "$dir/cni/net.d"
 TOML
-# One bridge for all pods; host-local hands out addresses. No masquerade:
-# pods have nowhere to go but the node and each other.
-cat >"$STATE/cni/net.d/10-stead.conflist" <<JSON
+  # The node's pods on its own bridge, addresses from its subnet. No
+  # masquerade: pods reach other nodes' pods by the routes above.
+  cat >"$dir/cni/net.d/10-stead.conflist" <<JSON
 {
   "cniVersion": "1.0.0",
   "name": "stead",
   "plugins": [
     {
       "type": "bridge",
-      "bridge": "$POD_BRIDGE",
+      "bridge": "cni0",
       "isGateway": true,
       "ipMasq": false,
       "hairpinMode": true,
       "ipam": {
         "type": "host-local",
-        "dataDir": "$STATE/cni/ipam",
-        "ranges": [[{"subnet": "$POD_CIDR"}]],
+        "dataDir": "$dir/cni/ipam",
+        "ranges": [[{"subnet": "$cidr"}]],
         "routes": [{"dst": "0.0.0.0/0"}]
       }
     }
   ]
 }
 JSON
-mkdir -p "$CONTAINERD_STATE"
-start_component containerd containerd --config "$STATE/config/containerd.toml" --log-level warn
+  start_in_node "$i" containerd containerd --config "$dir/config/containerd.toml" --log-level warn
+  wait_healthy "$name.containerd" 30 ctr --address "$(node_containerd_sock "$i")" version
+  # Containers its root kept from an earlier run are stale.
+  sweep_containers "$i"
+  import_images "$i"
+}
 
-wait_healthy etcd 30 probe "http://127.0.0.1:$ETCD_CLIENT_PORT/health"
+# start_node I: node I's kubelet and kube-proxy.
+start_node() {
+  local i=$1 name dir ip
+  name=$(node_name "$i")
+  dir=$(node_dir "$i")
+  ip=$(node_ip "$i")
+  make_node_pki "$i"
+  cat >"$dir/config/kubelet.yaml" <<YAML
+apiVersion: kubelet.config.k8s.io/v1beta1
+kind: KubeletConfiguration
+address: $ip
+# On the node's address, so that the host can probe it.
+healthzBindAddress: $ip
+readOnlyPort: 0
+tlsCertFile: $PKI/$name-serving.crt
+tlsPrivateKeyFile: $PKI/$name-serving.key
+authentication:
+  anonymous:
+    enabled: false
+  webhook:
+    enabled: true
+  x509:
+    clientCAFile: $PKI/ca.crt
+authorization:
+  mode: Webhook
+containerRuntimeEndpoint: unix://$CONTAINERD_SOCK
+cgroupDriver: cgroupfs
+# Each node's pods in a cgroup tree of its own.
+cgroupRoot: /$name
+cgroupsPerQOS: true
+# This kernel mounts cgroup v1; Kubernetes 1.34 still runs there when told to.
+failCgroupV1: false
+failSwapOn: false
+# A benchmark runs 100+ pods on one node.
+maxPods: 300
+clusterDomain: cluster.local
+resolvConf: /etc/resolv.conf
+# Images come only from the local store (there is no registry to pull them
+# back from), so the kubelet must never collect them.
+imageGCHighThresholdPercent: 100
+imageGCLowThresholdPercent: 99
+# Test nodes on a shared disk: evict only when it is really full.
+evictionHard:
+  memory.available: 100Mi
+  nodefs.available: 2%
+  nodefs.inodesFree: 2%
+  imagefs.available: 2%
+serializeImagePulls: false
+rotateCertificates: false
+YAML
+  start_in_node "$i" kubelet "$BIN/kubelet" \
+    --config "$dir/config/kubelet.yaml" \
+    --kubeconfig "$dir/kubelet.kubeconfig" \
+    --root-dir "$KUBELET_DIR" \
+    --hostname-override "$name" --node-ip "$ip" \
+    --node-labels "topology.kubernetes.io/zone=$(node_zone "$i")" \
+    --v=1
 
-start_component kube-apiserver "$BIN/kube-apiserver" \
-  --etcd-servers "http://127.0.0.1:$ETCD_CLIENT_PORT" \
-  --bind-address "$NODE_IP" --advertise-address "$NODE_IP" --secure-port "$APISERVER_PORT" \
-  --tls-cert-file "$PKI/kube-apiserver.crt" --tls-private-key-file "$PKI/kube-apiserver.key" \
-  --client-ca-file "$PKI/ca.crt" \
-  --kubelet-client-certificate "$PKI/apiserver-kubelet-client.crt" \
-  --kubelet-client-key "$PKI/apiserver-kubelet-client.key" \
-  --kubelet-certificate-authority "$PKI/ca.crt" \
-  --kubelet-preferred-address-types InternalIP \
-  --service-account-issuer https://kubernetes.default.svc.cluster.local \
-  --service-account-key-file "$PKI/sa.pub" \
-  --service-account-signing-key-file "$PKI/sa.key" \
-  --service-cluster-ip-range "$SERVICE_CIDR" \
-  --authorization-mode Node,RBAC \
-  --enable-admission-plugins NodeRestriction \
-  --allow-privileged=true \
-  --profiling=false --v=1
+  cat >"$dir/config/kube-proxy.yaml" <<YAML
+apiVersion: kubeproxy.config.k8s.io/v1alpha1
+kind: KubeProxyConfiguration
+clientConnection:
+  kubeconfig: $STATE/kube-proxy.kubeconfig
+hostnameOverride: $name
+mode: iptables
+clusterCIDR: $POD_CIDR
+detectLocalMode: ClusterCIDR
+healthzBindAddress: $ip:10256
+metricsBindAddress: 127.0.0.1:10249
+# NodePorts on the node's address only.
+nodePortAddresses: [primary]
+conntrack:
+  # Leave the conntrack sysctls as they are.
+  maxPerCore: 0
+  tcpEstablishedTimeout: 0s
+  tcpCloseWaitTimeout: 0s
+YAML
+  start_in_node "$i" kube-proxy "$BIN/kube-proxy" --config "$dir/config/kube-proxy.yaml" --v=1
+}
 
-wait_healthy containerd 30 ctr --address "$CONTAINERD_SOCK" version
-# A fresh cluster has no pods: containers an earlier run left are stale.
-sweep_containers
-import_images
+# The nodes are set up side by side while the apiserver starts.
+pids=()
+for i in $(node_indexes); do
+  setup_node "$i" >"$LOGS/$(node_name "$i").setup.log" 2>&1 &
+  pids+=($!)
+done
+for i in $(node_indexes); do
+  wait "${pids[$((i - 1))]}" || {
+    cat "$LOGS/$(node_name "$i").setup.log" >&2
+    die "setting up node $(node_name "$i") failed (log above)"
+  }
+done
 wait_healthy kube-apiserver 60 probe_apiserver readyz
-log "control plane up ($((SECONDS - started)) s)"
+log "control plane and $STEAD_NODES node(s) set up ($((SECONDS - started)) s)"
 
-# --- controllers, scheduler, node -----------------------------------------------
+# --- controllers and scheduler -------------------------------------------------
 start_component kube-controller-manager "$BIN/kube-controller-manager" \
   --kubeconfig "$STATE/kube-controller-manager.kubeconfig" \
   --authentication-kubeconfig "$STATE/kube-controller-manager.kubeconfig" \
@@ -190,80 +383,19 @@ start_component kube-scheduler "$BIN/kube-scheduler" \
   --authorization-kubeconfig "$STATE/kube-scheduler.kubeconfig" \
   --bind-address 127.0.0.1 --leader-elect=false --profiling=false --v=1
 
-cat >"$STATE/config/kubelet.yaml" <<YAML
-apiVersion: kubelet.config.k8s.io/v1beta1
-kind: KubeletConfiguration
-address: $NODE_IP
-healthzBindAddress: 127.0.0.1
-readOnlyPort: 0
-tlsCertFile: $PKI/kubelet-serving.crt
-tlsPrivateKeyFile: $PKI/kubelet-serving.key
-authentication:
-  anonymous:
-    enabled: false
-  webhook:
-    enabled: true
-  x509:
-    clientCAFile: $PKI/ca.crt
-authorization:
-  mode: Webhook
-containerRuntimeEndpoint: unix://$CONTAINERD_SOCK
-cgroupDriver: cgroupfs
-# This kernel mounts cgroup v1; Kubernetes 1.34 still runs there when told to.
-failCgroupV1: false
-failSwapOn: false
-# A benchmark runs 100+ pods on this one node.
-maxPods: 300
-clusterDomain: cluster.local
-resolvConf: /etc/resolv.conf
-# Images come only from the local store (there is no registry to pull them
-# back from), so the kubelet must never collect them.
-imageGCHighThresholdPercent: 100
-imageGCLowThresholdPercent: 99
-# A test node on a shared disk: evict only when it is really full.
-evictionHard:
-  memory.available: 100Mi
-  nodefs.available: 2%
-  nodefs.inodesFree: 2%
-  imagefs.available: 2%
-serializeImagePulls: false
-rotateCertificates: false
-YAML
-
-start_component kubelet "$BIN/kubelet" \
-  --config "$STATE/config/kubelet.yaml" \
-  --kubeconfig "$STATE/kubelet.kubeconfig" \
-  --root-dir "$KUBELET_DIR" \
-  --hostname-override "$NODE_NAME" --node-ip "$NODE_IP" \
-  --v=1
-
-cat >"$STATE/config/kube-proxy.yaml" <<YAML
-apiVersion: kubeproxy.config.k8s.io/v1alpha1
-kind: KubeProxyConfiguration
-clientConnection:
-  kubeconfig: $STATE/kube-proxy.kubeconfig
-hostnameOverride: $NODE_NAME
-mode: iptables
-clusterCIDR: $POD_CIDR
-detectLocalMode: ClusterCIDR
-healthzBindAddress: 127.0.0.1:10256
-metricsBindAddress: 127.0.0.1:10249
-# NodePorts on the node's address only, not on the machine's real interface.
-nodePortAddresses: [primary]
-conntrack:
-  # Leave the machine's conntrack sysctls as they are.
-  maxPerCore: 0
-  tcpEstablishedTimeout: 0s
-  tcpCloseWaitTimeout: 0s
-YAML
-start_component kube-proxy "$BIN/kube-proxy" --config "$STATE/config/kube-proxy.yaml" --v=1
+for i in $(node_indexes); do start_node "$i"; done
 
 wait_healthy kube-controller-manager 30 probe -k https://127.0.0.1:10257/healthz
 wait_healthy kube-scheduler 30 probe -k https://127.0.0.1:10259/healthz
-wait_healthy kubelet 60 probe http://127.0.0.1:10248/healthz
-wait_healthy kube-proxy 30 probe http://127.0.0.1:10256/healthz
-wait_healthy kubelet 60 kubectl_admin wait --for=condition=Ready "node/$NODE_NAME" --timeout=5s
-log "node $NODE_NAME Ready ($((SECONDS - started)) s)"
+for i in $(node_indexes); do
+  name=$(node_name "$i")
+  wait_healthy "$name.kubelet" 60 probe "http://$(node_ip "$i"):10248/healthz"
+  wait_healthy "$name.kube-proxy" 30 probe "http://$(node_ip "$i"):10256/healthz"
+done
+for i in $(node_indexes); do
+  wait_healthy "$(node_name "$i").kubelet" 60 kubectl_admin wait --for=condition=Ready "node/$(node_name "$i")" --timeout=5s
+done
+log "$STEAD_NODES node(s) Ready ($((SECONDS - started)) s)"
 # Pods can be created once their namespace's service account exists.
 wait_healthy kube-controller-manager 30 kubectl_admin get serviceaccount default
 write_env
