@@ -3,7 +3,9 @@
 #   1. a busybox Pod runs to Succeeded;
 #   2. a 2-replica StatefulSet becomes Ready in order (pod 0 Ready before pod 1 exists);
 #   3. pods on the pod network and on the host network reach the apiserver
-#      through the kubernetes Service with their service-account token.
+#      through the kubernetes Service with their service-account token;
+#   4. every node is Ready with its hostname and zone labels, and a pod on the
+#      first node reaches a pod on every node, directly and through a Service.
 # Prints one line per check and a closing "N passed, N failed" line.
 # Output is captured before it is searched: under pipefail, `cmd | grep -q`
 # fails at random when grep exits before cmd has written everything (SIGPIPE).
@@ -87,6 +89,82 @@ for pod in in-cluster-pod-network in-cluster-host-network; do
     fail "$name" "$(k logs "$pod" 2>&1 | tail -n 3)"
   fi
 done
+
+# 4. Nodes and the network between them.
+mapfile -t nodes < <(kubectl_admin get nodes -o \
+  jsonpath='{range .items[*]}{.metadata.name} {.metadata.labels.kubernetes\.io/hostname} {.metadata.labels.topology\.kubernetes\.io/zone} {.status.conditions[?(@.type=="Ready")].status}{"\n"}{end}')
+name="$(node_indexes | wc -l) node(s) Ready with hostname and zone labels"
+want=() got=()
+for i in $(node_indexes); do want+=("$(node_name "$i") $(node_name "$i") $(node_zone "$i") True"); done
+mapfile -t got < <(printf '%s\n' "${nodes[@]}" | sort)
+if [[ "${got[*]}" == "${want[*]}" ]]; then pass "$name"; else fail "$name" "got: ${got[*]}; want: ${want[*]}"; fi
+
+for i in $(node_indexes); do
+  n=$(node_name "$i")
+  k apply -f - >/dev/null <<YAML
+apiVersion: v1
+kind: Pod
+metadata:
+  name: web-$i
+  labels: {app: web, node: "$n"}
+spec:
+  nodeName: $n
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: main
+    image: $BUSYBOX_IMAGE
+    imagePullPolicy: Never
+    command: [sh, -c, 'mkdir -p /www && echo "web on $n" > /www/index.html && exec httpd -f -p 8080 -h /www']
+YAML
+done
+last=$(node_name "$(node_indexes | tail -1)")
+k apply -f - >/dev/null <<YAML
+apiVersion: v1
+kind: Service
+metadata:
+  name: web-last
+spec:
+  selector: {app: web, node: "$last"}
+  ports: [{port: 80, targetPort: 8080}]
+YAML
+name="pods reach pods on every node and a Service on $last"
+if k wait --for=condition=Ready pod -l app=web --timeout=90s >/dev/null; then
+  script=
+  for i in $(node_indexes); do
+    ip=$(k get pod "web-$i" -o jsonpath='{.status.podIP}')
+    # (this busybox's wget -T crashes; timeout bounds it instead)
+    script+="timeout 10 wget -q -O - http://$ip:8080/; "
+  done
+  # The Service's rules are written by kube-proxy a moment after its creation.
+  script+="for t in \$(seq 30); do
+    timeout 5 wget -q -O - http://\$WEB_LAST_SERVICE_HOST:80/ 2>/dev/null && exit 0; sleep 1; done; exit 1"
+  k apply -f - >/dev/null <<YAML
+apiVersion: v1
+kind: Pod
+metadata:
+  name: web-client
+spec:
+  nodeName: $(node_name 1)
+  restartPolicy: Never
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: main
+    image: $BUSYBOX_IMAGE
+    imagePullPolicy: Never
+    command: [sh, -c, '$script']
+YAML
+  want=
+  for i in $(node_indexes); do want+="web on $(node_name "$i") "; done
+  want+="web on $last"
+  if k wait --for=jsonpath='{.status.phase}'=Succeeded pod/web-client --timeout=90s >/dev/null &&
+    logs=$(k logs web-client) && [[ $(tr '\n' ' ' <<<"$logs" | sed 's/ $//') == "$want" ]]; then
+    pass "$name"
+  else
+    fail "$name" "client said: $(k logs web-client 2>&1 | tr '\n' '|'); want: $want"
+  fi
+else
+  fail "$name" "web pods not Ready in 90 s"
+fi
 
 if ((failed == 0)); then
   kubectl_admin delete namespace "$NS" --wait=false >/dev/null
