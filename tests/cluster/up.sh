@@ -19,12 +19,13 @@ take_cluster_lock
   die "STEAD_NODES=$STEAD_NODES: give a number of nodes from 1 to 15"
 
 write_env() {
-  local names=() i
-  for i in $(node_indexes); do names+=("$(node_name "$i")"); done
+  local names=() ips=() i
+  for i in $(node_indexes); do names+=("$(node_name "$i")") ips+=("$(node_ip "$i")"); done
   cat >"$STATE/env" <<ENV
 export KUBECONFIG=$KUBECONFIG_ADMIN
 export KUBECTL=$KUBECTL_BIN
 export STEAD_NODES="${names[*]}"
+export STEAD_NODE_ADDRESSES="${ips[*]}"
 export STEAD_NODE_NAME=${names[0]}
 export STEAD_NODES_DIR=$NODES_DIR
 export STEAD_MNTNS_DIR=$MNTNS_DIR

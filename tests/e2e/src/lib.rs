@@ -738,3 +738,179 @@ impl Drop for PodTimeline {
         self.task.abort();
     }
 }
+
+/// A node of the bundled local cluster (`tests/cluster`): a network
+/// namespace named after it, a mount namespace pinned in `STEAD_MNTNS_DIR`,
+/// and its folders under `STEAD_NODES_DIR/<name>`, bind-mounted in that
+/// namespace at the standard paths. Only the suites that run processes on a
+/// node (the provisioner's) need it; the others work on any cluster.
+#[derive(Debug, Clone)]
+pub struct LocalNode {
+    pub name: String,
+    /// Its address on the cluster's bridge, reachable from the host.
+    pub address: String,
+    dir: PathBuf,
+    mntns: PathBuf,
+}
+
+impl LocalNode {
+    /// The nodes named by the local cluster's env file (`STEAD_NODES`,
+    /// `STEAD_NODE_ADDRESSES`, `STEAD_NODES_DIR`, `STEAD_MNTNS_DIR`).
+    pub fn all() -> Vec<LocalNode> {
+        let var = |name: &str| {
+            std::env::var(name).unwrap_or_else(|_| {
+                panic!("{name} is not set: source the local cluster's env file (make cluster-up writes it)")
+            })
+        };
+        let names = var("STEAD_NODES");
+        let addresses = var("STEAD_NODE_ADDRESSES");
+        let dir = PathBuf::from(var("STEAD_NODES_DIR"));
+        let mntns = PathBuf::from(var("STEAD_MNTNS_DIR"));
+        let names: Vec<&str> = names.split_whitespace().collect();
+        let addresses: Vec<&str> = addresses.split_whitespace().collect();
+        assert_eq!(
+            names.len(),
+            addresses.len(),
+            "STEAD_NODES and STEAD_NODE_ADDRESSES differ in length"
+        );
+        names
+            .iter()
+            .zip(addresses)
+            .map(|(n, a)| LocalNode {
+                name: n.to_string(),
+                address: a.to_string(),
+                dir: dir.join(n),
+                mntns: mntns.join(n),
+            })
+            .collect()
+    }
+
+    /// The first node (`STEAD_NODE_NAME`).
+    pub fn first() -> LocalNode {
+        LocalNode::all()
+            .into_iter()
+            .next()
+            .expect("the local cluster has no node")
+    }
+
+    /// Where a path inside the node is on the host: its kubelet and Stead
+    /// folders are its own, everything else is the host's.
+    pub fn host_path(&self, inside: impl AsRef<std::path::Path>) -> PathBuf {
+        let inside = inside.as_ref();
+        for (standard, own) in [("/var/lib/kubelet", "kubelet"), ("/var/lib/stead", "stead")] {
+            if let Ok(rest) = inside.strip_prefix(standard) {
+                return self.dir.join(own).join(rest);
+            }
+        }
+        inside.to_owned()
+    }
+
+    /// A command that runs `program` inside the node (its network and mount
+    /// namespaces), as its kubelet and containerd run.
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> std::process::Command {
+        let mut cmd = std::process::Command::new("nsenter");
+        cmd.arg(format!("--net=/run/netns/{}", self.name))
+            .arg(format!("--mount={}", self.mntns.display()))
+            .arg("--")
+            .arg(program);
+        cmd
+    }
+}
+
+/// A change to a Node made for one test (cordon, taint), undone when
+/// dropped, also when the test fails.
+pub struct NodeChange {
+    node: String,
+    /// The taint key it added, or none for a cordon.
+    taint: Option<String>,
+}
+
+impl NodeChange {
+    /// `kubectl cordon`: the node takes no new pods.
+    pub async fn cordon(client: &Client, node: &str) -> NodeChange {
+        patch_node(client, node, json!({"spec": {"unschedulable": true}})).await;
+        step(&format!("node {node} cordoned"));
+        NodeChange {
+            node: node.to_string(),
+            taint: None,
+        }
+    }
+
+    /// `kubectl taint nodes NODE KEY=VALUE:EFFECT`.
+    pub async fn taint(
+        client: &Client,
+        node: &str,
+        key: &str,
+        value: &str,
+        effect: &str,
+    ) -> NodeChange {
+        let mut taints = node_taints(client, node).await;
+        taints.retain(|t| t["key"] != key);
+        taints.push(json!({"key": key, "value": value, "effect": effect}));
+        patch_node(client, node, json!({"spec": {"taints": taints}})).await;
+        step(&format!("node {node} tainted {key}={value}:{effect}"));
+        NodeChange {
+            node: node.to_string(),
+            taint: Some(key.to_string()),
+        }
+    }
+
+    async fn undo(node: &str, taint: Option<&str>) {
+        let client = client().await;
+        match taint {
+            None => patch_node(&client, node, json!({"spec": {"unschedulable": null}})).await,
+            Some(key) => {
+                let mut taints = node_taints(&client, node).await;
+                taints.retain(|t| t["key"] != key);
+                patch_node(&client, node, json!({"spec": {"taints": taints}})).await;
+            }
+        }
+    }
+
+    /// Undoes the change now (and says so).
+    pub async fn revert(mut self) {
+        let taint = self.taint.take();
+        NodeChange::undo(&self.node, taint.as_deref()).await;
+        step(&format!(
+            "node {}: {} undone",
+            self.node,
+            taint.map_or("cordon".to_string(), |k| format!("taint {k}"))
+        ));
+        self.node.clear();
+    }
+}
+
+impl Drop for NodeChange {
+    fn drop(&mut self) {
+        if self.node.is_empty() {
+            return;
+        }
+        // The test's runtime is blocked in this drop: undo on one of its own.
+        let (node, taint) = (self.node.clone(), self.taint.clone());
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Runtime::new().expect("runtime");
+            rt.block_on(NodeChange::undo(&node, taint.as_deref()));
+        })
+        .join();
+    }
+}
+
+async fn node_taints(client: &Client, node: &str) -> Vec<serde_json::Value> {
+    let n = Api::<k8s_openapi::api::core::v1::Node>::all(client.clone())
+        .get(node)
+        .await
+        .unwrap_or_else(|e| panic!("reading node {node}: {e}"));
+    n.spec
+        .and_then(|s| s.taints)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|t| serde_json::to_value(t).expect("taint as JSON"))
+        .collect()
+}
+
+async fn patch_node(client: &Client, node: &str, patch: serde_json::Value) {
+    Api::<k8s_openapi::api::core::v1::Node>::all(client.clone())
+        .patch(node, &PatchParams::default(), &Patch::Merge(patch))
+        .await
+        .unwrap_or_else(|e| panic!("patching node {node}: {e}"));
+}

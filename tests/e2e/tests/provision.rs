@@ -19,10 +19,14 @@ use stead::proto::csi::v1::controller_client::ControllerClient;
 use stead::provisioner::{claim, class, ledger::Ledger};
 use stead_e2e::*;
 
+/// The agent's CSI socket inside its node, where the kubelet looks for it.
 const CSI_SOCKET: &str = "/var/lib/kubelet/plugins/stead.csi.dev/csi.sock";
 
+/// What an agent logs when its node stops taking Immediate claims.
+const NOT_SCHEDULABLE_LOG: &str = "Immediate claims are left to other nodes";
+
 fn node_name() -> String {
-    std::env::var("STEAD_NODE_NAME").unwrap_or_else(|_| "stead-node".into())
+    LocalNode::first().name
 }
 
 fn stead_bin() -> PathBuf {
@@ -33,40 +37,35 @@ fn stead_bin() -> PathBuf {
         })
 }
 
-/// The agent as a host process, with pools of its own under `root`.
+/// The agent as a process on a node of the local cluster (in the node's
+/// namespaces, as the DaemonSet's container would be), registered with that
+/// node's kubelet, with pools of its own on the node's disk.
 struct Agent {
+    node: LocalNode,
+    /// Its folder as the node sees it, and as the host does.
+    root_in: PathBuf,
     root: PathBuf,
     child: Option<Child>,
     extra: Vec<String>,
-    /// The node it claims to run on, its CSI socket, and whether it
-    /// registers with the kubelet (only the agent of the real node does).
-    node: String,
-    socket: PathBuf,
-    registration: bool,
 }
 
 impl Agent {
+    /// An agent on the cluster's first node.
     fn new(test: &str, extra: &[&str]) -> Agent {
-        let root = PathBuf::from(format!("/var/tmp/stead-provision/{test}-{}", token()));
+        Agent::on(&LocalNode::first(), test, extra)
+    }
+
+    fn on(node: &LocalNode, test: &str, extra: &[&str]) -> Agent {
+        let root_in = PathBuf::from(format!("/var/lib/stead/provision/{test}-{}", token()));
+        let root = node.host_path(&root_in);
         std::fs::create_dir_all(&root).expect("agent root");
         Agent {
+            node: node.clone(),
+            root_in,
             root,
             child: None,
             extra: extra.iter().map(|s| s.to_string()).collect(),
-            node: node_name(),
-            socket: PathBuf::from(CSI_SOCKET),
-            registration: true,
         }
-    }
-
-    /// An agent for a node without a kubelet: it provisions (Immediate
-    /// claims need no pod) but registers nowhere, on a socket of its own.
-    fn elsewhere(test: &str, node: &str) -> Agent {
-        let mut agent = Agent::new(test, &[]);
-        agent.node = node.to_string();
-        agent.socket = agent.root.join("csi.sock");
-        agent.registration = false;
-        agent
     }
 
     fn pool(&self, name: &str) -> PathBuf {
@@ -90,19 +89,22 @@ impl Agent {
             .append(true)
             .open(self.log())
             .expect("agent log");
-        let child = Command::new(stead_bin())
+        let inside = |p: &str| self.root_in.join(p).display().to_string();
+        let child = self
+            .node
+            .command(stead_bin())
             .arg("node")
-            .args(["--node-id", &self.node])
+            .args(["--node-id", &self.node.name])
             .arg("--endpoint")
-            .arg(format!("unix://{}", self.socket.display()))
+            .arg(format!("unix://{CSI_SOCKET}"))
             .arg("--pool")
-            .arg(format!("image:image:{}", self.pool("image").display()))
+            .arg(format!("image:image:{}", inside("pools/image")))
             .arg("--pool")
-            .arg(format!("dir:dir:{}", self.pool("dir").display()))
-            .arg(format!("--registration={}", self.registration))
+            .arg(format!("dir:dir:{}", inside("pools/dir")))
+            .arg("--registration=true")
             .arg(format!("--provisioner={provisioner}"))
             .arg("--state-dir")
-            .arg(self.state())
+            .arg(inside("state"))
             .args(["--capacity-namespace", "default"])
             .args(&self.extra)
             .env("RUST_LOG", "info,stead=debug")
@@ -115,15 +117,19 @@ impl Agent {
             .unwrap_or_else(|e| panic!("starting {}: {e}", stead_bin().display()));
         self.child = Some(child);
         self.csi().await;
-        step(&format!("agent started (provisioner={provisioner})"));
+        step(&format!(
+            "agent started on {} (provisioner={provisioner})",
+            self.node.name
+        ));
     }
 
     /// A CSI controller client on the agent's socket (waits for it).
     async fn csi(&self) -> ControllerClient<tonic::transport::Channel> {
         let deadline = Instant::now() + Duration::from_secs(30);
-        let endpoint = format!("unix://{}", self.socket.display());
+        let socket = self.node.host_path(CSI_SOCKET);
+        let endpoint = format!("unix://{}", socket.display());
         loop {
-            if self.socket.exists()
+            if socket.exists()
                 && let Ok(ch) = tonic::transport::Endpoint::from_shared(endpoint.clone())
                     .expect("endpoint")
                     .connect()
@@ -149,7 +155,7 @@ impl Agent {
         class: &class::ClassSpec,
     ) -> String {
         self.start(false).await;
-        let req = claim::create_request(pvc, class, &node_name()).expect("request");
+        let req = claim::create_request(pvc, class, &self.node.name).expect("request");
         Ledger::open(&self.state())
             .unwrap()
             .record(&req.name, &claim::claim_key(pvc), &pvc.uid().unwrap())
@@ -205,13 +211,19 @@ impl Agent {
 
     /// Waits until the agent's log has a line containing `needle`.
     async fn wait_log(&self, needle: &str, what: &str) {
+        self.wait_log_count(needle, 1, what).await;
+    }
+
+    /// Waits until the agent's log has `count` lines containing `needle`.
+    async fn wait_log_count(&self, needle: &str, count: usize, what: &str) {
         poll_until(what, Duration::from_secs(60), || {
             let log = std::fs::read_to_string(self.log()).unwrap_or_default();
-            if log.lines().any(|l| l.contains(needle)) {
+            let seen = log.lines().filter(|l| l.contains(needle)).count();
+            if seen >= count {
                 return Ok(());
             }
             Err(format!(
-                "no line with {needle:?} in {}",
+                "{seen} of {count} lines with {needle:?} in {}",
                 self.log().display()
             ))
         })
@@ -360,9 +372,13 @@ async fn wait_event(client: &Client, name: &str, reason: &str, words: &[&str]) -
 }
 
 #[tokio::test]
-async fn seed_statefulset_gets_three_bound_volumes_mounted_by_kubelet() {
-    let mut agent = Agent::new("seed", &[]);
-    agent.start(true).await;
+async fn seed_statefulset_gets_one_bound_volume_per_node_mounted_by_kubelet() {
+    let nodes = LocalNode::all();
+    let mut agents: Vec<Agent> = nodes.iter().map(|n| Agent::on(n, "seed", &[])).collect();
+    for a in &mut agents {
+        a.start(true).await;
+    }
+    let replicas = nodes.len().min(3);
     let scn = Scenario::new("prov-seed").await;
     ensure_csidriver(&scn.client).await;
     let sc = Class::create(
@@ -374,17 +390,23 @@ async fn seed_statefulset_gets_three_bound_volumes_mounted_by_kubelet() {
     )
     .await;
 
-    step("StatefulSet db-ss, 3 replicas, volumeClaimTemplates db-vol 500Mi");
+    step(&format!(
+        "StatefulSet db-ss, {replicas} replicas, one per node (podAntiAffinity), volumeClaimTemplates db-vol 500Mi"
+    ));
     let sts: StatefulSet = from_json(json!({
         "metadata": {"name": "db-ss"},
         "spec": {
             "serviceName": "db-ss",
-            "replicas": 3,
+            "replicas": replicas,
             "selector": {"matchLabels": {"app": "db"}},
             "template": {
                 "metadata": {"labels": {"app": "db"}},
                 "spec": {
                     "terminationGracePeriodSeconds": 1,
+                    "affinity": {"podAntiAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [{
+                        "labelSelector": {"matchLabels": {"app": "db"}},
+                        "topologyKey": "kubernetes.io/hostname",
+                    }]}},
                     "containers": [{
                         "name": "db",
                         "image": busybox_image(),
@@ -412,9 +434,10 @@ async fn seed_statefulset_gets_three_bound_volumes_mounted_by_kubelet() {
     let pods = scn.api::<Pod>();
     let pvcs = scn.api::<PersistentVolumeClaim>();
     let mut handles = Vec::new();
-    for i in 0..3 {
+    let mut per_node: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for i in 0..replicas {
         let pod = format!("db-ss-{i}");
-        wait_ready(&pods, &pod).await;
+        let running = wait_ready(&pods, &pod).await;
         let claim = wait_bound(&pvcs, &format!("db-vol-db-ss-{i}")).await;
         let pv = volume_of(&scn.client, &claim).await;
         let spec = pv.spec.as_ref().expect("PV spec");
@@ -423,7 +446,11 @@ async fn seed_statefulset_gets_three_bound_volumes_mounted_by_kubelet() {
         assert_eq!(cref.namespace.as_deref(), Some(scn.ns.as_str()));
         assert_eq!(cref.uid, claim.uid());
         assert_eq!(pv.name_any(), format!("pvc-{}", claim.uid().unwrap()));
-        assert_eq!(pinned_node(&pv).as_deref(), Some(node_name().as_str()));
+        assert_eq!(
+            pinned_node(&pv).as_deref(),
+            Some(node_of(&running).as_str()),
+            "{pod}'s PV is pinned to the pod's node"
+        );
         let csi = spec.csi.as_ref().expect("csi source");
         assert_eq!(csi.driver, DRIVER);
         assert_eq!(csi.volume_handle, pv.name_any());
@@ -455,23 +482,44 @@ async fn seed_statefulset_gets_three_bound_volumes_mounted_by_kubelet() {
             "kubelet mounted the ext4 volume: {owner}"
         );
         step(&format!(
-            "{pod}: claim Bound to {}, mounted by kubelet",
+            "{pod} on {}: claim Bound to {}, mounted by kubelet",
+            node_of(&running),
             pv.name_any()
         ));
         handles.push(csi.volume_handle.clone());
+        per_node
+            .entry(node_of(&running))
+            .or_default()
+            .push(csi.volume_handle.clone());
     }
     handles.sort();
     handles.dedup();
-    assert_eq!(handles.len(), 3, "three distinct volumes");
-    agent
-        .wait_volumes("image", &handles, "the three volumes on disk")
+    assert_eq!(handles.len(), replicas, "distinct volumes");
+    assert_eq!(
+        per_node.len(),
+        replicas,
+        "one replica per node: {per_node:?}"
+    );
+    for a in &agents {
+        let want = per_node.get(&a.node.name).cloned().unwrap_or_default();
+        a.wait_volumes(
+            "image",
+            &want,
+            &format!("{}'s pool to hold its replica's volume only", a.node.name),
+        )
         .await;
+    }
 
     step("delete the namespace (StatefulSet, pods, claims): the Delete policy removes the volumes");
     scn.finish().await;
-    agent
-        .wait_volumes("image", &[], "the volumes to be deleted")
+    for a in &agents {
+        a.wait_volumes(
+            "image",
+            &[],
+            &format!("{}'s volume to be deleted", a.node.name),
+        )
         .await;
+    }
 }
 
 #[tokio::test]
@@ -812,42 +860,19 @@ async fn grown_claim_is_expanded_online_and_the_pod_sees_it() {
         .await;
 }
 
-#[tokio::test]
-async fn racing_agents_take_each_immediate_claim_exactly_once() {
-    const CLAIMS: usize = 30;
-    let mut agents = vec![
-        Agent::new("race", &[]),
-        Agent::elsewhere("race-a", "stead-ghost-a"),
-        Agent::elsewhere("race-b", "stead-ghost-b"),
-    ];
-    for a in &mut agents {
-        a.start(true).await;
-    }
-    let scn = Scenario::new("prov-race").await;
-    let sc = Class::create(
-        &scn.client,
-        "prov-race",
-        &[("pool", "dir")],
-        "Immediate",
-        "Delete",
-    )
-    .await;
-    let odd = Class::create(
-        &scn.client,
-        "prov-race-odd",
-        &[("pool", "dir"), ("speed", "ludicrous")],
-        "Immediate",
-        "Delete",
-    )
-    .await;
+/// Creates `n` Immediate claims `{prefix}-NN` and waits until each is Bound
+/// to exactly one PV whose node is its `selected-node`; returns the volume
+/// handles per node.
+async fn immediate_batch(
+    scn: &Scenario,
+    class: &str,
+    prefix: &str,
+    n: usize,
+) -> BTreeMap<String, Vec<String>> {
     let pvcs = scn.api::<PersistentVolumeClaim>();
-
-    step(&format!(
-        "{CLAIMS} Immediate claims, three agents (stead-node and two kubelet-less nodes) racing for each"
-    ));
     let mut claims = Vec::new();
-    for i in 0..CLAIMS {
-        claims.push(create_claim(&scn, &format!("r-{i:02}"), &sc.name, "16Mi").await);
+    for i in 0..n {
+        claims.push(create_claim(scn, &format!("{prefix}-{i:02}"), class, "16Mi").await);
     }
     let mut per_node: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for c in &claims {
@@ -870,19 +895,108 @@ async fn racing_agents_take_each_immediate_claim_exactly_once() {
         per_node.entry(node).or_default().push(volume_handle(pv));
     }
     step(&format!(
-        "claims per node: {:?}",
+        "{prefix}: claims per node {:?}",
         per_node
             .iter()
             .map(|(n, v)| (n, v.len()))
             .collect::<Vec<_>>()
     ));
+    per_node
+}
+
+#[tokio::test]
+async fn racing_agents_take_each_immediate_claim_exactly_once_on_schedulable_nodes() {
+    const CLAIMS: usize = 15;
+    let nodes = LocalNode::all();
+    assert!(
+        nodes.len() >= 3,
+        "the race needs three nodes, the cluster has {}",
+        nodes.len()
+    );
+    let mut agents: Vec<Agent> = nodes.iter().map(|n| Agent::on(n, "race", &[])).collect();
+    for a in &mut agents {
+        a.start(true).await;
+    }
+    let scn = Scenario::new("prov-race").await;
+    let sc = Class::create(
+        &scn.client,
+        "prov-race",
+        &[("pool", "dir")],
+        "Immediate",
+        "Delete",
+    )
+    .await;
+    let odd = Class::create(
+        &scn.client,
+        "prov-race-odd",
+        &[("pool", "dir"), ("speed", "ludicrous")],
+        "Immediate",
+        "Delete",
+    )
+    .await;
+    let (n1, n2, n3) = (&nodes[0].name, &nodes[1].name, &nodes[2].name);
+    let mut taken: BTreeMap<String, Vec<String>> = BTreeMap::new();
+
+    step(&format!(
+        "{n3} cordoned: {CLAIMS} Immediate claims, the agents of {} nodes racing for each",
+        agents.len()
+    ));
+    let cordon = NodeChange::cordon(&scn.client, n3).await;
+    agents[2]
+        .wait_log(
+            NOT_SCHEDULABLE_LOG,
+            &format!("{n3}'s agent to see the cordon"),
+        )
+        .await;
+    let batch = immediate_batch(&scn, &sc.name, "c", CLAIMS).await;
+    assert!(
+        !batch.contains_key(n3),
+        "the cordoned {n3} took none: {batch:?}"
+    );
+    for (n, v) in batch {
+        taken.entry(n).or_default().extend(v);
+    }
+    cordon.revert().await;
+
+    step(&format!(
+        "{n2} tainted NoSchedule, {n3} uncordoned: {CLAIMS} more claims"
+    ));
+    let taint =
+        NodeChange::taint(&scn.client, n2, "stead.csi.dev/test", "race", "NoSchedule").await;
+    agents[1]
+        .wait_log(
+            NOT_SCHEDULABLE_LOG,
+            &format!("{n2}'s agent to see the taint"),
+        )
+        .await;
+    let batch = immediate_batch(&scn, &sc.name, "t", CLAIMS).await;
+    assert!(
+        !batch.contains_key(n2),
+        "the tainted {n2} took none: {batch:?}"
+    );
+    for (n, v) in batch {
+        taken.entry(n).or_default().extend(v);
+    }
+    taint.revert().await;
+    step(&format!(
+        "all claims per node: {:?}",
+        taken.iter().map(|(n, v)| (n, v.len())).collect::<Vec<_>>()
+    ));
+    assert!(
+        taken.contains_key(n1),
+        "{n1}, schedulable throughout, took some: {taken:?}"
+    );
     for a in &agents {
-        let want = per_node.get(&a.node).cloned().unwrap_or_default();
-        a.wait_volumes("dir", &want, &format!("the volumes of node {}", a.node))
-            .await;
+        let want = taken.get(&a.node.name).cloned().unwrap_or_default();
+        a.wait_volumes(
+            "dir",
+            &want,
+            &format!("the volumes of node {}", a.node.name),
+        )
+        .await;
     }
     let total: usize = agents.iter().map(|a| a.volumes("dir").len()).sum();
-    assert_eq!(total, CLAIMS, "one volume per claim across the nodes");
+    assert_eq!(total, 2 * CLAIMS, "one volume per claim across the nodes");
 
     step("a claim of a broken Immediate class: taken and reported by one agent only");
     create_claim(&scn, "odd", &odd.name, "16Mi").await;
@@ -894,7 +1008,7 @@ async fn racing_agents_take_each_immediate_claim_exactly_once() {
     for a in &agents {
         a.wait_log(
             &format!("pvc={odd_key}"),
-            &format!("node {} decided on claim odd", a.node),
+            &format!("node {} decided on claim odd", a.node.name),
         )
         .await;
     }
@@ -920,30 +1034,14 @@ async fn racing_agents_take_each_immediate_claim_exactly_once() {
         1,
         "ProvisioningFailed reported by {reporters:?}"
     );
-    assert!(
-        agents.iter().all(|a| a.volumes("dir").len() <= CLAIMS),
-        "no volume for the broken claim"
-    );
+    let total: usize = agents.iter().map(|a| a.volumes("dir").len()).sum();
+    assert_eq!(total, 2 * CLAIMS, "no volume for the broken claim");
 
     step("delete everything: every agent deletes the volumes it made");
     scn.finish().await;
     for a in &agents {
-        a.wait_volumes("dir", &[], &format!("node {} emptied", a.node))
+        a.wait_volumes("dir", &[], &format!("node {} emptied", a.node.name))
             .await;
-    }
-    let caps = Api::<k8s_openapi::api::storage::v1::CSIStorageCapacity>::namespaced(
-        stead_e2e::client().await,
-        "default",
-    );
-    for c in caps
-        .list(&ListParams::default())
-        .await
-        .expect("capacities")
-        .items
-    {
-        if c.name_any().starts_with("stead-stead-ghost-") {
-            let _ = caps.delete(&c.name_any(), &DeleteParams::default()).await;
-        }
     }
     drop(sc);
     drop(odd);

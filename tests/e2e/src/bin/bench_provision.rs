@@ -29,7 +29,16 @@ use stead_e2e::{busybox_image, from_json};
 const SECTION_START: &str =
     "<!-- bench-provision:start (written by tests/e2e/src/bin/bench_provision.rs) -->";
 const SECTION_END: &str = "<!-- bench-provision:end -->";
-const HEALTH: &str = "127.0.0.1:19810";
+/// The agent's health endpoint: on its node's address, where the host
+/// reaches it (set once in main).
+static HEALTH: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+fn health() -> &'static str {
+    HEALTH
+        .get()
+        .map(String::as_str)
+        .unwrap_or("127.0.0.1:19810")
+}
 const CSI_SOCKET: &str = "/var/lib/kubelet/plugins/stead.csi.dev/csi.sock";
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
@@ -67,7 +76,7 @@ fn proc_stats(pid: u32) -> (u64, f64) {
 /// Requests the agent sent to the apiserver, from its /metrics.
 fn agent_requests() -> u64 {
     use std::io::{Read, Write};
-    let Ok(mut conn) = std::net::TcpStream::connect(HEALTH) else {
+    let Ok(mut conn) = std::net::TcpStream::connect(health()) else {
         return 0;
     };
     let _ = conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
@@ -85,16 +94,17 @@ struct Agent {
 }
 
 impl Agent {
-    fn start(bin: &Path, node: &str) -> Result<Agent, Error> {
+    fn start(bin: &Path, node: &stead_e2e::LocalNode) -> Result<Agent, Error> {
         let root = PathBuf::from("/var/tmp/stead-bench-provision");
         let _ = std::fs::remove_dir_all(&root);
         std::fs::create_dir_all(&root)?;
         let log = std::fs::File::create(root.join("agent.log"))?;
-        let child = Command::new(bin)
+        let child = node
+            .command(bin)
             .arg("node")
             .args([
                 "--node-id",
-                node,
+                &node.name,
                 "--endpoint",
                 &format!("unix://{CSI_SOCKET}"),
             ])
@@ -104,7 +114,7 @@ impl Agent {
                 "--registration=true",
                 "--provisioner=true",
                 "--health-addr",
-                HEALTH,
+                health(),
             ])
             .arg("--state-dir")
             .arg(root.join("state"))
@@ -115,7 +125,7 @@ impl Agent {
             .stderr(log)
             .spawn()?;
         let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(HEALTH).is_err() {
+        while std::net::TcpStream::connect(health()).is_err() {
             if Instant::now() > deadline {
                 return Err("the agent did not open its health endpoint".into());
             }
@@ -392,7 +402,9 @@ async fn main() -> Result<(), Error> {
         .unwrap_or_else(|| {
             Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/release/stead")
         });
-    let node = std::env::var("STEAD_NODE_NAME").unwrap_or_else(|_| "stead-node".into());
+    // The agent runs on the local cluster's first node, in its namespaces.
+    let local = stead_e2e::LocalNode::first();
+    let _ = HEALTH.set(format!("{}:19810", local.address));
     let immediate_n: usize = std::env::var("BENCH_IMMEDIATE")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -409,7 +421,7 @@ async fn main() -> Result<(), Error> {
     let date = String::from_utf8_lossy(&date.stdout).trim().to_string();
 
     let settings = agent_defaults(&bin);
-    let agent = Agent::start(&bin, &node)?;
+    let agent = Agent::start(&bin, &local)?;
     let pid = agent.child.id();
     let (rss_idle, _) = proc_stats(pid);
     class(&client, "bench-immediate", "Immediate").await?;
