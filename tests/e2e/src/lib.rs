@@ -914,3 +914,54 @@ async fn patch_node(client: &Client, node: &str, patch: serde_json::Value) {
         .await
         .unwrap_or_else(|e| panic!("patching node {node}: {e}"));
 }
+
+/// A node pods can be scheduled on (Ready, not cordoned, no NoSchedule or
+/// NoExecute taint), with its zone label.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ClusterNode {
+    pub name: String,
+    pub zone: Option<String>,
+}
+
+/// The schedulable nodes of the cluster, by name.
+pub async fn schedulable_nodes(client: &Client) -> Vec<ClusterNode> {
+    let nodes = Api::<k8s_openapi::api::core::v1::Node>::all(client.clone())
+        .list(&ListParams::default())
+        .await
+        .unwrap_or_else(|e| panic!("listing nodes: {e}"));
+    let mut out: Vec<ClusterNode> = nodes
+        .items
+        .into_iter()
+        .filter(|n| {
+            let spec = n.spec.clone().unwrap_or_default();
+            let ready = n
+                .status
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+            ready
+                && spec.unschedulable != Some(true)
+                && !spec
+                    .taints
+                    .unwrap_or_default()
+                    .iter()
+                    .any(|t| t.effect == "NoSchedule" || t.effect == "NoExecute")
+        })
+        .map(|n| ClusterNode {
+            zone: n.labels().get("topology.kubernetes.io/zone").cloned(),
+            name: n.name_any(),
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// Creates an object, or fails the test naming it.
+pub async fn create<K>(api: &Api<K>, obj: &K)
+where
+    K: Clone + Debug + Serialize + DeserializeOwned + Resource,
+{
+    api.create(&PostParams::default(), obj)
+        .await
+        .unwrap_or_else(|e| panic!("creating {}: {e}", obj.name_any()));
+}

@@ -28,6 +28,16 @@ fn seed(name: &str, replicas: i32, class: &str) -> (Service, StatefulSet) {
     sts.metadata.name = Some(name.into());
     let spec = sts.spec.as_mut().expect("the example has a spec");
     spec.replicas = Some(replicas);
+    // One replica per node, as a replicated database is run: losing a node
+    // then loses one replica, never two.
+    if let Some(pod) = spec.template.spec.as_mut() {
+        pod.affinity = Some(from_json(json!({"podAntiAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": [{
+                "labelSelector": {"matchLabels": {"app": "db"}},
+                "topologyKey": "kubernetes.io/hostname",
+            }],
+        }})));
+    }
     let template = &mut spec
         .volume_claim_templates
         .as_mut()
@@ -190,6 +200,36 @@ async fn seed_statefulset_keeps_each_replicas_data_through_pod_deletion_agent_re
     }
     let distinct: HashSet<_> = volumes.iter().map(|v| v.pv.clone()).collect();
     assert_eq!(distinct.len(), 3, "three claims, three PVs: {volumes:?}");
+    let spread: HashSet<_> = volumes.iter().map(|v| v.node.clone()).collect();
+    assert_eq!(spread.len(), 3, "one replica per node: {volumes:?}");
+    step(&format!(
+        "placement: {}",
+        volumes
+            .iter()
+            .enumerate()
+            .map(|(i, v)| format!("db-ss-{i} and its volume on {}", v.node))
+            .collect::<Vec<_>>()
+            .join(", ")
+    ));
+
+    step("each volume is in its node's pool, and in no other node's");
+    let pool = pool_of(&scn.client, "stead").await;
+    let mut disks = BTreeMap::new();
+    for node in schedulable_nodes(&scn.client).await {
+        disks.insert(node.name.clone(), NodeDisk::open(&scn, &node.name).await);
+    }
+    for v in &volumes {
+        for (node, disk) in &disks {
+            let here = disk.volume_dir(&pool, &v.handle).await.is_some();
+            assert_eq!(
+                here,
+                *node == v.node,
+                "volume {} on node {node}: {here}; it belongs on {} only",
+                v.handle,
+                v.node
+            );
+        }
+    }
 
     step("each pod wrote its name and a random token into its volume");
     let mut tokens = Vec::new();
@@ -208,7 +248,9 @@ async fn seed_statefulset_keeps_each_replicas_data_through_pod_deletion_agent_re
         "tokens differ: {tokens:?}"
     );
 
-    step("delete pod db-ss-1: it comes back with the same name, claim, PV and token");
+    step(
+        "delete pod db-ss-1: it comes back on the same node with the same name, claim, PV and token",
+    );
     let old = pods.get("db-ss-1").await.expect("reading db-ss-1");
     delete(&pods, "db-ss-1").await;
     let new = wait_replaced(&pods, "db-ss-1", &old.uid().expect("uid")).await;
@@ -333,7 +375,7 @@ async fn seed_statefulset_keeps_each_replicas_data_through_pod_deletion_agent_re
         );
     }
 
-    step("scale back to 3: the same claims and PVs are reused, tokens intact");
+    step("scale back to 3: the same claims and PVs are reused on their nodes, tokens intact");
     scale(&scn, "db-ss", 3).await;
     for i in 0..3 {
         let name = pod("db-ss", i);
@@ -352,11 +394,6 @@ async fn seed_statefulset_keeps_each_replicas_data_through_pod_deletion_agent_re
     step(
         "delete the StatefulSet and its claims: the PVs and the volumes on the node's disk are gone",
     );
-    let pool = pool_of(&scn.client, "stead").await;
-    let mut disks = BTreeMap::new();
-    for node in &nodes {
-        disks.insert(node.clone(), NodeDisk::open(&scn, node).await);
-    }
     for v in &volumes {
         assert!(
             disks[&v.node].volume_dir(&pool, &v.handle).await.is_some(),

@@ -7,7 +7,7 @@ use k8s_openapi::api::{
 };
 use kube::{
     Api, ResourceExt,
-    api::{Patch, PatchParams, PostParams},
+    api::{Patch, PatchParams},
 };
 use serde_json::json;
 use stead_e2e::*;
@@ -38,19 +38,6 @@ fn pod_with_claim(name: &str, claim: &str) -> Pod {
             "containers": [{ "volumeMounts": [{ "name": "v", "mountPath": "/data" }] }],
         }),
     )
-}
-
-async fn create<K>(api: &Api<K>, obj: &K)
-where
-    K: Clone
-        + std::fmt::Debug
-        + k8s_openapi::serde::Serialize
-        + k8s_openapi::serde::de::DeserializeOwned
-        + kube::Resource,
-{
-    api.create(&PostParams::default(), obj)
-        .await
-        .unwrap_or_else(|e| panic!("creating {}: {e}", obj.name_any()));
 }
 
 async fn delete_pod(pods: &Api<Pod>, name: &str) {
