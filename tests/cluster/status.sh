@@ -42,7 +42,37 @@ for i in $(node_indexes); do
   n=$(node_name "$i")
   for c in "${NODE_COMPONENTS[@]}"; do row "$n/$c" "$n.$c" "$c" "$i"; done
 done
-printf '%-36s %-8s %-10s %s\n' total "" "" "$((total_kib / 1024)) MiB (components only; pods not counted)"
+printf '%-36s %-8s %-10s %s\n' components "" "" "$((total_kib / 1024)) MiB"
+
+# rss_of PID...: the sum of their resident memory, KiB.
+rss_of() {
+  local p kib=0 k
+  for p in "$@"; do
+    k=$(awk '/^VmRSS/ {print $2}' "/proc/$p/status" 2>/dev/null) || continue
+    kib=$((kib + ${k:-0}))
+  done
+  echo "$kib"
+}
+# What else each node runs: containerd's shims (in its mount namespace) and
+# the containers of its pods (in its cgroup tree).
+whole_kib=$total_kib
+for i in $(node_indexes); do
+  n=$(node_name "$i")
+  mnt_id=$(stat -L -c %d:%i "$(node_mntns "$i")" 2>/dev/null || true)
+  shims=()
+  for p in /proc/[0-9]*; do
+    p=${p#/proc/}
+    [[ -n $mnt_id && $(stat -L -c %d:%i "/proc/$p/ns/mnt" 2>/dev/null) == "$mnt_id" ]] || continue
+    [[ $(readlink "/proc/$p/exe" 2>/dev/null) == *containerd-shim* ]] && shims+=("$p")
+  done
+  mapfile -t pods < <(find "/sys/fs/cgroup/memory/$n" -name cgroup.procs -exec cat {} + 2>/dev/null | sort -un)
+  s_kib=$(rss_of "${shims[@]}")
+  p_kib=$(rss_of "${pods[@]}")
+  whole_kib=$((whole_kib + s_kib + p_kib))
+  printf '%-36s %-8s %-10s %s\n' "$n/pods" "${#pods[@]}" processes \
+    "$((p_kib / 1024)) MiB (+ $((s_kib / 1024)) MiB in ${#shims[@]} shims)"
+done
+printf '%-36s %-8s %-10s %s\n' "whole cluster" "" "" "$((whole_kib / 1024)) MiB (sum of RSS: components, shims, pods)"
 echo
 for i in $(node_indexes); do
   n=$(node_name "$i")

@@ -54,7 +54,7 @@ say "Delete pod db-ss-1"
 before=$(k exec db-ss-1 -- cat /data/token)
 show delete pod db-ss-1
 ready db-ss-1
-say "db-ss-1 is back: same name, same claim, same PV"
+say "db-ss-1 is back: same name, same claim, same PV, same node (its volume is there)"
 show get pod db-ss-1 -o wide
 show get pvc db-vol-db-ss-1
 show exec db-ss-1 -- cat /data/token
@@ -65,9 +65,15 @@ if [[ $after != "$before" ]]; then
 fi
 say "db-ss-1's data survived the pod: token $after"
 
-say "On the node's disk: a sparse image file per volume (allocated, then apparent size)"
-printf '$ ls -lsh /var/lib/stead/pools/image/*/disk.img\n'
-ls -lsh /var/lib/stead/pools/image/*/disk.img 2>/dev/null || echo "(the node is not this machine)"
+say "On each node's disk: a sparse image file per volume (allocated, then apparent size)"
+if [[ -n ${STEAD_NODES_DIR:-} ]]; then
+  for node in $STEAD_NODES; do
+    echo "$node:/var/lib/stead/pools/image (host folder $STEAD_NODES_DIR/$node/stead)"
+    ls -lsh "$STEAD_NODES_DIR/$node"/stead/pools/image/*/disk.img 2>/dev/null | sed "s|$STEAD_NODES_DIR/$node/stead|/var/lib/stead|" || true
+  done
+else
+  echo "(the nodes are not this machine)"
+fi
 
 cat <<TXT
 
