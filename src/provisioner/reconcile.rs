@@ -104,6 +104,7 @@ pub(crate) async fn reconcile<C: CsiController>(
         wait_for_first_consumer: wffc,
         reclaim_delete: true,
         mount_options: vec![],
+        allowed_topologies: vec![],
     };
     if let Some(action) = expand_if_grown(&ctx, &pvc).await? {
         return Ok(action);
