@@ -16,6 +16,7 @@ pub mod quantity;
 mod reclaim;
 mod reconcile;
 pub mod schedulable;
+pub mod stranded;
 pub mod supervisor;
 
 use std::path::PathBuf;
@@ -157,7 +158,7 @@ where
     .applied_objects();
 
     // Only this agent's own Node: whether it is schedulable decides if it
-    // takes Immediate claims.
+    // takes Immediate claims, and explains pods stranded from its volumes.
     let (nodes, node_writer) = reflector::store();
     let node_events = reflector::reflector(
         node_writer,
@@ -289,7 +290,8 @@ where
     let capacity = capacity::run(ctx.clone());
     let reaper = reclaim::reap_leaks(ctx.clone());
     let node_changed = Arc::new(Notify::new());
-    let own_node = schedulable::follow(ctx.clone(), node_events, resync, node_changed);
+    let own_node = schedulable::follow(ctx.clone(), node_events, resync, node_changed.clone());
+    let stranded = stranded::run(ctx.clone(), node_changed);
 
     tokio::select! {
         _ = async { tokio::join!(claims_run, volumes_run) } => {}
@@ -298,6 +300,7 @@ where
         _ = capacity => {}
         _ = reaper => {}
         _ = own_node => {}
+        _ = stranded => {}
         _ = shutdown => {}
     }
     class_watch.abort();
