@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 
-use k8s_openapi::api::core::v1::PersistentVolumeClaim;
+use k8s_openapi::api::core::v1::{Node, PersistentVolumeClaim};
 
 use super::class::ClassSpec;
 use super::quantity;
@@ -79,6 +79,45 @@ pub fn decide(pvc: &PersistentVolumeClaim, class: &ClassSpec, node: &str) -> Dec
         None if class.wait_for_first_consumer => Decision::Skip("waiting for the scheduler"),
         None => Decision::Claim,
     }
+}
+
+/// What a class's `allowedTopologies` say of this node for a claim.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Allowed {
+    /// The class allows this node (or allows every node).
+    Yes,
+    /// An Immediate claim this node may not take: another node will.
+    Skip,
+    /// This node's labels are not known yet (its Node watch has not
+    /// synced): look again shortly rather than refuse on a guess.
+    NotKnownYet,
+    /// The claim is this node's (the scheduler chose it), but the class
+    /// does not allow it: refuse, with this message, and create nothing.
+    Refuse(String),
+}
+
+/// Whether `class` lets the volume of a claim (`decision`: Claim or
+/// Provision) live on `node`, whose Node object is `own` if known.
+pub fn allowed_here(
+    decision: &Decision,
+    class: &ClassSpec,
+    node: &str,
+    own: Option<&Node>,
+) -> Allowed {
+    if class.allows_node(node, own.and_then(|n| n.metadata.labels.as_ref())) {
+        return Allowed::Yes;
+    }
+    if *decision == Decision::Claim {
+        return Allowed::Skip;
+    }
+    if own.is_none() {
+        return Allowed::NotKnownYet;
+    }
+    Allowed::Refuse(format!(
+        "StorageClass {}: allowedTopologies {} does not include node {node}; no volume was created",
+        class.name,
+        class.allowed_topologies_text()
+    ))
 }
 
 /// Why a claim cannot become a CreateVolume request.
@@ -336,6 +375,124 @@ pub(crate) mod tests {
         let mut deleted = pvc("a", "1Gi", Some("n1"));
         deleted.metadata.deletion_timestamp = Some(Time(Default::default()));
         assert!(matches!(decide(&deleted, &c, "n1"), Decision::Skip(_)));
+    }
+
+    fn with_topology(mode: &str, terms: &[&[(&str, &[&str])]]) -> ClassSpec {
+        use k8s_openapi::api::core::v1::{TopologySelectorLabelRequirement, TopologySelectorTerm};
+        let mut c = sc("zoned", &[], mode, "Delete");
+        c.allowed_topologies = Some(
+            terms
+                .iter()
+                .map(|exprs| TopologySelectorTerm {
+                    match_label_expressions: Some(
+                        exprs
+                            .iter()
+                            .map(|(k, vs)| TopologySelectorLabelRequirement {
+                                key: k.to_string(),
+                                values: vs.iter().map(|v| v.to_string()).collect(),
+                            })
+                            .collect(),
+                    ),
+                })
+                .collect(),
+        );
+        class::parse(&c).unwrap()
+    }
+
+    fn labelled(name: &str, labels: &[(&str, &str)]) -> Node {
+        let mut n = crate::provisioner::schedulable::tests::node(name);
+        n.metadata.labels = Some(
+            labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        );
+        n
+    }
+
+    #[test]
+    fn allowed_topologies_let_only_matching_nodes_hold_the_volume() {
+        let c = with_topology("WaitForFirstConsumer", &[&[("zone", &["a", "b"])]]);
+        let here = labelled("n1", &[("zone", "a")]);
+        let elsewhere = labelled("n1", &[("zone", "c")]);
+        assert_eq!(
+            allowed_here(&Decision::Provision, &c, "n1", Some(&here)),
+            Allowed::Yes
+        );
+        let Allowed::Refuse(note) = allowed_here(&Decision::Provision, &c, "n1", Some(&elsewhere))
+        else {
+            panic!("a node outside allowedTopologies must be refused");
+        };
+        assert_eq!(
+            note,
+            "StorageClass zoned: allowedTopologies [{zone in (a, b)}] does not include node n1; no volume was created"
+        );
+        // Unknown labels: no refusal on a guess.
+        assert_eq!(
+            allowed_here(&Decision::Provision, &c, "n1", None),
+            Allowed::NotKnownYet
+        );
+        // An Immediate claim is left to a node that matches.
+        let now = with_topology("Immediate", &[&[("zone", &["a"])]]);
+        assert_eq!(
+            allowed_here(&Decision::Claim, &now, "n1", Some(&elsewhere)),
+            Allowed::Skip
+        );
+        assert_eq!(
+            allowed_here(&Decision::Claim, &now, "n1", Some(&here)),
+            Allowed::Yes
+        );
+        // No allowedTopologies: every node.
+        assert_eq!(
+            allowed_here(&Decision::Claim, &immediate(), "n1", None),
+            Allowed::Yes
+        );
+    }
+
+    #[test]
+    fn steads_own_topology_key_matches_the_node_name_when_the_label_is_absent() {
+        let c = with_topology("Immediate", &[&[(TOPOLOGY_KEY, &["n1", "n2"])]]);
+        let bare = labelled("n1", &[]);
+        assert_eq!(
+            allowed_here(&Decision::Claim, &c, "n1", Some(&bare)),
+            Allowed::Yes
+        );
+        assert_eq!(
+            allowed_here(&Decision::Claim, &c, "n3", Some(&labelled("n3", &[]))),
+            Allowed::Skip
+        );
+        // A label that is present wins over the name.
+        let relabelled = labelled("n1", &[(TOPOLOGY_KEY, "n9")]);
+        assert_eq!(
+            allowed_here(&Decision::Claim, &c, "n1", Some(&relabelled)),
+            Allowed::Skip
+        );
+        // Another key is never taken from the name.
+        let z = with_topology("Immediate", &[&[("zone", &["n1"])]]);
+        assert_eq!(
+            allowed_here(&Decision::Claim, &z, "n1", Some(&bare)),
+            Allowed::Skip
+        );
+    }
+
+    #[test]
+    fn a_node_needs_every_expression_of_one_term() {
+        let c = with_topology(
+            "WaitForFirstConsumer",
+            &[&[("zone", &["a"]), ("disk", &["ssd"])], &[("zone", &["b"])]],
+        );
+        let ok = |labels: &[(&str, &str)]| {
+            allowed_here(
+                &Decision::Provision,
+                &c,
+                "n1",
+                Some(&labelled("n1", labels)),
+            ) == Allowed::Yes
+        };
+        assert!(ok(&[("zone", "a"), ("disk", "ssd")]));
+        assert!(!ok(&[("zone", "a"), ("disk", "hdd")]));
+        assert!(!ok(&[("zone", "a")]));
+        assert!(ok(&[("zone", "b")]));
     }
 
     #[test]

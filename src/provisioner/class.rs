@@ -1,11 +1,12 @@
 //! What a StorageClass served by Stead may say, checked before anything is
 //! created: a class with a parameter Stead does not know provisions nothing.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
 
 use k8s_openapi::api::storage::v1::StorageClass;
 
-use crate::DRIVER_NAME;
+use crate::{DRIVER_NAME, TOPOLOGY_KEY};
 
 /// The parameter that selects the pool on the node.
 pub const PARAM_POOL: &str = "pool";
@@ -28,6 +29,51 @@ pub enum ClassError {
     FsType { class: String, fs_type: String },
     #[error("StorageClass {class}: reclaimPolicy {policy:?} is not supported (Delete or Retain)")]
     ReclaimPolicy { class: String, policy: String },
+    #[error("StorageClass {class}: {field} {reason}")]
+    AllowedTopologies {
+        class: String,
+        /// The path of the bad part, e.g.
+        /// `allowedTopologies[0].matchLabelExpressions[1].values`.
+        field: String,
+        reason: &'static str,
+    },
+}
+
+/// One term of a class's `allowedTopologies`: a node satisfies it when, for
+/// every key, the node's label of that key has one of the values.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopologyTerm {
+    pub requirements: BTreeMap<String, BTreeSet<String>>,
+}
+
+impl TopologyTerm {
+    /// Whether the node `node` with `labels` satisfies every requirement.
+    /// Stead's own key means the node's name (that is what Stead puts
+    /// there, see `claim::node_topology`), so a node whose label kubelet
+    /// has not written yet is still matched by its name.
+    pub fn matches(&self, node: &str, labels: Option<&BTreeMap<String, String>>) -> bool {
+        self.requirements.iter().all(|(key, values)| {
+            let value = labels
+                .and_then(|l| l.get(key))
+                .map(String::as_str)
+                .or_else(|| (key == TOPOLOGY_KEY).then_some(node));
+            value.is_some_and(|v| values.contains(v))
+        })
+    }
+}
+
+impl fmt::Display for TopologyTerm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let parts: Vec<String> = self
+            .requirements
+            .iter()
+            .map(|(k, vs)| {
+                let vs: Vec<&str> = vs.iter().map(String::as_str).collect();
+                format!("{k} in ({})", vs.join(", "))
+            })
+            .collect();
+        write!(f, "{{{}}}", parts.join(", "))
+    }
 }
 
 /// A Stead StorageClass, validated.
@@ -41,6 +87,8 @@ pub struct ClassSpec {
     pub wait_for_first_consumer: bool,
     pub reclaim_delete: bool,
     pub mount_options: Vec<String>,
+    /// The class's `allowedTopologies`; empty: every node.
+    pub allowed_topologies: Vec<TopologyTerm>,
 }
 
 impl ClassSpec {
@@ -50,6 +98,27 @@ impl ClassSpec {
             .iter()
             .map(|p| (PARAM_POOL.to_string(), p.clone()))
             .collect()
+    }
+
+    /// Whether the class lets its volumes live on `node` (with `labels`):
+    /// at least one term of `allowedTopologies` is satisfied, or there are
+    /// none.
+    pub fn allows_node(&self, node: &str, labels: Option<&BTreeMap<String, String>>) -> bool {
+        self.allowed_topologies.is_empty()
+            || self
+                .allowed_topologies
+                .iter()
+                .any(|t| t.matches(node, labels))
+    }
+
+    /// The class's `allowedTopologies`, for messages.
+    pub fn allowed_topologies_text(&self) -> String {
+        let terms: Vec<String> = self
+            .allowed_topologies
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        format!("[{}]", terms.join(", "))
     }
 
     pub fn reclaim_policy(&self) -> &'static str {
@@ -109,6 +178,7 @@ pub fn parse(sc: &StorageClass) -> Result<ClassSpec, ClassError> {
             });
         }
     };
+    let allowed_topologies = allowed_topologies(sc, &class)?;
     Ok(ClassSpec {
         name: class,
         pool,
@@ -116,7 +186,52 @@ pub fn parse(sc: &StorageClass) -> Result<ClassSpec, ClassError> {
         wait_for_first_consumer: sc.volume_binding_mode.as_deref() == Some("WaitForFirstConsumer"),
         reclaim_delete,
         mount_options: sc.mount_options.clone().unwrap_or_default(),
+        allowed_topologies,
     })
+}
+
+/// Parses `allowedTopologies` the way the apiserver validates it (a term
+/// has at least one expression, a key is not empty nor repeated in its
+/// term, values are not empty), so that a class that slipped past
+/// validation is refused by name instead of matching nothing or everything.
+fn allowed_topologies(sc: &StorageClass, class: &str) -> Result<Vec<TopologyTerm>, ClassError> {
+    let bad = |field: String, reason: &'static str| ClassError::AllowedTopologies {
+        class: class.to_string(),
+        field,
+        reason,
+    };
+    let mut terms = Vec::new();
+    for (i, term) in sc.allowed_topologies.iter().flatten().enumerate() {
+        let exprs = term.match_label_expressions.as_deref().unwrap_or_default();
+        if exprs.is_empty() {
+            return Err(bad(
+                format!("allowedTopologies[{i}].matchLabelExpressions"),
+                "is empty (a term needs at least one expression)",
+            ));
+        }
+        let mut requirements = BTreeMap::new();
+        for (j, expr) in exprs.iter().enumerate() {
+            let at = format!("allowedTopologies[{i}].matchLabelExpressions[{j}]");
+            if expr.key.is_empty() {
+                return Err(bad(format!("{at}.key"), "is empty"));
+            }
+            if expr.values.is_empty() {
+                return Err(bad(
+                    format!("{at}.values"),
+                    "is empty (no node could match)",
+                ));
+            }
+            if expr.values.iter().any(String::is_empty) {
+                return Err(bad(format!("{at}.values"), "holds an empty value"));
+            }
+            let values: BTreeSet<String> = expr.values.iter().cloned().collect();
+            if requirements.insert(expr.key.clone(), values).is_some() {
+                return Err(bad(format!("{at}.key"), "repeats a key of the same term"));
+            }
+        }
+        terms.push(TopologyTerm { requirements });
+    }
+    Ok(terms)
 }
 
 #[cfg(test)]
@@ -198,5 +313,88 @@ pub(crate) mod tests {
         assert!(spec.reclaim_delete);
         assert!(!spec.wait_for_first_consumer);
         assert!(spec.csi_parameters().is_empty());
+    }
+
+    fn zoned(terms: Vec<Vec<(&str, Vec<&str>)>>) -> StorageClass {
+        use k8s_openapi::api::core::v1::{TopologySelectorLabelRequirement, TopologySelectorTerm};
+        let mut sc = class("zoned", &[], "WaitForFirstConsumer", "Delete");
+        sc.allowed_topologies = Some(
+            terms
+                .into_iter()
+                .map(|exprs| TopologySelectorTerm {
+                    match_label_expressions: Some(
+                        exprs
+                            .into_iter()
+                            .map(|(k, vs)| TopologySelectorLabelRequirement {
+                                key: k.into(),
+                                values: vs.into_iter().map(String::from).collect(),
+                            })
+                            .collect(),
+                    ),
+                })
+                .collect(),
+        );
+        sc
+    }
+
+    #[test]
+    fn allowed_topologies_are_parsed_into_terms() {
+        let spec = parse(&zoned(vec![
+            vec![("zone", vec!["b", "a"]), (TOPOLOGY_KEY, vec!["n1"])],
+            vec![("zone", vec!["c"])],
+        ]))
+        .unwrap();
+        assert_eq!(spec.allowed_topologies.len(), 2);
+        assert_eq!(
+            spec.allowed_topologies_text(),
+            "[{topology.stead.csi.dev/node in (n1), zone in (a, b)}, {zone in (c)}]"
+        );
+        let labels = BTreeMap::from([("zone".to_string(), "c".to_string())]);
+        assert!(spec.allows_node("n7", Some(&labels)));
+        assert!(!spec.allows_node("n7", None));
+        assert!(
+            parse(&class("any", &[], "Immediate", "Delete"))
+                .unwrap()
+                .allows_node("n7", None),
+            "no allowedTopologies: every node"
+        );
+    }
+
+    #[test]
+    fn malformed_allowed_topologies_are_refused_naming_class_and_field() {
+        let cases = [
+            (
+                zoned(vec![vec![("zone", vec![])]]),
+                "StorageClass zoned: allowedTopologies[0].matchLabelExpressions[0].values is empty",
+            ),
+            (
+                zoned(vec![vec![("zone", vec!["a"])], vec![("", vec!["a"])]]),
+                "StorageClass zoned: allowedTopologies[1].matchLabelExpressions[0].key is empty",
+            ),
+            (
+                zoned(vec![vec![("zone", vec!["a", ""])]]),
+                "StorageClass zoned: allowedTopologies[0].matchLabelExpressions[0].values holds an empty value",
+            ),
+            (
+                zoned(vec![vec![("zone", vec!["a"]), ("zone", vec!["b"])]]),
+                "StorageClass zoned: allowedTopologies[0].matchLabelExpressions[1].key repeats a key",
+            ),
+            (
+                zoned(vec![vec![]]),
+                "StorageClass zoned: allowedTopologies[0].matchLabelExpressions is empty",
+            ),
+        ];
+        for (sc, want) in cases {
+            let err = parse(&sc).unwrap_err();
+            assert!(
+                matches!(err, ClassError::AllowedTopologies { .. }),
+                "{err:?}"
+            );
+            assert!(err.to_string().starts_with(want), "{err} / {want}");
+        }
+        // A term without matchLabelExpressions at all is as empty.
+        let mut sc = zoned(vec![]);
+        sc.allowed_topologies = Some(vec![Default::default()]);
+        assert!(parse(&sc).is_err());
     }
 }

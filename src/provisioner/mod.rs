@@ -15,20 +15,23 @@ pub mod pv;
 pub mod quantity;
 mod reclaim;
 mod reconcile;
+pub mod schedulable;
+pub mod stranded;
 pub mod supervisor;
 
 use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::{FutureExt, StreamExt};
-use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
+use k8s_openapi::api::core::v1::{Node, PersistentVolume, PersistentVolumeClaim};
 use k8s_openapi::api::storage::v1::StorageClass;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{Controller, WatchStreamExt, controller, watcher};
 use kube::{Api, Client, ResourceExt};
-use tokio::sync::Notify;
+use tokio::sync::{Notify, mpsc};
 
 use crate::proto::csi::v1::controller_server::Controller as CsiController;
 
@@ -86,6 +89,15 @@ pub(crate) struct Ctx<C> {
     classes: Store<StorageClass>,
     claims: Store<PersistentVolumeClaim>,
     volumes: Store<PersistentVolume>,
+    /// This agent's own Node (a watch of it alone; empty until synced, or
+    /// when the node has no Node object).
+    nodes: Store<Node>,
+    /// Set when an Immediate claim was passed over because this node was
+    /// not schedulable (or its labels did not match the class's
+    /// allowedTopologies): the next time the node is schedulable, or its
+    /// labels change, every claim is looked at again (see
+    /// `schedulable::follow`).
+    immediate_waiting: AtomicBool,
     events: events::Events,
     ledger: ledger::AsyncLedger,
     capacity_changed: Arc<Notify>,
@@ -94,6 +106,12 @@ pub(crate) struct Ctx<C> {
 }
 
 impl<C> Ctx<C> {
+    /// This agent's Node, if known.
+    fn own_node(&self) -> Option<Arc<Node>> {
+        self.nodes
+            .get(&reflector::ObjectRef::new(&self.config.node))
+    }
+
     /// Exponential backoff per object: 1 s, 2 s, 4 s … 5 min.
     fn backoff(&self, uid: &str) -> Duration {
         self.failures
@@ -139,11 +157,27 @@ where
     .default_backoff()
     .applied_objects();
 
+    // Only this agent's own Node: whether it is schedulable decides if it
+    // takes Immediate claims, and explains pods stranded from its volumes.
+    let (nodes, node_writer) = reflector::store();
+    let node_events = reflector::reflector(
+        node_writer,
+        watcher(
+            Api::<Node>::all(client.clone()),
+            watcher::Config::default().fields(&format!("metadata.name={}", config.node)),
+        ),
+    )
+    .default_backoff();
+    // The node turned schedulable: the claims it passed over meanwhile
+    // (Immediate claims, which nothing else re-triggers) are looked at again.
+    let (resync, resync_rx) = mpsc::channel::<()>(1);
+
     let claims_ctrl = Controller::new(
         Api::<PersistentVolumeClaim>::all(client.clone()),
         watcher::Config::default(),
     )
-    .with_config(controller::Config::default().concurrency(config.workers));
+    .with_config(controller::Config::default().concurrency(config.workers))
+    .reconcile_all_on(tokio_stream::wrappers::ReceiverStream::new(resync_rx));
     let claims = claims_ctrl.store();
     // A StorageClass created (or fixed) after its claims re-triggers them.
     let claims_of_class = claims.clone();
@@ -186,6 +220,8 @@ where
         classes: classes.clone(),
         claims,
         volumes,
+        nodes,
+        immediate_waiting: AtomicBool::new(false),
         ledger,
         capacity_changed: Arc::new(Notify::new()),
         failures: Mutex::default(),
@@ -253,13 +289,18 @@ where
         });
     let capacity = capacity::run(ctx.clone());
     let reaper = reclaim::reap_leaks(ctx.clone());
+    let node_changed = Arc::new(Notify::new());
+    let own_node = schedulable::follow(ctx.clone(), node_events, resync, node_changed.clone());
+    let stranded = stranded::run(ctx.clone(), node_changed);
 
     tokio::select! {
         _ = async { tokio::join!(claims_run, volumes_run) } => {}
         _ = &mut class_watch => return Err(Error::WatchEnded("StorageClasses")),
-        // Both loop forever, logging what fails and going on.
+        // These loop forever, logging what fails and going on.
         _ = capacity => {}
         _ = reaper => {}
+        _ = own_node => {}
+        _ = stranded => {}
         _ = shutdown => {}
     }
     class_watch.abort();

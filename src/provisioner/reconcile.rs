@@ -1,6 +1,7 @@
 //! Claim → volume → PersistentVolume, for the claims this node owns.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
@@ -12,9 +13,9 @@ use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 use tonic::Code;
 
-use super::claim::{self, Decision};
+use super::claim::{self, Allowed, Decision};
 use super::class::{self, ClassSpec};
-use super::{Ctx, Error, csi_error, pv, quantity};
+use super::{Ctx, Error, csi_error, pv, quantity, schedulable};
 use crate::proto::csi::v1::controller_server::Controller as CsiController;
 use crate::proto::csi::v1::{
     CapacityRange, ControllerExpandVolumeRequest, GetCapacityRequest, Volume,
@@ -104,6 +105,7 @@ pub(crate) async fn reconcile<C: CsiController>(
         wait_for_first_consumer: wffc,
         reclaim_delete: true,
         mount_options: vec![],
+        allowed_topologies: vec![],
     };
     if let Some(action) = expand_if_grown(&ctx, &pvc).await? {
         return Ok(action);
@@ -114,6 +116,19 @@ pub(crate) async fn reconcile<C: CsiController>(
         // first when a claim stays Pending (and what the race test waits for).
         tracing::debug!(pvc = %key, why, "skipped");
         return Ok(Action::await_change());
+    }
+    if decision == Decision::Claim && schedulable::for_immediate(ctx.own_node().as_deref()).is_err()
+    {
+        // The claim waits for the node to turn schedulable: say so, then
+        // read the node again, so that a change between the first read and
+        // the flag is not missed (`schedulable::follow` clears the flag
+        // after it stores the Node).
+        ctx.immediate_waiting.store(true, Ordering::SeqCst);
+        if let Err(why) = schedulable::for_immediate(ctx.own_node().as_deref()) {
+            // Once per claim at debug; the node's state is said once at info.
+            tracing::debug!(pvc = %key, node = %node, reason = %why, "skipped: this node is not schedulable, so it leaves Immediate claims to other nodes");
+            return Ok(Action::await_change());
+        }
     }
     let parsed = class::parse(&sc)
         .map_err(|e| e.to_string())
@@ -148,6 +163,29 @@ pub(crate) async fn reconcile<C: CsiController>(
         .is_some()
     {
         return Ok(Action::await_change());
+    }
+
+    let mut allowed = claim::allowed_here(&decision, &class, &node, ctx.own_node().as_deref());
+    if allowed == Allowed::Skip {
+        // The node's labels may change to match: as for an unschedulable
+        // node, flag the claim, then read the node again.
+        ctx.immediate_waiting.store(true, Ordering::SeqCst);
+        allowed = claim::allowed_here(&decision, &class, &node, ctx.own_node().as_deref());
+    }
+    match allowed {
+        Allowed::Yes => {}
+        Allowed::Skip => {
+            tracing::debug!(pvc = %key, node = %node, class = %class.name, "skipped: the class's allowedTopologies do not include this node");
+            return Ok(Action::await_change());
+        }
+        Allowed::NotKnownYet => {
+            tracing::debug!(pvc = %key, node = %node, "Node not known yet; allowedTopologies checked again shortly");
+            return Ok(Action::requeue(Duration::from_secs(10)));
+        }
+        Allowed::Refuse(note) => {
+            ctx.fail(&pvc, note);
+            return Ok(Action::requeue(RECHECK));
+        }
     }
 
     let pvc = if decision == Decision::Claim {
