@@ -190,25 +190,33 @@ async fn wait_for_event(client: &kube::Client, name: &str, reason: &str, words: 
     }
 }
 
-/// Stead's capacity objects of `class`, by node.
+/// Stead's capacity objects of `class` in every namespace, by node; one per
+/// node, since the scheduler takes any object that fits.
 async fn capacities(client: &kube::Client, class: &str) -> BTreeMap<String, u64> {
-    Api::<CSIStorageCapacity>::all(client.clone())
+    let mut by_node = BTreeMap::new();
+    for c in Api::<CSIStorageCapacity>::all(client.clone())
         .list(&ListParams::default())
         .await
         .expect("listing CSIStorageCapacity")
         .items
         .into_iter()
         .filter(|c| c.storage_class_name == class)
-        .filter_map(|c| {
-            let node = c
-                .node_topology
-                .as_ref()
-                .and_then(|t| t.match_labels.as_ref())
-                .and_then(|l| l.get(TOPOLOGY_KEY).cloned())?;
-            let bytes = c.capacity.as_ref().map(|q| quantity_bytes(&q.0))?;
-            Some((node, bytes))
-        })
-        .collect()
+    {
+        let Some(node) = c
+            .node_topology
+            .as_ref()
+            .and_then(|t| t.match_labels.as_ref())
+            .and_then(|l| l.get(TOPOLOGY_KEY).cloned())
+        else {
+            continue;
+        };
+        let bytes = c.capacity.as_ref().map_or(0, |q| quantity_bytes(&q.0));
+        let name = format!("{}/{}", c.namespace().unwrap_or_default(), c.name_any());
+        if let Some((other, _)) = by_node.insert(node.clone(), (name.clone(), bytes)) {
+            panic!("two capacity objects of class {class} for node {node}: {other} and {name}");
+        }
+    }
+    by_node.into_iter().map(|(n, (_, b))| (n, b)).collect()
 }
 
 #[tokio::test]

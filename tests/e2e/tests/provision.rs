@@ -238,6 +238,28 @@ impl Drop for Agent {
             let _ = Command::new("kill").arg(c.id().to_string()).status();
             let _ = c.wait();
         }
+        // Its CSIStorageCapacity objects outlive it (the DaemonSet's own are
+        // removed with the DaemonSet, through their owner): left behind, the
+        // scheduler would go on trusting a pool no agent serves any more,
+        // and a later suite on this node would see two capacities of a class.
+        let node = self.node.name.clone();
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Runtime::new().expect("runtime");
+            rt.block_on(async {
+                if let Ok(client) = Client::try_default().await {
+                    let caps = Api::<k8s_openapi::api::storage::v1::CSIStorageCapacity>::namespaced(
+                        client, "default",
+                    );
+                    let _ = caps
+                        .delete_collection(
+                            &DeleteParams::default(),
+                            &ListParams::default().labels(&format!("stead.csi.dev/node={node}")),
+                        )
+                        .await;
+                }
+            });
+        })
+        .join();
         if !std::thread::panicking() {
             let _ = std::fs::remove_dir_all(&self.root);
         }
