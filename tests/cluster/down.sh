@@ -181,4 +181,15 @@ if [[ -r $STATE/ip_forward.before ]]; then
 fi
 if mountpoint -q "$MNTNS_DIR"; then umount "$MNTNS_DIR" 2>/dev/null || true; fi
 rm -f "$STATE/nodes.count"
+
+# What would make the next cluster-up start unclean, said by name.
+left=()
+mapfile -t -O 0 left < <(ip netns list 2>/dev/null | awk -v p="$NODE_PREFIX" 'index($1, p) == 1 {print "network namespace " $1}')
+mapfile -t -O "${#left[@]}" left < <(findmnt -rn -o TARGET | grep -E "^($NODES_DIR|$MNTNS_DIR)(/|\$)" | sed 's/^/mount /')
+mapfile -t -O "${#left[@]}" left < <(ip -o link show 2>/dev/null | awk -F': ' '$2 ~ /^stead-n[0-9]+(@|$)/ || $2 == "'"$HOST_LINK"'" {print "link " $2}')
+mapfile -t -O "${#left[@]}" left < <(ls -d /sys/fs/cgroup/*/"$NODE_PREFIX"* 2>/dev/null | sed 's/^/cgroup /')
+mapfile -t -O "${#left[@]}" left < <(losetup --list --noheadings --output NAME,BACK-FILE 2>/dev/null | awk -v d="$NODES_DIR/" 'index($2, d) == 1 {print "loop device " $1 " on " $2}')
+if ((${#left[@]})); then
+  log "warning: left behind: ${left[*]}"
+fi
 [[ -z $was_running ]] || say "cluster down (logs kept in $LOGS)"
