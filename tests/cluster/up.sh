@@ -24,7 +24,7 @@ write_env() {
   cat >"$STATE/env" <<ENV
 export KUBECONFIG=$KUBECONFIG_ADMIN
 export KUBECTL=$KUBECTL_BIN
-export STEAD_NODES="${names[*]}"
+export STEAD_NODE_NAMES="${names[*]}"
 export STEAD_NODE_ADDRESSES="${ips[*]}"
 export STEAD_NODE_NAME=${names[0]}
 export STEAD_NODES_DIR=$NODES_DIR

@@ -67,7 +67,7 @@ say "db-ss-1's data survived the pod: token $after"
 
 say "On each node's disk: a sparse image file per volume (allocated, then apparent size)"
 if [[ -n ${STEAD_NODES_DIR:-} ]]; then
-  for node in $STEAD_NODES; do
+  for node in $STEAD_NODE_NAMES; do
     echo "$node:/var/lib/stead/pools/image (host folder $STEAD_NODES_DIR/$node/stead)"
     ls -lsh "$STEAD_NODES_DIR/$node"/stead/pools/image/*/disk.img 2>/dev/null | sed "s|$STEAD_NODES_DIR/$node/stead|/var/lib/stead|" || true
   done

@@ -754,7 +754,7 @@ pub struct LocalNode {
 }
 
 impl LocalNode {
-    /// The nodes named by the local cluster's env file (`STEAD_NODES`,
+    /// The nodes named by the local cluster's env file (`STEAD_NODE_NAMES`,
     /// `STEAD_NODE_ADDRESSES`, `STEAD_NODES_DIR`, `STEAD_MNTNS_DIR`).
     pub fn all() -> Vec<LocalNode> {
         let var = |name: &str| {
@@ -762,7 +762,7 @@ impl LocalNode {
                 panic!("{name} is not set: source the local cluster's env file (make cluster-up writes it)")
             })
         };
-        let names = var("STEAD_NODES");
+        let names = var("STEAD_NODE_NAMES");
         let addresses = var("STEAD_NODE_ADDRESSES");
         let dir = PathBuf::from(var("STEAD_NODES_DIR"));
         let mntns = PathBuf::from(var("STEAD_MNTNS_DIR"));
@@ -771,7 +771,7 @@ impl LocalNode {
         assert_eq!(
             names.len(),
             addresses.len(),
-            "STEAD_NODES and STEAD_NODE_ADDRESSES differ in length"
+            "STEAD_NODE_NAMES and STEAD_NODE_ADDRESSES differ in length"
         );
         names
             .iter()
