@@ -277,6 +277,56 @@ pub async fn poll_until(
     }
 }
 
+/// [`poll_until`] for a check that asks the apiserver (an object list with
+/// no watch worth keeping, such as events or capacity objects): returns what
+/// the passing check gave.
+pub async fn poll_until_async<T, F, Fut>(what: &str, within: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, String>>,
+{
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        let why = match check().await {
+            Ok(v) => return v,
+            Err(why) => why,
+        };
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out after {within:?} waiting for {what}: {why}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Waits (at most `within`) for an event on objects named `name` whose
+/// reason is `reason` and whose text contains every one of `words`; returns
+/// the events seen.
+pub async fn wait_event(
+    client: &Client,
+    name: &str,
+    reason: &str,
+    words: &[&str],
+    within: Duration,
+) -> String {
+    poll_until_async(
+        &format!("a {reason} event on {name} mentioning {words:?}"),
+        within,
+        || async {
+            let seen = events_of(client, name).await;
+            if seen
+                .lines()
+                .any(|l| l.contains(reason) && words.iter().all(|w| l.contains(w)))
+            {
+                Ok(seen)
+            } else {
+                Err(format!("events:\n{seen}"))
+            }
+        },
+    )
+    .await
+}
+
 /// The events about objects named `name`, one per line, oldest first.
 pub async fn events_of(client: &Client, name: &str) -> String {
     let lp = ListParams::default().fields(&format!("involvedObject.name={name}"));

@@ -124,7 +124,14 @@ async fn a_pod_whose_node_is_cordoned_waits_for_it_and_returns_with_its_data() {
     let cordon = NodeChange::cordon(&scn.client, &node).await;
     delete(&pods, "solo-0").await;
     let claim_name = "data-solo-0";
-    let events = wait_for_event(&scn.client, claim_name, "VolumeNodeUnschedulable", &[&node]).await;
+    let events = wait_event(
+        &scn.client,
+        claim_name,
+        "VolumeNodeUnschedulable",
+        &[&node],
+        POD_READY,
+    )
+    .await;
     step(&format!("events of claim {claim_name}:\n{events}"));
     let pending = pods.get("solo-0").await.expect("reading solo-0");
     assert!(
@@ -168,26 +175,6 @@ async fn a_pod_whose_node_is_cordoned_waits_for_it_and_returns_with_its_data() {
     );
     assert_eq!(sh(&pods, "solo-0", "cat /data/token").await, token);
     scn.finish().await;
-}
-
-/// Waits for an event on objects named `name` with `reason` mentioning every
-/// one of `words`; returns the events seen.
-async fn wait_for_event(client: &kube::Client, name: &str, reason: &str, words: &[&str]) -> String {
-    let deadline = std::time::Instant::now() + POD_READY;
-    loop {
-        let seen = events_of(client, name).await;
-        if seen
-            .lines()
-            .any(|l| l.contains(reason) && words.iter().all(|w| l.contains(w)))
-        {
-            return seen;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no {reason} event on {name} mentioning {words:?}; events:\n{seen}"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-    }
 }
 
 /// Stead's capacity objects of `class` in every namespace, by node; one per
@@ -263,19 +250,17 @@ async fn the_scheduler_places_a_claim_by_stead_capacity_on_another_node() {
     )
     .await;
     wait_ready(&pods, "filler").await;
-    let deadline = std::time::Instant::now() + POD_READY;
-    let after = loop {
-        let now = capacities(&scn.client, class).await;
-        if now.get(&full).is_some_and(|b| *b < 2 * GI) {
-            break now[&full];
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "capacity of {full} still {:?} after the filler",
-            now.get(&full)
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-    };
+    let after = poll_until_async(
+        &format!("the capacity of {full} to drop below 2 GiB"),
+        POD_READY,
+        || async {
+            match capacities(&scn.client, class).await.get(&full) {
+                Some(b) if *b < 2 * GI => Ok(*b),
+                other => Err(format!("capacity {other:?} after the filler")),
+            }
+        },
+    )
+    .await;
     step(&format!("{full} now publishes {} MiB", after >> 20));
 
     step(&format!(
@@ -319,19 +304,19 @@ async fn the_scheduler_places_a_claim_by_stead_capacity_on_another_node() {
     ));
     delete(&pods, "filler").await;
     delete(&pvcs, "filler").await;
-    let deadline = std::time::Instant::now() + POD_READY;
-    loop {
-        let now = capacities(&scn.client, class).await;
-        if now.get(&full).is_some_and(|b| *b > before - GI / 2) {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "capacity of {full} still {:?} after the filler was deleted (was {before})",
-            now.get(&full)
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-    }
+    poll_until_async(
+        &format!("the capacity of {full} to come back"),
+        POD_READY,
+        || async {
+            match capacities(&scn.client, class).await.get(&full) {
+                Some(b) if *b > before - GI / 2 => Ok(()),
+                other => Err(format!(
+                    "capacity {other:?} after the filler was deleted (was {before})"
+                )),
+            }
+        },
+    )
+    .await;
     scn.finish().await;
 }
 

@@ -373,26 +373,6 @@ async fn pvs_of_claim(client: &Client, uid: &str) -> Vec<PersistentVolume> {
         .collect()
 }
 
-/// Waits for an event on `name` whose reason is `reason` and whose text
-/// contains every one of `words`; returns the events seen.
-async fn wait_event(client: &Client, name: &str, reason: &str, words: &[&str]) -> String {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let events = events_of(client, name).await;
-        if events
-            .lines()
-            .any(|l| l.contains(reason) && words.iter().all(|w| l.contains(w)))
-        {
-            return events;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no {reason} event on {name} mentioning {words:?}; events:\n{events}"
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-}
-
 #[tokio::test]
 async fn seed_statefulset_gets_one_bound_volume_per_node_mounted_by_kubelet() {
     let nodes = LocalNode::all();
@@ -671,6 +651,7 @@ async fn bad_class_and_oversized_claim_fail_with_events_and_create_nothing() {
         "odd",
         "ProvisioningFailed",
         &["speed", &odd.name],
+        Duration::from_secs(60),
     )
     .await;
     step(&format!("events of claim odd:\n{events}"));
@@ -682,6 +663,7 @@ async fn bad_class_and_oversized_claim_fail_with_events_and_create_nothing() {
         "huge",
         "ProvisioningFailed",
         &["900Ti", "free", &node_name()],
+        Duration::from_secs(60),
     )
     .await;
     step(&format!("events of claim huge:\n{events}"));
@@ -926,6 +908,23 @@ async fn immediate_batch(
     per_node
 }
 
+/// Adds a batch's volumes to `taken`, checking that node `skipped` (how it
+/// was made unschedulable: `why`) took none.
+fn merge_excluding(
+    taken: &mut BTreeMap<String, Vec<String>>,
+    batch: BTreeMap<String, Vec<String>>,
+    skipped: &str,
+    why: &str,
+) {
+    assert!(
+        !batch.contains_key(skipped),
+        "the {why} {skipped} took none: {batch:?}"
+    );
+    for (node, handles) in batch {
+        taken.entry(node).or_default().extend(handles);
+    }
+}
+
 #[tokio::test]
 async fn racing_agents_take_each_immediate_claim_exactly_once_on_schedulable_nodes() {
     const CLAIMS: usize = 15;
@@ -971,13 +970,7 @@ async fn racing_agents_take_each_immediate_claim_exactly_once_on_schedulable_nod
         )
         .await;
     let batch = immediate_batch(&scn, &sc.name, "c", CLAIMS).await;
-    assert!(
-        !batch.contains_key(n3),
-        "the cordoned {n3} took none: {batch:?}"
-    );
-    for (n, v) in batch {
-        taken.entry(n).or_default().extend(v);
-    }
+    merge_excluding(&mut taken, batch, n3, "cordoned");
     cordon.revert().await;
 
     step(&format!(
@@ -992,13 +985,7 @@ async fn racing_agents_take_each_immediate_claim_exactly_once_on_schedulable_nod
         )
         .await;
     let batch = immediate_batch(&scn, &sc.name, "t", CLAIMS).await;
-    assert!(
-        !batch.contains_key(n2),
-        "the tainted {n2} took none: {batch:?}"
-    );
-    for (n, v) in batch {
-        taken.entry(n).or_default().extend(v);
-    }
+    merge_excluding(&mut taken, batch, n2, "tainted");
     taint.revert().await;
     step(&format!(
         "all claims per node: {:?}",
@@ -1022,7 +1009,14 @@ async fn racing_agents_take_each_immediate_claim_exactly_once_on_schedulable_nod
 
     step("a claim of a broken Immediate class: taken and reported by one agent only");
     create_claim(&scn, "odd", &odd.name, "16Mi").await;
-    wait_event(&scn.client, "odd", "ProvisioningFailed", &["speed"]).await;
+    wait_event(
+        &scn.client,
+        "odd",
+        "ProvisioningFailed",
+        &["speed"],
+        Duration::from_secs(60),
+    )
+    .await;
     // Absence of a second report is only meaningful once every agent has
     // looked at the claim: each one logs its verdict on it (taken, lost the
     // race, or skipped as another node's).
