@@ -98,16 +98,9 @@ fi
 # mount namespace (its components, containerd's shims) and those in its
 # cgroup tree (its containers, which have namespaces of their own).
 kill_node_processes() {
-  local i=$1 name mnt_id pids=() p
+  local i=$1 name pids=()
   name=$(node_name "$i")
-  mnt_id=$(stat -L -c %d:%i "$(node_mntns "$i")" 2>/dev/null || true)
-  # Never the host's own namespace (a pin that failed half-way).
-  [[ $mnt_id == "$(stat -L -c %d:%i /proc/self/ns/mnt)" ]] && mnt_id=
-  for p in /proc/[0-9]*; do
-    p=${p#/proc/}
-    ((p == $$)) && continue
-    if [[ -n $mnt_id && $(stat -L -c %d:%i "/proc/$p/ns/mnt" 2>/dev/null) == "$mnt_id" ]]; then pids+=("$p"); fi
-  done
+  mapfile -t pids < <(node_mnt_pids "$i")
   mapfile -t -O "${#pids[@]}" pids < <(ip netns pids "$name" 2>/dev/null)
   mapfile -t -O "${#pids[@]}" pids < <(find /sys/fs/cgroup/*/"$name" -name cgroup.procs -exec cat {} + 2>/dev/null)
   ((${#pids[@]})) || return 0

@@ -76,11 +76,16 @@ node_indexes() {
   if [[ -r $STATE/nodes.count ]]; then n=$(<"$STATE/nodes.count"); else n=$STEAD_NODES; fi
   seq 1 "$n"
 }
-# Runs a command inside node I: its network and mount namespaces.
-in_node() {
-  local i=$1
-  shift
-  nsenter --net="/run/netns/$(node_name "$i")" --mount="$(node_mntns "$i")" -- "$@"
+# node_mnt_pids I: the processes in node I's mount namespace (its
+# components and containerd's shims), never the host's own.
+node_mnt_pids() {
+  local id p
+  id=$(stat -L -c %d:%i "$(node_mntns "$1")" 2>/dev/null) || return 0
+  [[ $id == "$(stat -L -c %d:%i /proc/self/ns/mnt)" ]] && return 0
+  for p in /proc/[0-9]*; do
+    [[ $(stat -L -c %d:%i "$p/ns/mnt" 2>/dev/null) == "$id" ]] && echo "${p#/proc/}"
+  done
+  return 0
 }
 
 BUSYBOX_IMAGE=localhost/busybox:stead

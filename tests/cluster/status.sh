@@ -58,11 +58,8 @@ rss_of() {
 whole_kib=$total_kib
 for i in $(node_indexes); do
   n=$(node_name "$i")
-  mnt_id=$(stat -L -c %d:%i "$(node_mntns "$i")" 2>/dev/null || true)
   shims=()
-  for p in /proc/[0-9]*; do
-    p=${p#/proc/}
-    [[ -n $mnt_id && $(stat -L -c %d:%i "/proc/$p/ns/mnt" 2>/dev/null) == "$mnt_id" ]] || continue
+  for p in $(node_mnt_pids "$i"); do
     [[ $(readlink "/proc/$p/exe" 2>/dev/null) == *containerd-shim* ]] && shims+=("$p")
   done
   mapfile -t pods < <(find "/sys/fs/cgroup/memory/$n" -name cgroup.procs -exec cat {} + 2>/dev/null | sort -un)
