@@ -7,9 +7,9 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
-use super::capability;
 use super::error::{Error, Result};
 use super::{Shared, blocking, outcome, volume_id};
+use super::{capability, snapshot};
 use crate::proto::csi::v1::controller_server::Controller;
 use crate::proto::csi::v1::controller_service_capability::{Rpc, Type as CapType, rpc};
 use crate::proto::csi::v1::validate_volume_capabilities_response::Confirmed;
@@ -50,7 +50,7 @@ impl ControllerService {
 }
 
 /// The CSI view of a stored volume.
-fn to_csi(meta: &VolumeMeta, node_id: &str) -> csi::Volume {
+pub(super) fn to_csi(meta: &VolumeMeta, node_id: &str) -> csi::Volume {
     let mut context = HashMap::from([
         (CONTEXT_POOL.to_owned(), meta.pool.clone()),
         (CONTEXT_BACKEND.to_owned(), meta.backend.as_str().to_owned()),
@@ -62,7 +62,7 @@ fn to_csi(meta: &VolumeMeta, node_id: &str) -> csi::Volume {
         capacity_bytes: i64::try_from(meta.capacity_bytes).unwrap_or(i64::MAX),
         volume_id: meta.id.to_string(),
         volume_context: context,
-        content_source: None,
+        content_source: meta.source.as_ref().map(snapshot::source_to_csi),
         accessible_topology: vec![capability::node_topology(node_id)],
     }
 }
@@ -78,12 +78,7 @@ async fn create(shared: Arc<Shared>, req: CreateVolumeRequest) -> Result<CreateV
     let id = VolumeId::parse(&req.name).map_err(|e| Error::invalid("name", e.to_string()))?;
     let caps = capability::parse_all(&req.volume_capabilities, "volume_capabilities")?;
     let pool = capability::parse_parameters(&req.parameters)?;
-    if req.volume_content_source.is_some() {
-        return Err(Error::invalid(
-            "volume_content_source",
-            "creating a volume from a snapshot or another volume is not supported",
-        ));
-    }
+    let source = snapshot::parse_source(&req.volume_content_source)?;
     if !req.mutable_parameters.is_empty() {
         return Err(Error::invalid(
             "mutable_parameters",
@@ -115,11 +110,16 @@ async fn create(shared: Arc<Shared>, req: CreateVolumeRequest) -> Result<CreateV
         required,
         limit,
     };
-    let _guard = shared.locks.lock(&id).await;
+    let _guards = snapshot::lock_for_create(&shared, &id, source.as_ref()).await;
     let s = shared.clone();
-    let (meta, created) = blocking(move || s.store.create(&new).map_err(Error::from)).await?;
+    let (meta, created) = blocking(move || Ok(s.store.create_from(&new, source.as_ref())?)).await?;
     if created {
-        tracing::info!(volume.id = %meta.id, pool = %meta.pool, capacity = meta.capacity_bytes, "volume created");
+        match &meta.source {
+            None => tracing::info!(volume.id = %meta.id, pool = %meta.pool,
+                capacity = meta.capacity_bytes, "volume created"),
+            Some(from) => tracing::info!(volume.id = %meta.id, pool = %meta.pool,
+                capacity = meta.capacity_bytes, from = %from, "volume created from its source"),
+        }
     }
     Ok(CreateVolumeResponse {
         volume: Some(to_csi(&meta, &shared.node_id)),
@@ -306,6 +306,10 @@ fn capabilities() -> ControllerGetCapabilitiesResponse {
             cap(rpc::Type::GetCapacity),
             cap(rpc::Type::ExpandVolume),
             cap(rpc::Type::SingleNodeMultiWriter),
+            cap(rpc::Type::CreateDeleteSnapshot),
+            cap(rpc::Type::ListSnapshots),
+            cap(rpc::Type::GetSnapshot),
+            cap(rpc::Type::CloneVolume),
         ],
     }
 }
@@ -409,30 +413,58 @@ impl Controller for ControllerService {
 
     async fn create_snapshot(
         &self,
-        _: Request<CreateSnapshotRequest>,
+        request: Request<CreateSnapshotRequest>,
     ) -> Result<Response<CreateSnapshotResponse>, Status> {
-        Err(Error::Unimplemented("CreateSnapshot").into())
+        let req = request.into_inner();
+        let name = req.name.clone();
+        outcome(
+            "CreateSnapshot",
+            &req.source_volume_id.clone(),
+            snapshot::create(self.shared.clone(), req)
+                .instrument(super::span("CreateSnapshot", &name))
+                .await,
+            false,
+        )
     }
 
     async fn delete_snapshot(
         &self,
-        _: Request<DeleteSnapshotRequest>,
+        request: Request<DeleteSnapshotRequest>,
     ) -> Result<Response<DeleteSnapshotResponse>, Status> {
-        Err(Error::Unimplemented("DeleteSnapshot").into())
+        let req = request.into_inner();
+        let id = req.snapshot_id.clone();
+        outcome(
+            "DeleteSnapshot",
+            "",
+            snapshot::delete(self.shared.clone(), req)
+                .instrument(super::span("DeleteSnapshot", &id))
+                .await,
+            false,
+        )
     }
 
     async fn list_snapshots(
         &self,
-        _: Request<ListSnapshotsRequest>,
+        request: Request<ListSnapshotsRequest>,
     ) -> Result<Response<ListSnapshotsResponse>, Status> {
-        Err(Error::Unimplemented("ListSnapshots").into())
+        outcome(
+            "ListSnapshots",
+            "",
+            snapshot::list(&self.shared, request.get_ref()),
+            true,
+        )
     }
 
     async fn get_snapshot(
         &self,
-        _: Request<GetSnapshotRequest>,
+        request: Request<GetSnapshotRequest>,
     ) -> Result<Response<GetSnapshotResponse>, Status> {
-        Err(Error::Unimplemented("GetSnapshot").into())
+        outcome(
+            "GetSnapshot",
+            "",
+            snapshot::get(&self.shared, request.get_ref()),
+            true,
+        )
     }
 
     async fn controller_expand_volume(

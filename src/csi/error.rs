@@ -15,6 +15,9 @@ pub enum Error {
     ResourceExhausted(String),
     #[error("{0}")]
     Aborted(String),
+    /// A snapshot or content source that does not exist.
+    #[error("{0}")]
+    NotFound(String),
     #[error("{0} is not supported by Stead")]
     Unimplemented(&'static str),
     #[error(transparent)]
@@ -49,6 +52,7 @@ impl Error {
             Error::Invalid { .. } => Code::InvalidArgument,
             Error::ResourceExhausted(_) => Code::ResourceExhausted,
             Error::Aborted(_) => Code::Aborted,
+            Error::NotFound(_) => Code::NotFound,
             Error::Unimplemented(_) => Code::Unimplemented,
             Error::Storage(e) => storage_code(e),
             Error::Attach(e) => attach_code(e),
@@ -61,14 +65,16 @@ impl Error {
 fn storage_code(e: &storage::Error) -> Code {
     use storage::Error as S;
     match e {
-        S::Id(_) | S::UnknownPool { .. } | S::Unsupported { .. } => Code::InvalidArgument,
+        S::Id(_) | S::UnknownPool { .. } | S::Unsupported { .. } | S::Source { .. } => {
+            Code::InvalidArgument
+        }
         S::Range { source, .. } => match source {
             RangeError::Negative { .. } | RangeError::LimitBelowRequired { .. } => {
                 Code::InvalidArgument
             }
             RangeError::Unsatisfiable { .. } => Code::OutOfRange,
         },
-        S::NotFound(_) => Code::NotFound,
+        S::NotFound(_) | S::SourceNotFound(_) => Code::NotFound,
         S::Conflict { .. } => Code::AlreadyExists,
         S::Exhausted { .. } => Code::ResourceExhausted,
         S::Busy { .. } | S::PoolUnusable { .. } => Code::FailedPrecondition,

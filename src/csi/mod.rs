@@ -12,6 +12,7 @@ pub mod identity;
 pub mod locks;
 pub mod node;
 pub mod server;
+pub mod snapshot;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -48,6 +49,9 @@ pub(crate) struct Shared {
     pub node_id: String,
     pub max_volumes_per_node: i64,
     pub locks: VolumeLocks,
+    /// Per-snapshot locks (a table of their own: snapshot and volume ids
+    /// may be equal strings).
+    pub snapshot_locks: VolumeLocks,
     /// Where staging and target paths may lie.
     pub paths: Confinement,
 }
@@ -72,6 +76,7 @@ impl Plugin {
                 node_id: config.node_id,
                 max_volumes_per_node: config.max_volumes_per_node.unwrap_or(0).max(0),
                 locks: VolumeLocks::default(),
+                snapshot_locks: VolumeLocks::default(),
                 paths,
             }),
         })

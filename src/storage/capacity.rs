@@ -35,7 +35,7 @@ impl Store {
             source: e.into(),
         })?;
         let free = st.blocks_available().saturating_mul(st.fragment_size());
-        Ok(free.saturating_sub(self.promised(pool)))
+        Ok(free.saturating_sub(self.promised(pool) + self.snapshots_promised(pool)))
     }
 
     /// What the volumes of a pool may still write: each one's capacity less

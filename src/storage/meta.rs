@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use super::id::VolumeId;
 use super::kind::{AccessKind, BackendKind, FsType};
+use super::snapshot::ContentSource;
 
 /// Name of the volume record inside a volume folder.
 pub const VOLUME_FILE: &str = "volume.json";
@@ -40,6 +41,9 @@ pub struct VolumeMeta {
     pub formatted: Option<FsType>,
     /// Folder name inside the pool (derived from the id).
     pub folder: String,
+    /// The snapshot or volume it was filled from, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<ContentSource>,
 }
 
 /// How far a write must have reached when it returns.

@@ -10,6 +10,7 @@
 //! <pool>/<folder>/disk.img      image backend: the sparse image
 //! <pool>/.tmp-<folder>          a create by an earlier version (removed at start)
 //! <pool>/.del-<folder>-<n>      a volume being deleted (removed at start)
+//! <pool>/.snapshots/            snapshots of the pool's volumes ([`snapshot`])
 //! ```
 //!
 //! A volume exists exactly when its folder holds a readable `volume.json`.
@@ -29,6 +30,7 @@
 pub mod attach;
 pub mod capacity;
 pub mod command;
+pub mod copy;
 pub mod dir;
 pub mod id;
 pub mod image;
@@ -36,6 +38,7 @@ pub mod kind;
 pub mod meta;
 pub mod pool;
 pub mod recovery;
+pub mod snapshot;
 pub mod store;
 pub mod usage;
 
@@ -48,6 +51,7 @@ use image::ImageError;
 pub use kind::{AccessKind, BackendKind, Capability, FsType, Sharing};
 pub use meta::VolumeMeta;
 pub use pool::{PoolSpec, RangeError};
+pub use snapshot::{ContentSource, SnapshotMeta};
 pub use store::{NewVolume, Pool, Store};
 
 /// Errors of the storage layer; each names the volume or pool concerned.
@@ -84,6 +88,14 @@ pub enum Error {
         pool: String,
         backend: BackendKind,
         what: &'static str,
+    },
+    #[error("{0} not found")]
+    SourceNotFound(ContentSource),
+    #[error("volume {id} cannot be made from {from}: {reason}")]
+    Source {
+        id: VolumeId,
+        from: ContentSource,
+        reason: String,
     },
     #[error("volume {id}: {reason}")]
     Busy { id: VolumeId, reason: String },

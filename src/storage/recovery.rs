@@ -11,7 +11,7 @@ use std::path::Path;
 
 use super::meta::{self, VolumeMeta};
 use super::store::{DEL_PREFIX, Pool, TMP_PREFIX};
-use super::{Result, dir, image, io_at};
+use super::{Result, dir, image, io_at, snapshot};
 
 impl Pool {
     /// Removes leftovers of interrupted creations and deletions, then reads
@@ -32,7 +32,7 @@ impl Pool {
                 }
                 continue;
             }
-            if !entry.file_type().is_ok_and(|t| t.is_dir()) {
+            if name == snapshot::SNAPSHOT_DIR || !entry.file_type().is_ok_and(|t| t.is_dir()) {
                 continue;
             }
             match meta::read_json::<VolumeMeta>(&path, meta::VOLUME_FILE) {
@@ -50,6 +50,18 @@ impl Pool {
                         continue;
                     }
                     found.push(m);
+                }
+                Ok(None) | Err(_)
+                    if record_missing_or_empty(&path) && snapshot::interrupted_fill(&path) =>
+                {
+                    // A fill from a snapshot or volume that never finished:
+                    // a copy nobody was told of.
+                    tracing::info!(pool = %self.name, path = %path.display(),
+                        "removing the folder of an unfinished restore or clone");
+                    if let Err(e) = remove_leftover(&path) {
+                        tracing::warn!(pool = %self.name, path = %path.display(), error = %e,
+                            "could not remove leftover");
+                    }
                 }
                 Ok(None) | Err(_) if record_missing_or_empty(&path) && data_untouched(&path) => {
                     // A create interrupted before its record was on disk:

@@ -8,14 +8,15 @@ use std::fs::{self, DirBuilder};
 use std::io;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Mutex, OnceLock, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::kind::{AccessKind, BackendKind, FsType};
 use super::meta::{self, Durability, VolumeMeta};
 use super::pool::{self, PoolSpec, RangeError};
+use super::snapshot::{self, ContentSource, SnapshotMeta};
 use super::usage::UsageMeter;
-use super::{Error, Result, VolumeId, dir, image, io_at};
+use super::{Error, Result, VolumeId, copy, dir, image, io_at};
 
 /// Folders of creates by earlier versions, assembled under a temporary name
 /// (removed at start by [`super::recovery`]).
@@ -30,7 +31,18 @@ pub struct Pool {
     pub backend: BackendKind,
     pub root: PathBuf,
     /// Serializes capacity checks with the reservations they allow.
-    alloc: Mutex<()>,
+    pub(super) alloc: Mutex<()>,
+    /// Whether the pool's filesystem clones files by reflink (probed once).
+    reflink: OnceLock<bool>,
+}
+
+impl Pool {
+    /// Whether files in this pool can be cloned by reflink (FICLONE).
+    pub fn reflink(&self) -> bool {
+        *self
+            .reflink
+            .get_or_init(|| copy::supports_reflink(&self.root))
+    }
 }
 
 /// What CreateVolume asks for, validated.
@@ -52,6 +64,8 @@ pub struct NewVolume {
 pub struct Store {
     pools: Vec<Pool>,
     volumes: RwLock<BTreeMap<VolumeId, VolumeMeta>>,
+    /// Every `snapshot.json` of every pool.
+    snapshots: RwLock<BTreeMap<VolumeId, SnapshotMeta>>,
     /// What the trees of `dir` volumes occupy, measured off the request
     /// path (stats and capacity read it; nothing here walks a tree).
     usage: UsageMeter,
@@ -70,6 +84,7 @@ impl Store {
         }
         let mut pools: Vec<Pool> = Vec::with_capacity(specs.len());
         let mut volumes = BTreeMap::new();
+        let mut snapshots = BTreeMap::new();
         for spec in specs {
             if pools.iter().any(|p| p.name == spec.name) {
                 return Err(Error::PoolUnusable {
@@ -88,6 +103,7 @@ impl Store {
                 backend: spec.backend,
                 root: spec.path.clone(),
                 alloc: Mutex::new(()),
+                reflink: OnceLock::new(),
             };
             for meta in pool.recover_and_scan()? {
                 if let Some(other) = volumes.get(&meta.id) {
@@ -97,6 +113,15 @@ impl Store {
                     continue;
                 }
                 volumes.insert(meta.id.clone(), meta);
+            }
+            for snap in pool.recover_and_scan_snapshots()? {
+                if let Some(other) = snapshots.get(&snap.id) {
+                    let other: &SnapshotMeta = other;
+                    tracing::error!(snapshot.id = %snap.id, pool = %pool.name, other.pool = %other.pool,
+                        "snapshot found in two pools; serving the first");
+                    continue;
+                }
+                snapshots.insert(snap.id.clone(), snap);
             }
             pools.push(pool);
         }
@@ -111,6 +136,7 @@ impl Store {
         Ok(Self {
             pools,
             volumes: RwLock::new(volumes),
+            snapshots: RwLock::new(snapshots),
             usage,
         })
     }
@@ -192,12 +218,44 @@ impl Store {
     /// with the request (CreateVolume is idempotent by name). The bool tells
     /// whether it was created now.
     pub fn create(&self, req: &NewVolume) -> Result<(VolumeMeta, bool)> {
-        let pool = self.pool(req.pool.as_deref())?;
+        self.create_from(req, None)
+    }
+
+    /// [`Store::create`], the new volume filled from a snapshot or another
+    /// volume when `source` names one: in the source's pool, at least its
+    /// size, with its filesystem. The caller holds the lock of a source
+    /// volume.
+    pub fn create_from(
+        &self,
+        req: &NewVolume,
+        source: Option<&ContentSource>,
+    ) -> Result<(VolumeMeta, bool)> {
+        let plan = source.map(|s| self.plan_from_source(req, s)).transpose()?;
+        let pool = self.pool(
+            plan.as_ref()
+                .map_or(req.pool.as_deref(), |p| Some(p.pool.as_str())),
+        )?;
+        let access = req.access;
+        let required = plan.as_ref().map_or(req.required, |p| p.required);
         if let Some(existing) = self.get(&req.id) {
-            check_compatible(&existing, pool, req)?;
+            check_compatible(
+                &existing,
+                pool,
+                &NewVolume {
+                    required,
+                    ..req.clone()
+                },
+            )?;
+            if existing.source.as_ref() != source {
+                return Err(Error::Conflict {
+                    id: req.id.clone(),
+                    existing: describe_source(existing.source.as_ref()),
+                    requested: describe_source(source),
+                });
+            }
             return Ok((existing, false));
         }
-        if matches!(req.access, AccessKind::Block) && !pool.backend.supports_block() {
+        if matches!(access, AccessKind::Block) && !pool.backend.supports_block() {
             return Err(Error::Unsupported {
                 id: req.id.clone(),
                 pool: pool.name.clone(),
@@ -205,9 +263,9 @@ impl Store {
                 what: "block volumes",
             });
         }
-        let minimum = pool::minimum_size(pool.backend, Some(req.access));
+        let minimum = pool::minimum_size(pool.backend, Some(access));
         let size =
-            pool::plan_size(req.required, req.limit, minimum).map_err(|source| Error::Range {
+            pool::plan_size(required, req.limit, minimum).map_err(|source| Error::Range {
                 id: req.id.clone(),
                 source,
             })?;
@@ -218,9 +276,10 @@ impl Store {
             pool: pool.name.clone(),
             backend: pool.backend,
             capacity_bytes: size,
-            access: req.access,
-            formatted: None,
+            access,
+            formatted: plan.as_ref().and_then(|p| p.formatted),
             folder,
+            source: source.cloned(),
         };
 
         let _reservation = pool.alloc.lock().unwrap_or_else(PoisonError::into_inner);
@@ -233,10 +292,21 @@ impl Store {
                 available,
             });
         }
-        assemble(&pool.root.join(&meta.folder), &meta)?;
+        let at = pool.root.join(&meta.folder);
+        assemble(&at, &meta, |folder| match source {
+            None => fill_empty(folder, &meta),
+            Some(s) => self.fill_from_source(folder, &meta, s),
+        })?;
+        if source.is_some() {
+            snapshot::filled(&at);
+        }
         if meta.backend == BackendKind::Dir {
-            // A new directory holds nothing: known without a walk.
-            self.usage.set_empty(&meta.id);
+            if source.is_some() {
+                self.usage.refresh(&meta.id, at.join(dir::DATA_DIR));
+            } else {
+                // A new directory holds nothing: known without a walk.
+                self.usage.set_empty(&meta.id);
+            }
         }
         self.write_cache().insert(meta.id.clone(), meta.clone());
         Ok((meta, true))
@@ -356,6 +426,18 @@ impl Store {
     fn write_cache(&self) -> RwLockWriteGuard<'_, BTreeMap<VolumeId, VolumeMeta>> {
         self.volumes.write().unwrap_or_else(PoisonError::into_inner)
     }
+
+    pub(super) fn read_snapshots(&self) -> RwLockReadGuard<'_, BTreeMap<VolumeId, SnapshotMeta>> {
+        self.snapshots
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub(super) fn write_snapshots(&self) -> RwLockWriteGuard<'_, BTreeMap<VolumeId, SnapshotMeta>> {
+        self.snapshots
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
 }
 
 /// What [`assemble`] reports when the volume's folder is already there.
@@ -372,7 +454,11 @@ const FOLDER_EXISTS: &str =
 /// before it, so the later ones find nothing left to write: one commit per
 /// volume, where assembling under a temporary name and renaming it into
 /// place costs two.
-fn assemble(folder: &Path, meta: &VolumeMeta) -> Result<()> {
+fn assemble(
+    folder: &Path,
+    meta: &VolumeMeta,
+    data: impl FnOnce(&Path) -> Result<()>,
+) -> Result<()> {
     match DirBuilder::new().mode(0o700).create(folder) {
         Ok(()) => {}
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
@@ -381,15 +467,15 @@ fn assemble(folder: &Path, meta: &VolumeMeta) -> Result<()> {
         Err(e) => return Err(io_at("creating volume folder", folder)(e)),
     }
     // From here the folder is ours: a failure takes it away again.
-    let filled = fill(folder, meta);
+    let filled = data(folder).and_then(|()| record(folder, meta));
     if filled.is_err() {
         let _ = fs::remove_dir_all(folder);
     }
     filled
 }
 
-/// The data, then the durable record, of a volume folder just created.
-fn fill(folder: &Path, meta: &VolumeMeta) -> Result<()> {
+/// The data of a new empty volume.
+fn fill_empty(folder: &Path, meta: &VolumeMeta) -> Result<()> {
     match meta.backend {
         BackendKind::Dir => {
             let data = folder.join(dir::DATA_DIR);
@@ -404,10 +490,22 @@ fn fill(folder: &Path, meta: &VolumeMeta) -> Result<()> {
             )?;
         }
     }
+    Ok(())
+}
+
+/// The durable record of a volume folder whose data is in place.
+fn record(folder: &Path, meta: &VolumeMeta) -> Result<()> {
     meta::create_json_durable(folder, meta::VOLUME_FILE, meta)
         .map_err(io_at("writing volume record", folder))?;
     let pool = folder.parent().unwrap_or(Path::new("/"));
     meta::sync_dir(pool).map_err(io_at("syncing pool directory", pool))
+}
+
+fn describe_source(source: Option<&ContentSource>) -> String {
+    source.map_or_else(
+        || "no content source".to_owned(),
+        |s| format!("content from {s}"),
+    )
 }
 
 fn check_compatible(existing: &VolumeMeta, pool: &Pool, req: &NewVolume) -> Result<()> {

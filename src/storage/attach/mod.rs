@@ -216,6 +216,16 @@ fn live_publications(state: &NodeState) -> Result<Vec<Published>> {
     Ok(live)
 }
 
+/// Where a volume is staged right now, if it is (a snapshot freezes the
+/// filesystem mounted there).
+pub fn live_staging(store: &Store, meta: &VolumeMeta) -> Result<Option<PathBuf>> {
+    let state = store.node_state(meta)?;
+    match &state.staged {
+        Some(s) if staged_live(store, meta, s)? => Ok(Some(s.path.clone())),
+        _ => Ok(None),
+    }
+}
+
 /// How a volume is in use on this node, if it is.
 pub fn live_usage(store: &Store, meta: &VolumeMeta) -> Result<Option<String>> {
     let state = store.node_state(meta)?;

@@ -1,0 +1,545 @@
+//! Snapshots, and volumes made from a snapshot or from another volume.
+//!
+//! A snapshot lives in the pool of its source, under `.snapshots/`, and is
+//! independent of it: deleting the source leaves its snapshots whole.
+//!
+//! ```text
+//! <pool>/.snapshots/<folder>/snapshot.json   the record, written last
+//! <pool>/.snapshots/<folder>/disk.img        image: a reflink clone or sparse copy
+//! <pool>/.snapshots/<folder>/data/           dir: the tree, file by file
+//! <pool>/.snapshots/.del-<folder>-<n>        a snapshot being deleted
+//! ```
+//!
+//! The same record-last rule as volumes: a snapshot folder without a record
+//! was never acknowledged and only holds a copy, so opening the pool
+//! removes it. A volume filled from a source carries a `.restoring` marker
+//! from before its first byte of data until its record exists, so that a
+//! crash in the middle leaves a folder recovery knows to remove (a volume
+//! folder with data and no record is otherwise kept, since it could hold a
+//! user's writes).
+//!
+//! Consistency: an `image` volume that is mounted is frozen (FIFREEZE) for
+//! the moment of the copy, so the copy is what a crash at that instant would
+//! have left; a raw block volume in use is copied only by reflink, which the
+//! pool's filesystem makes atomic with respect to writes of the image. A
+//! `dir` volume cannot be frozen without freezing the whole pool: each file
+//! is copied as it is when its turn comes.
+//!
+//! Capacity: a sparse copy takes its blocks from the pool's free space at
+//! once. A reflink clone takes none until the source or the clone
+//! overwrites the shared blocks, so it promises what it holds; with that,
+//! a source, its snapshots and their restores together never promise more
+//! than the pool can write.
+
+use std::fs::{self, DirBuilder, OpenOptions};
+use std::io;
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+use std::sync::PoisonError;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use super::copy::{self, CopyMethod, Frozen};
+use super::kind::{AccessKind, BackendKind, FsType};
+use super::meta::{self, VolumeMeta};
+use super::store::{DEL_PREFIX, NewVolume, Pool, Store};
+use super::{Error, Result, VolumeId, attach, dir, image, io_at, pool};
+
+/// Folder of a pool that holds its snapshots.
+pub const SNAPSHOT_DIR: &str = ".snapshots";
+/// Name of the snapshot record inside a snapshot folder.
+pub const SNAPSHOT_FILE: &str = "snapshot.json";
+/// Marker of a volume folder being filled from a source (see module doc).
+pub const RESTORING_FILE: &str = ".restoring";
+
+/// Where the data of a new volume comes from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind", content = "id")]
+pub enum ContentSource {
+    Snapshot(VolumeId),
+    Volume(VolumeId),
+}
+
+impl std::fmt::Display for ContentSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ContentSource::Snapshot(id) => write!(f, "snapshot {id}"),
+            ContentSource::Volume(id) => write!(f, "volume {id}"),
+        }
+    }
+}
+
+/// How a copy was made, as recorded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Method {
+    Reflink,
+    Copy,
+}
+
+impl From<CopyMethod> for Method {
+    fn from(m: CopyMethod) -> Self {
+        match m {
+            CopyMethod::Reflink => Method::Reflink,
+            CopyMethod::Copy => Method::Copy,
+        }
+    }
+}
+
+/// The record of one snapshot (`snapshot.json`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotMeta {
+    pub version: u32,
+    pub id: VolumeId,
+    /// The volume it was taken of (which may be gone since).
+    pub source: VolumeId,
+    pub pool: String,
+    pub backend: BackendKind,
+    /// The source's capacity when the snapshot was taken: the smallest
+    /// volume it restores into.
+    pub size_bytes: u64,
+    pub access: AccessKind,
+    /// The filesystem the source carried, if it had been formatted.
+    #[serde(default)]
+    pub formatted: Option<FsType>,
+    /// Seconds and nanoseconds since the epoch.
+    pub created_secs: i64,
+    pub created_nanos: i32,
+    pub method: Method,
+    /// What the copy holds on the pool's filesystem.
+    pub allocated_bytes: u64,
+    /// Folder name inside `.snapshots` (derived from the id).
+    pub folder: String,
+}
+
+impl SnapshotMeta {
+    /// What the snapshot may still take from the pool's free space.
+    pub(super) fn promised(&self) -> u64 {
+        match self.method {
+            Method::Reflink => self.allocated_bytes,
+            Method::Copy => 0,
+        }
+    }
+}
+
+/// The data of a volume or snapshot folder.
+fn data_in(folder: &Path, backend: BackendKind) -> PathBuf {
+    match backend {
+        BackendKind::Dir => folder.join(dir::DATA_DIR),
+        BackendKind::Image => folder.join(image::IMAGE_FILE),
+    }
+}
+
+/// What a source's data occupies now.
+fn allocated(store: &Store, meta: &VolumeMeta, data: &Path) -> u64 {
+    match meta.backend {
+        BackendKind::Image => image::allocated_bytes(data),
+        BackendKind::Dir => store.usage().cached(&meta.id).map_or(0, |u| u.bytes),
+    }
+}
+
+impl Pool {
+    pub(super) fn snapshot_root(&self) -> PathBuf {
+        self.root.join(SNAPSHOT_DIR)
+    }
+
+    /// Removes unfinished and interrupted snapshots, then reads every
+    /// snapshot record of the pool.
+    pub(super) fn recover_and_scan_snapshots(&self) -> Result<Vec<SnapshotMeta>> {
+        let root = self.snapshot_root();
+        let entries = match fs::read_dir(&root) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(io_at("reading snapshots", &root)(e)),
+        };
+        let mut found = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(io_at("reading snapshots", &root))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let path = entry.path();
+            if !entry.file_type().is_ok_and(|t| t.is_dir()) {
+                continue;
+            }
+            let record = if name.starts_with(DEL_PREFIX) {
+                None
+            } else {
+                meta::read_json::<SnapshotMeta>(&path, SNAPSHOT_FILE).unwrap_or(None)
+            };
+            match record {
+                Some(mut m) if m.id.folder_name().ok().as_deref() == Some(name.as_str()) => {
+                    m.folder = name;
+                    m.pool = self.name.clone();
+                    found.push(m);
+                }
+                Some(m) => {
+                    tracing::error!(pool = %self.name, path = %path.display(), snapshot.id = %m.id,
+                        "snapshot record does not match its folder name; ignored");
+                }
+                None => {
+                    // Never acknowledged (no readable record) or being
+                    // deleted: only a copy, nothing of a user's own.
+                    tracing::info!(pool = %self.name, path = %path.display(),
+                        "removing an unfinished or interrupted snapshot");
+                    if let Err(e) = fs::remove_dir_all(&path) {
+                        tracing::warn!(pool = %self.name, path = %path.display(), error = %e,
+                            "could not remove snapshot leftover");
+                    }
+                }
+            }
+        }
+        Ok(found)
+    }
+}
+
+/// Whether a volume folder without a record is a fill from a source that
+/// was interrupted (see module doc).
+pub(super) fn interrupted_fill(folder: &Path) -> bool {
+    folder.join(RESTORING_FILE).exists()
+}
+
+/// The filesystem to freeze while a live volume is copied, or a refusal
+/// when no consistent copy can be made of it.
+fn freeze_point(store: &Store, meta: &VolumeMeta, reflink: bool) -> Result<Option<PathBuf>> {
+    if meta.backend != BackendKind::Image {
+        return Ok(None);
+    }
+    let staged = attach::live_staging(store, meta).map_err(|e| Error::Busy {
+        id: meta.id.clone(),
+        reason: format!("whether it is staged cannot be told: {e}"),
+    })?;
+    let Some(staged) = staged else {
+        return Ok(None);
+    };
+    match meta.access {
+        AccessKind::Mount { .. } => Ok(Some(staged)),
+        AccessKind::Block if reflink => Ok(None),
+        AccessKind::Block => Err(Error::Busy {
+            id: meta.id.clone(),
+            reason: format!(
+                "it is a block volume in use (staged at {}) and pool {} cannot clone by reflink, so a copy would not be consistent; stop its pod first",
+                staged.display(),
+                meta.pool
+            ),
+        }),
+    }
+}
+
+/// Copies the data of live volume `meta` to `dst` (which must not exist),
+/// its filesystem frozen for the moment of the copy when it is mounted.
+fn copy_live(store: &Store, pool: &Pool, meta: &VolumeMeta, dst: &Path) -> Result<(Method, u64)> {
+    let src = store.data_path(meta)?;
+    let at = freeze_point(store, meta, pool.reflink())?;
+    let frozen = match &at {
+        Some(mp) => Some(Frozen::freeze(mp).map_err(io_at("freezing the filesystem at", mp))?),
+        None => None,
+    };
+    let copied = copy_data(meta.backend, &src, dst);
+    if let (Some(f), Some(mp)) = (frozen, &at) {
+        f.thaw().map_err(io_at("thawing the filesystem at", mp))?;
+    }
+    copied
+}
+
+/// Copies a volume's or snapshot's data; returns how, and what it holds.
+fn copy_data(backend: BackendKind, src: &Path, dst: &Path) -> Result<(Method, u64)> {
+    match backend {
+        BackendKind::Image => {
+            let m = copy::clone_file(src, dst).map_err(io_at("copying image", src))?;
+            Ok((m.into(), image::allocated_bytes(dst)))
+        }
+        BackendKind::Dir => {
+            let t = copy::copy_tree(src, dst).map_err(io_at("copying tree", src))?;
+            Ok((t.method.into(), t.bytes))
+        }
+    }
+}
+
+fn now() -> (i64, i32) {
+    let d = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    (
+        i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+        i32::try_from(d.subsec_nanos()).unwrap_or(0),
+    )
+}
+
+impl Store {
+    /// The record of a snapshot, if it exists.
+    pub fn snapshot(&self, id: &VolumeId) -> Option<SnapshotMeta> {
+        self.read_snapshots().get(id).cloned()
+    }
+
+    /// Snapshots in id order after `after`, optionally only those of one
+    /// source, at most `max` (0: all), and whether more follow.
+    pub fn list_snapshots(
+        &self,
+        source: Option<&VolumeId>,
+        after: Option<&VolumeId>,
+        max: usize,
+    ) -> (Vec<SnapshotMeta>, bool) {
+        use std::ops::Bound;
+        let cache = self.read_snapshots();
+        let lower = after.map_or(Bound::Unbounded, Bound::Excluded);
+        let mut it = cache
+            .range((lower, Bound::Unbounded))
+            .map(|(_, m)| m)
+            .filter(|m| source.is_none_or(|s| &m.source == s))
+            .cloned();
+        if max == 0 {
+            return (it.collect(), false);
+        }
+        let page: Vec<_> = it.by_ref().take(max).collect();
+        let more = it.next().is_some();
+        (page, more)
+    }
+
+    /// Takes snapshot `id` of volume `source`, or returns the existing one
+    /// when it is of the same source (CreateSnapshot is idempotent by name).
+    /// The bool tells whether it was taken now. The caller holds the
+    /// source's volume lock.
+    pub fn create_snapshot(
+        &self,
+        id: &VolumeId,
+        source: &VolumeId,
+    ) -> Result<(SnapshotMeta, bool)> {
+        if let Some(existing) = self.snapshot(id) {
+            if &existing.source != source {
+                return Err(Error::Conflict {
+                    id: id.clone(),
+                    existing: format!("a snapshot of volume {}", existing.source),
+                    requested: format!("a snapshot of volume {source}"),
+                });
+            }
+            return Ok((existing, false));
+        }
+        let src = self.require(source)?;
+        let pool = self.pool(Some(&src.pool))?;
+        let root = pool.snapshot_root();
+        DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&root)
+            .map_err(io_at("creating snapshot directory", &root))?;
+        let folder_name = id.folder_name()?;
+        let folder = root.join(&folder_name);
+
+        let _reservation = pool.alloc.lock().unwrap_or_else(PoisonError::into_inner);
+        let src_data = self.data_path(&src)?;
+        let needed = allocated(self, &src, &src_data);
+        let available = self.available(pool)?;
+        if needed > available {
+            return Err(Error::Exhausted {
+                id: id.clone(),
+                pool: pool.name.clone(),
+                needed,
+                available,
+            });
+        }
+        match DirBuilder::new().mode(0o700).create(&folder) {
+            Ok(()) => {}
+            // Only a crash since this pool was opened leaves one: a copy
+            // without a record, never acknowledged.
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                fs::remove_dir_all(&folder)
+                    .map_err(io_at("removing unfinished snapshot", &folder))?;
+                DirBuilder::new()
+                    .mode(0o700)
+                    .create(&folder)
+                    .map_err(io_at("creating snapshot folder", &folder))?;
+            }
+            Err(e) => return Err(io_at("creating snapshot folder", &folder)(e)),
+        }
+        let taken = (|| {
+            let (method, allocated_bytes) =
+                copy_live(self, pool, &src, &data_in(&folder, src.backend))?;
+            let (created_secs, created_nanos) = now();
+            let snap = SnapshotMeta {
+                version: meta::FORMAT_VERSION,
+                id: id.clone(),
+                source: source.clone(),
+                pool: pool.name.clone(),
+                backend: src.backend,
+                size_bytes: src.capacity_bytes,
+                access: src.access,
+                formatted: src.formatted,
+                created_secs,
+                created_nanos,
+                method,
+                allocated_bytes,
+                folder: folder_name.clone(),
+            };
+            meta::create_json_durable(&folder, SNAPSHOT_FILE, &snap)
+                .map_err(io_at("writing snapshot record", &folder))?;
+            meta::sync_dir(&root).map_err(io_at("syncing snapshot directory", &root))?;
+            Ok(snap)
+        })();
+        let snap = match taken {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = fs::remove_dir_all(&folder);
+                return Err(e);
+            }
+        };
+        self.write_snapshots().insert(id.clone(), snap.clone());
+        Ok((snap, true))
+    }
+
+    /// Deletes a snapshot. `Ok(false)` when it did not exist. Volumes
+    /// restored from it are independent copies and stay.
+    pub fn delete_snapshot(&self, id: &VolumeId) -> Result<bool> {
+        let Some(snap) = self.snapshot(id) else {
+            return Ok(false);
+        };
+        let pool = self.pool(Some(&snap.pool))?;
+        let root = pool.snapshot_root();
+        let folder = root.join(&snap.folder);
+        let (secs, nanos) = now();
+        let graveyard = root.join(format!("{DEL_PREFIX}{}-{secs}{nanos:09}", snap.folder));
+        fs::rename(&folder, &graveyard).map_err(io_at("retiring snapshot folder", &folder))?;
+        meta::sync_dir(&root).map_err(io_at("syncing snapshot directory", &root))?;
+        self.write_snapshots().remove(id);
+        fs::remove_dir_all(&graveyard).map_err(io_at("removing snapshot data", &graveyard))?;
+        Ok(true)
+    }
+
+    /// What the snapshots of a pool may still take from its free space.
+    pub(super) fn snapshots_promised(&self, pool: &Pool) -> u64 {
+        self.read_snapshots()
+            .values()
+            .filter(|s| s.pool == pool.name)
+            .map(SnapshotMeta::promised)
+            .sum()
+    }
+
+    /// The pool, size and filesystem a volume filled from `source` must
+    /// have, checked against the request.
+    pub(super) fn plan_from_source(
+        &self,
+        req: &NewVolume,
+        source: &ContentSource,
+    ) -> Result<SourcePlan> {
+        let (pool, backend, size, access, formatted) = match source {
+            ContentSource::Snapshot(s) => {
+                let snap = self
+                    .snapshot(s)
+                    .ok_or_else(|| Error::SourceNotFound(source.clone()))?;
+                (
+                    snap.pool,
+                    snap.backend,
+                    snap.size_bytes,
+                    snap.access,
+                    snap.formatted,
+                )
+            }
+            ContentSource::Volume(v) => {
+                let m = self
+                    .get(v)
+                    .ok_or_else(|| Error::SourceNotFound(source.clone()))?;
+                (m.pool, m.backend, m.capacity_bytes, m.access, m.formatted)
+            }
+        };
+        let refuse = |reason: String| Error::Source {
+            id: req.id.clone(),
+            from: source.clone(),
+            reason,
+        };
+        if let Some(asked) = &req.pool
+            && asked != &pool
+        {
+            return Err(refuse(format!(
+                "it lies in pool {pool}, the request names pool {asked}; a copy stays in the pool of its source"
+            )));
+        }
+        let compatible = match (access, req.access) {
+            (AccessKind::Block, AccessKind::Block) => true,
+            // A directory has no filesystem of its own.
+            (AccessKind::Mount { .. }, AccessKind::Mount { .. }) if backend == BackendKind::Dir => {
+                true
+            }
+            (AccessKind::Mount { fs_type }, AccessKind::Mount { fs_type: asked }) => {
+                formatted.is_none() || fs_type == asked
+            }
+            _ => false,
+        };
+        if !compatible {
+            return Err(refuse(format!(
+                "it was made for {access}, the request asks for {}",
+                req.access
+            )));
+        }
+        if req.limit != 0 && req.limit < size {
+            return Err(Error::Range {
+                id: req.id.clone(),
+                source: pool::RangeError::Unsatisfiable {
+                    required: size,
+                    limit: req.limit,
+                    minimum: size,
+                },
+            });
+        }
+        Ok(SourcePlan {
+            pool,
+            required: req.required.max(size),
+            formatted,
+        })
+    }
+
+    /// Fills the folder of a new volume from its source: marker first, the
+    /// copy, then (by the caller) the record.
+    pub(super) fn fill_from_source(
+        &self,
+        folder: &Path,
+        meta: &VolumeMeta,
+        source: &ContentSource,
+    ) -> Result<()> {
+        let marker = folder.join(RESTORING_FILE);
+        OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&marker)
+            .and_then(|f| f.sync_all())
+            .and_then(|()| meta::sync_dir(folder))
+            .map_err(io_at("marking volume folder as being filled", folder))?;
+        let dst = data_in(folder, meta.backend);
+        match source {
+            ContentSource::Snapshot(s) => {
+                let snap = self
+                    .snapshot(s)
+                    .ok_or_else(|| Error::SourceNotFound(source.clone()))?;
+                let pool = self.pool(Some(&snap.pool))?;
+                let src = data_in(&pool.snapshot_root().join(&snap.folder), snap.backend);
+                copy_data(snap.backend, &src, &dst)?;
+            }
+            ContentSource::Volume(v) => {
+                let src = self.require(v)?;
+                let pool = self.pool(Some(&src.pool))?;
+                copy_live(self, pool, &src, &dst)?;
+            }
+        }
+        if meta.backend == BackendKind::Image {
+            // Larger than the source: grown like an expansion (the
+            // filesystem follows at the next stage).
+            image::grow_file(&dst, meta.capacity_bytes).map_err(|source| Error::Image {
+                id: meta.id.clone(),
+                source,
+            })?;
+        }
+        Ok(())
+    }
+}
+
+/// Removes the marker of a filled volume whose record is written; a marker
+/// left by a crash after that is harmless (the record wins).
+pub(super) fn filled(folder: &Path) {
+    let _ = fs::remove_file(folder.join(RESTORING_FILE));
+}
+
+/// What a volume filled from a source will be.
+#[derive(Debug)]
+pub(super) struct SourcePlan {
+    pub pool: String,
+    pub required: u64,
+    pub formatted: Option<FsType>,
+}
