@@ -253,17 +253,8 @@ pub fn create_request(
         claim: claim_key(pvc),
         field: "metadata.uid",
     })?;
-    if pvc
-        .spec
-        .as_ref()
-        .is_some_and(|s| s.data_source.is_some() || s.data_source_ref.is_some())
-    {
-        return Err(ClaimError::Invalid {
-            claim: claim_key(pvc),
-            field: "spec.dataSource",
-            reason: "Stead does not populate volumes from snapshots or other claims".into(),
-        });
-    }
+    // The content source is added by the reconcile, which resolves the
+    // claim's data source (`source`) first.
     let (required_bytes, limit_bytes) = requested_bytes(pvc)?;
     Ok(CreateVolumeRequest {
         name,

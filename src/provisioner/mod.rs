@@ -16,6 +16,9 @@ pub mod quantity;
 mod reclaim;
 mod reconcile;
 pub mod schedulable;
+pub mod snapshot_api;
+mod snapshotter;
+pub mod source;
 pub mod stranded;
 pub mod supervisor;
 
@@ -292,6 +295,7 @@ where
     let node_changed = Arc::new(Notify::new());
     let own_node = schedulable::follow(ctx.clone(), node_events, resync, node_changed.clone());
     let stranded = stranded::run(ctx.clone(), node_changed);
+    let snapshots = snapshotter::run(ctx.clone());
 
     tokio::select! {
         _ = async { tokio::join!(claims_run, volumes_run) } => {}
@@ -301,6 +305,7 @@ where
         _ = reaper => {}
         _ = own_node => {}
         _ = stranded => {}
+        _ = snapshots => {}
         _ = shutdown => {}
     }
     class_watch.abort();

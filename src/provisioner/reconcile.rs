@@ -15,10 +15,11 @@ use tonic::Code;
 
 use super::claim::{self, Allowed, Decision};
 use super::class::{self, ClassSpec};
+use super::source::{self, Resolution};
 use super::{Ctx, Error, csi_error, pv, quantity, schedulable};
 use crate::proto::csi::v1::controller_server::Controller as CsiController;
 use crate::proto::csi::v1::{
-    CapacityRange, ControllerExpandVolumeRequest, GetCapacityRequest, Volume,
+    CapacityRange, ControllerExpandVolumeRequest, GetCapacityRequest, Volume, VolumeContentSource,
 };
 
 /// How long to wait before looking again at a claim that cannot succeed
@@ -111,13 +112,21 @@ pub(crate) async fn reconcile<C: CsiController>(
         return Ok(action);
     }
     let decision = claim::decide(&pvc, &probe, &node);
+    // A claim filled from a source can only go where its data is, however
+    // schedulable that node is (see `source`).
+    let has_source = pvc
+        .spec
+        .as_ref()
+        .is_some_and(|s| s.data_source.is_some() || s.data_source_ref.is_some());
     if let Decision::Skip(why) = decision {
         // Debug, not trace: which agents passed on a claim is what one asks
         // first when a claim stays Pending (and what the race test waits for).
         tracing::debug!(pvc = %key, why, "skipped");
         return Ok(Action::await_change());
     }
-    if decision == Decision::Claim && schedulable::for_immediate(ctx.own_node().as_deref()).is_err()
+    if decision == Decision::Claim
+        && !has_source
+        && schedulable::for_immediate(ctx.own_node().as_deref()).is_err()
     {
         // The claim waits for the node to turn schedulable: say so, then
         // read the node again, so that a change between the first read and
@@ -133,11 +142,11 @@ pub(crate) async fn reconcile<C: CsiController>(
     let parsed = class::parse(&sc)
         .map_err(|e| e.to_string())
         .and_then(|class| {
-            claim::create_request(&pvc, &class, &node)
-                .map(|request| (class, request))
-                .map_err(|e| e.to_string())
+            let request = claim::create_request(&pvc, &class, &node).map_err(|e| e.to_string())?;
+            let src = source::data_source(&pvc).map_err(|e| e.to_string())?;
+            Ok((class, request, src))
         });
-    let (class, request) = match parsed {
+    let (class, mut request, src) = match parsed {
         Ok(ok) => ok,
         Err(why) => {
             // An Immediate claim that cannot be provisioned is taken like any
@@ -164,6 +173,17 @@ pub(crate) async fn reconcile<C: CsiController>(
     {
         return Ok(Action::await_change());
     }
+
+    let from = match &src {
+        None => None,
+        Some(src) => match fill_from(&ctx, &pvc, &decision, src).await? {
+            Ok(content) => {
+                request.volume_content_source = Some(content);
+                Some(src.to_string())
+            }
+            Err(action) => return Ok(action),
+        },
+    };
 
     let mut allowed = claim::allowed_here(&decision, &class, &node, ctx.own_node().as_deref());
     if allowed == Allowed::Skip {
@@ -218,9 +238,10 @@ pub(crate) async fn reconcile<C: CsiController>(
         EventType::Normal,
         "Provisioning",
         format!(
-            "node {node} is creating volume {volume_name} ({}) in pool {}",
+            "node {node} is creating volume {volume_name} ({}) in pool {}{}",
             quantity::human(wanted),
-            class.pool.as_deref().unwrap_or("(default)")
+            class.pool.as_deref().unwrap_or("(default)"),
+            from.as_ref().map(|f| format!(" from {f}")).unwrap_or_default()
         ),
     );
     ctx.ledger.record(&volume_name, &key, &uid).await?;
@@ -238,11 +259,86 @@ pub(crate) async fn reconcile<C: CsiController>(
         EventType::Normal,
         "ProvisioningSucceeded",
         format!(
-            "created volume {volume_name} ({}) on node {node}",
-            quantity::human(volume.capacity_bytes)
+            "created volume {volume_name} ({}) on node {node}{}",
+            quantity::human(volume.capacity_bytes),
+            from.as_ref().map(|f| format!(" from {f}")).unwrap_or_default()
         ),
     );
     Ok(Action::await_change())
+}
+
+/// The content source of a claim filled from `src`, when this node holds
+/// the data; otherwise what to do instead (`Err`): wait for the source, let
+/// the holder take an Immediate claim, or, for a claim whose pod the
+/// scheduler put on this node, say where the data is and release the node
+/// choice.
+async fn fill_from<C: CsiController>(
+    ctx: &Ctx<C>,
+    pvc: &PersistentVolumeClaim,
+    decision: &Decision,
+    src: &source::SourceRef,
+) -> Result<Result<VolumeContentSource, Action>, Error> {
+    let node = &ctx.config.node;
+    let key = claim::claim_key(pvc);
+    match source::resolve(ctx, src).await? {
+        Resolution::Wait(why) => {
+            tracing::debug!(pvc = %key, "waiting for the data source: {why}");
+            // Looked at again with a growing interval; said once, at the
+            // first wait, by the node that would provision it.
+            let wait = ctx.backoff(&pvc.uid().unwrap_or_default());
+            if *decision == Decision::Provision && wait <= Duration::from_secs(1) {
+                ctx.event(
+                    pvc,
+                    EventType::Normal,
+                    "WaitingForDataSource",
+                    format!("node {node} waits for the claim's data source: {why}"),
+                );
+            }
+            Ok(Err(Action::requeue(wait.min(Duration::from_secs(30)))))
+        }
+        Resolution::Refuse(why) => {
+            if *decision == Decision::Claim && take(ctx, pvc).await?.is_none() {
+                return Ok(Err(Action::await_change()));
+            }
+            ctx.fail(pvc, format!("{why}; no volume was created"));
+            Ok(Err(Action::requeue(RECHECK)))
+        }
+        Resolution::Ready(r) if r.node.as_deref() == Some(node.as_str()) => Ok(Ok(r.content)),
+        Resolution::Ready(r) => {
+            if *decision == Decision::Claim {
+                tracing::debug!(pvc = %key, holder = r.node.as_deref().unwrap_or("unknown"),
+                    "skipped: the data of its source is on another node");
+                return Ok(Err(Action::await_change()));
+            }
+            let holder = r
+                .node
+                .map(|n| format!("node {n}"))
+                .unwrap_or_else(|| "no node known to Stead".into());
+            ctx.fail(
+                pvc,
+                format!(
+                    "the data of {src} is on {holder}, but the scheduler chose node {node} for claim {key}; Stead does not move data between nodes, so the node choice is released: run the claim's pod on the node that holds the data (for example with a nodeSelector on kubernetes.io/hostname)"
+                ),
+            );
+            release_node(ctx, pvc).await?;
+            Ok(Err(Action::requeue(Duration::from_secs(30))))
+        }
+    }
+}
+
+/// Removes `selected-node` from a claim, so that the scheduler picks a
+/// node again.
+async fn release_node<C>(ctx: &Ctx<C>, pvc: &PersistentVolumeClaim) -> Result<(), Error> {
+    let api: Api<PersistentVolumeClaim> =
+        Api::namespaced(ctx.client.clone(), &pvc.namespace().unwrap_or_default());
+    let patch = json!({"metadata": {"annotations": {claim::ANN_SELECTED_NODE: null}}});
+    api.patch(
+        &pvc.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(&patch),
+    )
+    .await?;
+    Ok(())
 }
 
 /// Takes an Immediate claim for this node: sets `selected-node` with an
@@ -358,15 +454,7 @@ async fn create_failed<C: CsiController>(
                     status.message()
                 ),
             );
-            let api: Api<PersistentVolumeClaim> =
-                Api::namespaced(ctx.client.clone(), &pvc.namespace().unwrap_or_default());
-            let patch = json!({"metadata": {"annotations": {claim::ANN_SELECTED_NODE: null}}});
-            api.patch(
-                &pvc.name_any(),
-                &PatchParams::default(),
-                &Patch::Merge(&patch),
-            )
-            .await?;
+            release_node(ctx, pvc).await?;
             Ok(Action::requeue(Duration::from_secs(30)))
         }
         Code::InvalidArgument | Code::AlreadyExists | Code::OutOfRange => {
