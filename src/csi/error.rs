@@ -75,6 +75,7 @@ fn storage_code(e: &storage::Error) -> Code {
             RangeError::Unsatisfiable { .. } => Code::OutOfRange,
         },
         S::NotFound(_) | S::SourceNotFound(_) => Code::NotFound,
+        S::SmallerThanSource { .. } => Code::OutOfRange,
         S::Conflict { .. } => Code::AlreadyExists,
         S::Exhausted { .. } => Code::ResourceExhausted,
         S::Busy { .. } | S::PoolUnusable { .. } => Code::FailedPrecondition,

@@ -44,7 +44,7 @@ use super::copy::{self, CopyMethod, Frozen};
 use super::kind::{AccessKind, BackendKind, FsType};
 use super::meta::{self, VolumeMeta};
 use super::store::{DEL_PREFIX, NewVolume, Pool, Store};
-use super::{Error, Result, VolumeId, attach, dir, image, io_at, pool};
+use super::{Error, Result, VolumeId, attach, dir, image, io_at};
 
 /// Folder of a pool that holds its snapshots.
 pub const SNAPSHOT_DIR: &str = ".snapshots";
@@ -469,14 +469,13 @@ impl Store {
                 req.access
             )));
         }
-        if req.limit != 0 && req.limit < size {
-            return Err(Error::Range {
+        let asked = if req.required != 0 { req.required } else { req.limit };
+        if asked != 0 && asked < size {
+            return Err(Error::SmallerThanSource {
                 id: req.id.clone(),
-                source: pool::RangeError::Unsatisfiable {
-                    required: size,
-                    limit: req.limit,
-                    minimum: size,
-                },
+                from: source.clone(),
+                size,
+                asked,
             });
         }
         Ok(SourcePlan {

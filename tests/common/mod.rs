@@ -30,6 +30,9 @@ pub struct Agent {
     pub controller: ControllerClient<Channel>,
     pub node: NodeClient<Channel>,
     pub identity: IdentityClient<Channel>,
+    /// The image file of a filesystem mounted at `root`, if the agent runs
+    /// on one of its own ([`Agent::start_on_xfs`]).
+    backing: Option<PathBuf>,
 }
 
 impl Agent {
@@ -39,12 +42,40 @@ impl Agent {
             nix::unistd::geteuid().is_root(),
             "integration tests mount and attach loop devices: run them as root"
         );
-        let root = std::env::temp_dir().join(format!(
-            "stead-it-{name}-{}-{}",
-            std::process::id(),
-            rand_suffix()
-        ));
+        let root = temp_root(name);
         fs::create_dir_all(&root).unwrap();
+        Self::start_in(root, None).await
+    }
+
+    /// Starts an agent whose root (and so both pools) is a fresh xfs with
+    /// reflink on a loop device: snapshots and clones there are reflinks.
+    pub async fn start_on_xfs(name: &str) -> Agent {
+        let root = temp_root(name);
+        fs::create_dir_all(&root).unwrap();
+        let img = root.with_extension("img");
+        let f = fs::File::create(&img).unwrap();
+        f.set_len(2048 * MIB as u64).unwrap();
+        drop(f);
+        let ok = Command::new("mkfs.xfs")
+            .args(["-q", "-f", "-m", "reflink=1"])
+            .arg(&img)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "mkfs.xfs {}", img.display());
+        // -o loop sets autoclear: the device goes with the unmount.
+        let ok = Command::new("mount")
+            .args(["-o", "loop"])
+            .arg(&img)
+            .arg(&root)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "mount {} on {}", img.display(), root.display());
+        Self::start_in(root, Some(img)).await
+    }
+
+    async fn start_in(root: PathBuf, backing: Option<PathBuf>) -> Agent {
         let socket = root.join("csi.sock");
         let child = spawn(&root, &socket);
         let (controller, node, identity) = connect(&socket).await;
@@ -55,6 +86,7 @@ impl Agent {
             controller,
             node,
             identity,
+            backing,
         }
     }
 
@@ -213,10 +245,21 @@ impl Drop for Agent {
         release_under(&self.root);
         if mounts_under(&self.root).is_empty() {
             let _ = fs::remove_dir_all(&self.root);
+            if let Some(img) = &self.backing {
+                let _ = fs::remove_file(img);
+            }
         } else {
             eprintln!("mounts remain under {}; leaving it", self.root.display());
         }
     }
+}
+
+fn temp_root(name: &str) -> PathBuf {
+    std::env::temp_dir().join(format!(
+        "stead-it-{name}-{}-{}",
+        std::process::id(),
+        rand_suffix()
+    ))
 }
 
 fn rand_suffix() -> u32 {
