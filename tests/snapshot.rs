@@ -51,7 +51,11 @@ fn write_tree(root: &Path, generation: u8) {
     fs::create_dir_all(root.join("db/wal")).unwrap();
     let block: Vec<u8> = (0..256 * 1024u32).map(|i| (i as u8) ^ generation).collect();
     fs::write(root.join("db/table"), &block).unwrap();
-    fs::write(root.join(format!("db/wal/{generation:04}")), [generation; 4096]).unwrap();
+    fs::write(
+        root.join(format!("db/wal/{generation:04}")),
+        [generation; 4096],
+    )
+    .unwrap();
     fs::write(root.join("token"), format!("generation {generation}")).unwrap();
     let _ = fs::remove_file(root.join("current"));
     std::os::unix::fs::symlink(format!("db/wal/{generation:04}"), root.join("current")).unwrap();
@@ -150,7 +154,13 @@ impl Agent {
     }
 
     fn snapshot_record(&self, pool: &str, id: &str) -> serde_json::Value {
-        let path = self.root.join("pools").join(pool).join(".snapshots").join(id).join("snapshot.json");
+        let path = self
+            .root
+            .join("pools")
+            .join(pool)
+            .join(".snapshots")
+            .join(id)
+            .join("snapshot.json");
         serde_json::from_slice(&fs::read(&path).unwrap()).unwrap()
     }
 }
@@ -160,7 +170,11 @@ impl Agent {
 /// content; the source deleted, the snapshot still restores.
 async fn restore_shows_the_snapshot(a: &mut Agent, pool: &str, fs_type: &str, method: &str) {
     let cap = mount_cap(fs_type);
-    let size = if fs_type == "xfs" { 320 * MIB } else { 64 * MIB };
+    let size = if fs_type == "xfs" {
+        320 * MIB
+    } else {
+        64 * MIB
+    };
     a.create("pvc-src", pool, cap.clone(), size).await;
     let src = a.mount("pvc-src", &cap).await;
     write_tree(&src, 1);
@@ -185,7 +199,9 @@ async fn restore_shows_the_snapshot(a: &mut Agent, pool: &str, fs_type: &str, me
     assert_ne!(checksums(&src), at_snapshot);
 
     let restore = create_req("pvc-restore", pool, cap.clone(), 2 * size);
-    let vol = a.create_with(from_snapshot(restore.clone(), "snap-1")).await;
+    let vol = a
+        .create_with(from_snapshot(restore.clone(), "snap-1"))
+        .await;
     assert!(vol.capacity_bytes >= 2 * size);
     assert!(matches!(
         vol.content_source.and_then(|c| c.r#type),
@@ -205,8 +221,11 @@ async fn restore_shows_the_snapshot(a: &mut Agent, pool: &str, fs_type: &str, me
     // The source goes; its snapshot stays valid.
     a.unmount("pvc-src").await;
     a.delete("pvc-src").await;
-    a.create_with(from_snapshot(create_req("pvc-again", pool, cap.clone(), size), "snap-1"))
-        .await;
+    a.create_with(from_snapshot(
+        create_req("pvc-again", pool, cap.clone(), size),
+        "snap-1",
+    ))
+    .await;
     let again = a.mount("pvc-again", &cap).await;
     assert_eq!(checksums(&again), at_snapshot);
     a.unmount("pvc-again").await;
@@ -215,7 +234,10 @@ async fn restore_shows_the_snapshot(a: &mut Agent, pool: &str, fs_type: &str, me
     a.delete_snapshot("snap-1").await;
     a.delete_snapshot("snap-1").await; // idempotent
     let pool_dir = a.root.join("pools").join(pool);
-    assert_eq!(fs::read_dir(pool_dir.join(".snapshots")).unwrap().count(), 0);
+    assert_eq!(
+        fs::read_dir(pool_dir.join(".snapshots")).unwrap().count(),
+        0
+    );
     let left: Vec<_> = fs::read_dir(&pool_dir)
         .unwrap()
         .map(|e| e.unwrap().file_name())
@@ -274,7 +296,11 @@ async fn a_clone_is_a_copy_of_the_live_volume() {
         let clone = a.mount(&clone_id, &cap).await;
         assert_eq!(checksums(&clone), before);
         write_tree(&clone, 8);
-        assert_eq!(checksums(&src), before, "the source is not touched by the clone's writes");
+        assert_eq!(
+            checksums(&src),
+            before,
+            "the source is not touched by the clone's writes"
+        );
         a.unmount(&clone_id).await;
         a.unmount(&src_id).await;
         a.delete(&clone_id).await;
@@ -318,19 +344,35 @@ async fn a_snapshot_under_a_running_writer_restores_to_a_clean_filesystem() {
     stop.store(true, Ordering::SeqCst);
     writer.join().unwrap();
 
-    a.create_with(from_snapshot(create_req("pvc-calm", "image", cap.clone(), 64 * MIB), "snap-busy"))
-        .await;
+    a.create_with(from_snapshot(
+        create_req("pvc-calm", "image", cap.clone(), 64 * MIB),
+        "snap-busy",
+    ))
+    .await;
     let img = fs::read_dir(a.image_pool())
         .unwrap()
         .map(|e| e.unwrap().path())
-        .find(|p| p.file_name().unwrap().to_string_lossy().contains("pvc-calm"))
+        .find(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .contains("pvc-calm")
+        })
         .unwrap()
         .join("disk.img");
     // Clean as after a crash: the journal replays (-p), then a forced check
     // must find nothing to fix.
-    let replay = Command::new("e2fsck").args(["-p"]).arg(&img).status().unwrap();
+    let replay = Command::new("e2fsck")
+        .args(["-p"])
+        .arg(&img)
+        .status()
+        .unwrap();
     assert!(replay.code().unwrap_or(8) < 4, "e2fsck -p {replay:?}");
-    let check = Command::new("e2fsck").args(["-f", "-n"]).arg(&img).output().unwrap();
+    let check = Command::new("e2fsck")
+        .args(["-f", "-n"])
+        .arg(&img)
+        .output()
+        .unwrap();
     assert!(
         check.status.success(),
         "e2fsck -fn: {}{}",
@@ -340,7 +382,10 @@ async fn a_snapshot_under_a_running_writer_restores_to_a_clean_filesystem() {
     let restored = a.mount("pvc-calm", &cap).await;
     let records = fs::read_to_string(restored.join("log")).unwrap();
     let n = records.lines().count() as u64;
-    assert!(n > 0 && n <= at_snapshot, "{n} records, {at_snapshot} written at the snapshot");
+    assert!(
+        n > 0 && n <= at_snapshot,
+        "{n} records, {at_snapshot} written at the snapshot"
+    );
     for (i, line) in records.lines().enumerate() {
         assert_eq!(line, format!("record {i}"));
     }
@@ -377,14 +422,20 @@ async fn a_crash_in_the_middle_leaves_nothing_behind() {
         .unwrap()
         .into_inner()
         .entries;
-    let ids: Vec<_> = listed.iter().map(|e| e.snapshot.as_ref().unwrap().snapshot_id.clone()).collect();
+    let ids: Vec<_> = listed
+        .iter()
+        .map(|e| e.snapshot.as_ref().unwrap().snapshot_id.clone())
+        .collect();
     assert_eq!(ids, ["snap-ok"]);
     assert!(!pool.join(".snapshots/snap-torn").exists());
     assert!(!pool.join(".snapshots/.del-snap-gone-1").exists());
     assert!(!pool.join("pvc-half").exists());
     a.snapshot("snap-torn", "pvc-src").await;
-    a.create_with(from_snapshot(create_req("pvc-half", "image", cap, 16 * MIB), "snap-ok"))
-        .await;
+    a.create_with(from_snapshot(
+        create_req("pvc-half", "image", cap, 16 * MIB),
+        "snap-ok",
+    ))
+    .await;
 }
 
 /// What cannot be made is refused with the code the CSI spec gives, and
@@ -411,7 +462,10 @@ async fn impossible_restores_and_snapshots_are_refused_by_name() {
             "pool image",
         ),
         (
-            from_snapshot(create_req("r3", "image", mount_cap("xfs"), 512 * MIB), "snap"),
+            from_snapshot(
+                create_req("r3", "image", mount_cap("xfs"), 512 * MIB),
+                "snap",
+            ),
             Code::InvalidArgument,
             "xfs",
         ),
@@ -469,7 +523,9 @@ async fn impossible_restores_and_snapshots_are_refused_by_name() {
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
     assert!(
-        volumes.iter().all(|v| !v.starts_with('r') || v == ".snapshots"),
+        volumes
+            .iter()
+            .all(|v| !v.starts_with('r') || v == ".snapshots"),
         "{volumes:?}"
     );
     let snaps: Vec<String> = fs::read_dir(a.image_pool().join(".snapshots"))
@@ -488,7 +544,10 @@ async fn a_snapshot_counts_against_its_pool_until_deleted() {
     a.create("pvc-src", "dir", cap.clone(), 64 * MIB).await;
     let src = a.mount("pvc-src", &cap).await;
     fs::write(src.join("data"), vec![9u8; 32 * MIB as usize]).unwrap();
-    fs::File::open(src.join("data")).unwrap().sync_all().unwrap();
+    fs::File::open(src.join("data"))
+        .unwrap()
+        .sync_all()
+        .unwrap();
     a.unmount("pvc-src").await;
     let before = a.available("dir").await;
     a.snapshot("snap-cap", "pvc-src").await;
@@ -502,7 +561,10 @@ async fn a_snapshot_counts_against_its_pool_until_deleted() {
     );
     a.delete_snapshot("snap-cap").await;
     let after = a.available("dir").await;
-    assert!((after - before).abs() < 2 * MIB, "before {before}, after {after}");
+    assert!(
+        (after - before).abs() < 2 * MIB,
+        "before {before}, after {after}"
+    );
 }
 
 #[tokio::test]

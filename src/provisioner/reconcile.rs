@@ -241,7 +241,9 @@ pub(crate) async fn reconcile<C: CsiController>(
             "node {node} is creating volume {volume_name} ({}) in pool {}{}",
             quantity::human(wanted),
             class.pool.as_deref().unwrap_or("(default)"),
-            from.as_ref().map(|f| format!(" from {f}")).unwrap_or_default()
+            from.as_ref()
+                .map(|f| format!(" from {f}"))
+                .unwrap_or_default()
         ),
     );
     ctx.ledger.record(&volume_name, &key, &uid).await?;
@@ -261,7 +263,9 @@ pub(crate) async fn reconcile<C: CsiController>(
         format!(
             "created volume {volume_name} ({}) on node {node}{}",
             quantity::human(volume.capacity_bytes),
-            from.as_ref().map(|f| format!(" from {f}")).unwrap_or_default()
+            from.as_ref()
+                .map(|f| format!(" from {f}"))
+                .unwrap_or_default()
         ),
     );
     Ok(Action::await_change())

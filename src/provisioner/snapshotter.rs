@@ -29,8 +29,8 @@ use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 
 use super::snapshot_api::{
-    ANN_BEING_CREATED, ANN_BEING_DELETED, CONTENT_FINALIZER, RESERVED_PREFIX,
-    VolumeSnapshotClass, VolumeSnapshotContent,
+    ANN_BEING_CREATED, ANN_BEING_DELETED, CONTENT_FINALIZER, RESERVED_PREFIX, VolumeSnapshotClass,
+    VolumeSnapshotContent,
 };
 use super::{Ctx, Error, csi_error, pv};
 use crate::proto::csi::v1::controller_server::Controller as CsiController;
@@ -206,7 +206,12 @@ async fn reconcile<C: CsiController>(
     }
     if ready {
         if has_annotation(&content, ANN_BEING_CREATED) {
-            patch_meta(&ctx, &content, json!({"annotations": {ANN_BEING_CREATED: null}})).await?;
+            patch_meta(
+                &ctx,
+                &content,
+                json!({"annotations": {ANN_BEING_CREATED: null}}),
+            )
+            .await?;
         }
         return Ok(Action::await_change());
     }
@@ -218,7 +223,12 @@ async fn reconcile<C: CsiController>(
     let Some(snap) = local_snapshot(&ctx, &id).await else {
         return Ok(Action::await_change());
     };
-    patch_meta(&ctx, &content, json!({"labels": {CONTENT_NODE_LABEL: node}})).await?;
+    patch_meta(
+        &ctx,
+        &content,
+        json!({"labels": {CONTENT_NODE_LABEL: node}}),
+    )
+    .await?;
     patch_status(&ctx, &content, &snap).await?;
     ctx.succeeded(&content.uid().unwrap_or_default());
     Ok(Action::await_change())
@@ -268,18 +278,33 @@ async fn create<C: CsiController>(
                 "node {node} could not snapshot volume {volume} as {name}: {}",
                 status.message()
             );
-            ctx.content_event(content, EventType::Warning, "SnapshotCreationFailed", message.clone());
+            ctx.content_event(
+                content,
+                EventType::Warning,
+                "SnapshotCreationFailed",
+                message.clone(),
+            );
             patch_status_error(ctx, content, &message).await?;
             // A refusal is final: the annotation goes, so that the content
             // may be deleted. Anything else may still be in progress.
             if final_code(status.code()) {
-                patch_meta(ctx, content, json!({"annotations": {ANN_BEING_CREATED: null}})).await?;
+                patch_meta(
+                    ctx,
+                    content,
+                    json!({"annotations": {ANN_BEING_CREATED: null}}),
+                )
+                .await?;
             }
             return Err(csi_error("CreateSnapshot", volume, &node, status));
         }
     };
     patch_status(ctx, content, &snap).await?;
-    patch_meta(ctx, content, json!({"annotations": {ANN_BEING_CREATED: null}})).await?;
+    patch_meta(
+        ctx,
+        content,
+        json!({"annotations": {ANN_BEING_CREATED: null}}),
+    )
+    .await?;
     ctx.succeeded(&content.uid().unwrap_or_default());
     ctx.capacity_changed.notify_one();
     tracing::info!(snapshot.id = %snap.snapshot_id, volume.id = %volume, node = %node, bytes = snap.size_bytes, "snapshot taken for its content");
@@ -355,10 +380,11 @@ async fn patch_status<C>(
     content: &VolumeSnapshotContent,
     snap: &Snapshot,
 ) -> Result<(), Error> {
-    let created = snap
-        .creation_time
-        .as_ref()
-        .map(|t| t.seconds.saturating_mul(1_000_000_000).saturating_add(i64::from(t.nanos)));
+    let created = snap.creation_time.as_ref().map(|t| {
+        t.seconds
+            .saturating_mul(1_000_000_000)
+            .saturating_add(i64::from(t.nanos))
+    });
     let api: Api<VolumeSnapshotContent> = Api::all(ctx.client.clone());
     api.patch_status(
         &content.name_any(),
@@ -401,7 +427,10 @@ async fn remove_finalizer<C>(ctx: &Ctx<C>, content: &VolumeSnapshotContent) -> R
     if !finalizers.iter().any(|f| f == CONTENT_FINALIZER) {
         return Ok(());
     }
-    let kept: Vec<&String> = finalizers.iter().filter(|f| *f != CONTENT_FINALIZER).collect();
+    let kept: Vec<&String> = finalizers
+        .iter()
+        .filter(|f| *f != CONTENT_FINALIZER)
+        .collect();
     let api: Api<VolumeSnapshotContent> = Api::all(ctx.client.clone());
     match api
         .patch(
@@ -451,7 +480,11 @@ mod tests {
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
     use std::collections::BTreeMap;
 
-    fn content(annotations: &[(&str, &str)], deleted: bool, preprovisioned: bool) -> VolumeSnapshotContent {
+    fn content(
+        annotations: &[(&str, &str)],
+        deleted: bool,
+        preprovisioned: bool,
+    ) -> VolumeSnapshotContent {
         let mut c = VolumeSnapshotContent::default();
         c.metadata.annotations = Some(
             annotations
@@ -473,8 +506,16 @@ mod tests {
 
     #[test]
     fn deletion_follows_the_snapshot_controllers_annotations() {
-        assert!(!should_delete(&content(&[(ANN_BEING_DELETED, "yes")], false, false)));
-        assert!(should_delete(&content(&[(ANN_BEING_DELETED, "yes")], true, false)));
+        assert!(!should_delete(&content(
+            &[(ANN_BEING_DELETED, "yes")],
+            false,
+            false
+        )));
+        assert!(should_delete(&content(
+            &[(ANN_BEING_DELETED, "yes")],
+            true,
+            false
+        )));
         // Not while CreateSnapshot may be running.
         assert!(!should_delete(&content(
             &[(ANN_BEING_DELETED, "yes"), (ANN_BEING_CREATED, "yes")],

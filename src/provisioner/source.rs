@@ -13,9 +13,9 @@ use super::claim::{self, ClaimError};
 use super::snapshot_api::{VolumeSnapshot, VolumeSnapshotContent};
 use super::snapshotter::{CONTENT_NODE_LABEL, holds_snapshot};
 use super::{Ctx, Error, pv};
+use crate::proto::csi::v1::VolumeContentSource;
 use crate::proto::csi::v1::controller_server::Controller as CsiController;
 use crate::proto::csi::v1::volume_content_source::{SnapshotSource, Type, VolumeSource};
-use crate::proto::csi::v1::VolumeContentSource;
 
 /// What a claim's data source names.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -27,7 +27,9 @@ pub enum SourceRef {
 impl std::fmt::Display for SourceRef {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            SourceRef::Snapshot { namespace, name } => write!(f, "VolumeSnapshot {namespace}/{name}"),
+            SourceRef::Snapshot { namespace, name } => {
+                write!(f, "VolumeSnapshot {namespace}/{name}")
+            }
             SourceRef::Claim { namespace, name } => {
                 write!(f, "PersistentVolumeClaim {namespace}/{name}")
             }
@@ -50,7 +52,10 @@ pub fn data_source(pvc: &PersistentVolumeClaim) -> Result<Option<SourceRef>, Cla
     // Kubernetes copies dataSource into dataSourceRef and back; the Ref
     // alone may name another namespace, which Stead does not read from.
     let (field, group, kind, name) = if let Some(r) = &spec.data_source_ref {
-        if r.namespace.as_deref().is_some_and(|n| !n.is_empty() && n != ns) {
+        if r.namespace
+            .as_deref()
+            .is_some_and(|n| !n.is_empty() && n != ns)
+        {
             return Err(invalid(
                 "spec.dataSourceRef.namespace",
                 format!(
@@ -59,16 +64,28 @@ pub fn data_source(pvc: &PersistentVolumeClaim) -> Result<Option<SourceRef>, Cla
                 ),
             ));
         }
-        ("spec.dataSourceRef", r.api_group.as_deref(), r.kind.as_str(), r.name.as_str())
+        (
+            "spec.dataSourceRef",
+            r.api_group.as_deref(),
+            r.kind.as_str(),
+            r.name.as_str(),
+        )
     } else if let Some(r) = &spec.data_source {
-        ("spec.dataSource", r.api_group.as_deref(), r.kind.as_str(), r.name.as_str())
+        (
+            "spec.dataSource",
+            r.api_group.as_deref(),
+            r.kind.as_str(),
+            r.name.as_str(),
+        )
     } else {
         return Ok(None);
     };
     let namespace = ns.clone();
     let name = name.to_string();
     match (group.unwrap_or(""), kind) {
-        ("snapshot.storage.k8s.io", "VolumeSnapshot") => Ok(Some(SourceRef::Snapshot { namespace, name })),
+        ("snapshot.storage.k8s.io", "VolumeSnapshot") => {
+            Ok(Some(SourceRef::Snapshot { namespace, name }))
+        }
         ("", "PersistentVolumeClaim") => Ok(Some(SourceRef::Claim { namespace, name })),
         (g, k) => Err(invalid(
             field,
@@ -110,9 +127,10 @@ pub(crate) async fn resolve<C: CsiController>(
                 return Ok(Resolution::Wait(format!("{src} does not exist (yet)")));
             };
             let status = vs.status.unwrap_or_default();
-            let (Some(content_name), Some(true)) =
-                (status.bound_volume_snapshot_content_name, status.ready_to_use)
-            else {
+            let (Some(content_name), Some(true)) = (
+                status.bound_volume_snapshot_content_name,
+                status.ready_to_use,
+            ) else {
                 return Ok(Resolution::Wait(format!("{src} is not ready to use yet")));
             };
             let contents: Api<VolumeSnapshotContent> = Api::all(ctx.client.clone());
@@ -128,7 +146,11 @@ pub(crate) async fn resolve<C: CsiController>(
                     crate::DRIVER_NAME
                 )));
             }
-            let Some(handle) = content.status.as_ref().and_then(|s| s.snapshot_handle.clone()) else {
+            let Some(handle) = content
+                .status
+                .as_ref()
+                .and_then(|s| s.snapshot_handle.clone())
+            else {
                 return Ok(Resolution::Wait(format!(
                     "VolumeSnapshotContent {content_name} of {src} has no snapshot handle yet"
                 )));
@@ -141,7 +163,9 @@ pub(crate) async fn resolve<C: CsiController>(
             };
             Ok(Resolution::Ready(Resolved {
                 content: VolumeContentSource {
-                    r#type: Some(Type::Snapshot(SnapshotSource { snapshot_id: handle })),
+                    r#type: Some(Type::Snapshot(SnapshotSource {
+                        snapshot_id: handle,
+                    })),
                 },
                 node,
             }))
@@ -157,12 +181,19 @@ pub(crate) async fn resolve<C: CsiController>(
                 .spec
                 .as_ref()
                 .and_then(|s| s.volume_name.as_deref())
-                .filter(|_| source.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Bound"));
+                .filter(|_| {
+                    source.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Bound")
+                });
             let Some(pv_name) = bound else {
                 return Ok(Resolution::Wait(format!("{src} is not bound yet")));
             };
-            let Some(pv) = ctx.volumes.get(&ObjectRef::<PersistentVolume>::new(pv_name)) else {
-                return Ok(Resolution::Wait(format!("PV {pv_name} of {src} is not known yet")));
+            let Some(pv) = ctx
+                .volumes
+                .get(&ObjectRef::<PersistentVolume>::new(pv_name))
+            else {
+                return Ok(Resolution::Wait(format!(
+                    "PV {pv_name} of {src} is not known yet"
+                )));
             };
             let Some(handle) = pv::stead_volume_handle(&pv) else {
                 return Ok(Resolution::Refuse(format!(
@@ -225,7 +256,10 @@ mod tests {
             namespace: None,
         });
         let err = data_source(&c).unwrap_err().to_string();
-        assert!(err.contains("spec.dataSourceRef") && err.contains("Populator"), "{err}");
+        assert!(
+            err.contains("spec.dataSourceRef") && err.contains("Populator"),
+            "{err}"
+        );
         c.spec.as_mut().unwrap().data_source_ref = Some(TypedObjectReference {
             api_group: Some("snapshot.storage.k8s.io".into()),
             kind: "VolumeSnapshot".into(),
@@ -233,6 +267,9 @@ mod tests {
             namespace: Some("elsewhere".into()),
         });
         let err = data_source(&c).unwrap_err().to_string();
-        assert!(err.contains("spec.dataSourceRef.namespace") && err.contains("elsewhere"), "{err}");
+        assert!(
+            err.contains("spec.dataSourceRef.namespace") && err.contains("elsewhere"),
+            "{err}"
+        );
     }
 }

@@ -97,7 +97,9 @@ pub enum Error {
         from: ContentSource,
         reason: String,
     },
-    #[error("volume {id} cannot be made from {from}: it holds {size} bytes and the request asks for {asked}; a restore or clone is never smaller than its source")]
+    #[error(
+        "volume {id} cannot be made from {from}: it holds {size} bytes and the request asks for {asked}; a restore or clone is never smaller than its source"
+    )]
     SmallerThanSource {
         id: VolumeId,
         from: ContentSource,

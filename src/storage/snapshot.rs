@@ -469,7 +469,11 @@ impl Store {
                 req.access
             )));
         }
-        let asked = if req.required != 0 { req.required } else { req.limit };
+        let asked = if req.required != 0 {
+            req.required
+        } else {
+            req.limit
+        };
         if asked != 0 && asked < size {
             return Err(Error::SmallerThanSource {
                 id: req.id.clone(),
