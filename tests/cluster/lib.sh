@@ -4,6 +4,9 @@
 
 STEAD_K8S_VERSION=v1.34.4
 STEAD_ETCD_VERSION=v3.6.16
+# kubernetes-csi/external-snapshotter: the snapshot-controller and the
+# VolumeSnapshot CRDs of one release (go/snapshotter/go.mod pins the same).
+STEAD_SNAPSHOTTER_VERSION=v8.7.0
 
 CLUSTER_SRC=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 STEAD_CACHE=${STEAD_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/stead}
@@ -11,6 +14,9 @@ STEAD_CACHE=${STEAD_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/stead}
 STEAD_K8S_CACHE=${STEAD_K8S_CACHE:-$STEAD_CACHE/k8s-$STEAD_K8S_VERSION}
 BIN=$STEAD_K8S_CACHE/bin
 KUBECTL_BIN=$BIN/kubectl
+# The VolumeSnapshot CRDs of STEAD_SNAPSHOTTER_VERSION, beside bin/.
+CRD_DIR=$STEAD_K8S_CACHE/crds
+SNAPSHOT_CRDS=(volumesnapshotclasses volumesnapshotcontents volumesnapshots)
 
 STATE=${STEAD_CLUSTER_DIR:-/tmp/stead-cluster}
 LOGS=$STATE/logs
