@@ -23,12 +23,14 @@
 //! Rooms: [`store`] (the volumes and their cache), [`recovery`] (what a
 //! crash left), [`capacity`] (what a pool can still promise), [`usage`]
 //! (measuring directory trees off the request path), [`attach`] (stage,
-//! publish, expand on the node), the backends [`dir`] and [`image`], and the
-//! shared vocabulary in [`kind`].
+//! publish, expand on the node), the backends [`dir`] and [`image`], the
+//! copies snapshots are made of ([`copy`]), and the shared vocabulary in
+//! [`kind`].
 
 pub mod attach;
 pub mod capacity;
 pub mod command;
+pub mod copy;
 pub mod dir;
 pub mod id;
 pub mod image;
