@@ -1,4 +1,5 @@
-//! Copies of files and trees: what snapshots are made of.
+//! Copies of files and trees, and filesystem freezes: what snapshots are
+//! made of.
 //!
 //! A copy shares extents with its source (FICLONE) where the filesystem can
 //! (xfs with reflink, btrfs), and is a sparse copy otherwise: holes stay
@@ -11,6 +12,12 @@
 //! outside the tree. The destination is this module's own: made private
 //! (0700, 0600) and given its owner, mode and times only once its content is
 //! in, and removed whole when the copy fails.
+//!
+//! [`Frozen`] makes the source consistent: FIFREEZE flushes a filesystem and
+//! blocks its writers until thaw. Writers include this process, so the
+//! frozen filesystem must not be the copy's destination: the image backend
+//! freezes the volume's filesystem (mounted from the image) and clones the
+//! image file, which lives on the pool's.
 
 use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
@@ -150,6 +157,107 @@ pub fn supports_reflink(dir: &Path) -> bool {
             tracing::debug!(path = %dir.display(), error = %e, "reflink probe failed");
             false
         }
+    }
+}
+
+/// A frozen filesystem: its dirty data flushed and every writer blocked,
+/// so that what is copied from it is consistent. Thawed by [`Frozen::thaw`]
+/// or on drop, so that an error path cannot leave it frozen.
+#[derive(Debug)]
+#[must_use = "the filesystem is thawed as soon as this is dropped"]
+pub struct Frozen {
+    /// The mount point held open; `None` once thawed.
+    dir: Option<OwnedFd>,
+    path: PathBuf,
+}
+
+impl Frozen {
+    /// Freezes the filesystem mounted at `mount_point` (FIFREEZE). A
+    /// filesystem frozen already, by anyone, is `ResourceBusy`.
+    ///
+    /// Any folder would do for the kernel, which freezes the whole
+    /// filesystem holding it; only a mount point is taken, so that a
+    /// volume's folder given by mistake does not freeze its pool's (or the
+    /// node's root) filesystem.
+    pub fn freeze(mount_point: &Path) -> io::Result<Frozen> {
+        let dir = rustix::fs::open(
+            mount_point,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(at("opening", mount_point))?;
+        let meta = Meta::of(&dir).map_err(at("inspecting", mount_point))?;
+        if meta.mount_root == Some(false) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "freezing {}: not a mount point (the kernel would freeze the whole filesystem holding it)",
+                    mount_point.display()
+                ),
+            ));
+        }
+        freeze_ioctl::freeze(dir.as_fd()).map_err(at("freezing", mount_point))?;
+        tracing::debug!(path = %mount_point.display(), "filesystem frozen");
+        Ok(Frozen {
+            dir: Some(dir),
+            path: mount_point.to_owned(),
+        })
+    }
+
+    /// The mount point that was frozen.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Thaws the filesystem (FITHAW), reporting the kernel's answer.
+    pub fn thaw(mut self) -> io::Result<()> {
+        self.thaw_now()
+    }
+
+    fn thaw_now(&mut self) -> io::Result<()> {
+        let Some(dir) = self.dir.take() else {
+            return Ok(());
+        };
+        freeze_ioctl::thaw(dir.as_fd()).map_err(at("thawing", &self.path))?;
+        tracing::debug!(path = %self.path.display(), "filesystem thawed");
+        Ok(())
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        if let Err(e) = self.thaw_now() {
+            tracing::error!(path = %self.path.display(), error = %e, "filesystem left frozen");
+        }
+    }
+}
+
+/// FIFREEZE and FITHAW, which neither rustix nor nix wraps: the one place
+/// of the crate that needs `unsafe`.
+mod freeze_ioctl {
+    #![allow(unsafe_code)]
+
+    use std::io;
+    use std::os::fd::{AsRawFd, BorrowedFd};
+
+    // linux/fs.h: FIFREEZE _IOWR('X', 119, int), FITHAW _IOWR('X', 120, int).
+    nix::ioctl_readwrite!(fifreeze, b'X', 119, libc::c_int);
+    nix::ioctl_readwrite!(fithaw, b'X', 120, libc::c_int);
+
+    pub(super) fn freeze(dir: BorrowedFd<'_>) -> io::Result<()> {
+        let mut unused: libc::c_int = 0;
+        // SAFETY: `dir` is an open descriptor borrowed for the whole call,
+        // and the argument points to a live int (the kernel does not read
+        // it for FIFREEZE).
+        unsafe { fifreeze(dir.as_raw_fd(), &mut unused) }?;
+        Ok(())
+    }
+
+    pub(super) fn thaw(dir: BorrowedFd<'_>) -> io::Result<()> {
+        let mut unused: libc::c_int = 0;
+        // SAFETY: as for `freeze`.
+        unsafe { fithaw(dir.as_raw_fd(), &mut unused) }?;
+        Ok(())
     }
 }
 
@@ -1499,5 +1607,63 @@ mod tests {
         // lost+found only.
         assert_eq!(fs::read_dir(ext4.path()).unwrap().count(), 1);
         assert!(!supports_reflink(&xfs.path().join("missing")));
+    }
+
+    /// Writes and fsyncs a file on `dir`'s filesystem: returns only if that
+    /// filesystem is not frozen.
+    fn write_durably(dir: &Path) {
+        let f = File::create(dir.join("after-thaw")).unwrap();
+        f.write_all_at(b"thawed", 0).unwrap();
+        f.sync_all().unwrap();
+    }
+
+    #[test]
+    fn freezing_twice_is_busy_and_thaw_lets_writes_through() {
+        let fs_ = Scratch::xfs();
+        let frozen = Frozen::freeze(fs_.path()).unwrap();
+        assert_eq!(frozen.path(), fs_.path());
+        let err = Frozen::freeze(fs_.path()).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::ResourceBusy, "{err}");
+        assert!(
+            err.to_string().contains(&fs_.path().display().to_string()),
+            "{err}"
+        );
+        frozen.thaw().unwrap();
+        write_durably(fs_.path());
+    }
+
+    #[test]
+    fn dropping_a_freeze_thaws() {
+        let fs_ = Scratch::xfs();
+        drop(Frozen::freeze(fs_.path()).unwrap());
+        write_durably(fs_.path());
+        // And it can be frozen again.
+        Frozen::freeze(fs_.path()).unwrap().thaw().unwrap();
+    }
+
+    #[test]
+    fn freezing_a_folder_that_is_not_a_mount_point_is_refused() {
+        let fs_ = Scratch::xfs();
+        let folder = fs_.path().join("volume");
+        fs::create_dir(&folder).unwrap();
+        let err = Frozen::freeze(&folder).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidInput, "{err}");
+        assert!(
+            err.to_string().contains(&folder.display().to_string()),
+            "{err}"
+        );
+        // Nothing was frozen: the filesystem takes writes.
+        write_durably(fs_.path());
+    }
+
+    #[test]
+    fn freezing_a_missing_path_names_it() {
+        let missing = Path::new("/nonexistent/stead-freeze");
+        let err = Frozen::freeze(missing).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::NotFound);
+        assert!(
+            err.to_string().contains("/nonexistent/stead-freeze"),
+            "{err}"
+        );
     }
 }

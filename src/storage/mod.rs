@@ -24,8 +24,8 @@
 //! crash left), [`capacity`] (what a pool can still promise), [`usage`]
 //! (measuring directory trees off the request path), [`attach`] (stage,
 //! publish, expand on the node), the backends [`dir`] and [`image`], the
-//! copies snapshots are made of ([`copy`]), and the shared vocabulary in
-//! [`kind`].
+//! copies and freezes snapshots are made of ([`copy`]), and the shared
+//! vocabulary in [`kind`].
 
 pub mod attach;
 pub mod capacity;
