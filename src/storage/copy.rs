@@ -232,6 +232,24 @@ impl Drop for Frozen {
     }
 }
 
+/// Thaws the filesystem mounted at `mount_point` if it is frozen: what a
+/// process killed between FIFREEZE and FITHAW left. `Ok(false)` when it was
+/// not frozen.
+pub fn thaw_if_frozen(mount_point: &Path) -> io::Result<bool> {
+    let dir = rustix::fs::open(
+        mount_point,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(at("opening", mount_point))?;
+    match freeze_ioctl::thaw(dir.as_fd()) {
+        Ok(()) => Ok(true),
+        // The kernel's answer for a filesystem that is not frozen.
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(false),
+        Err(e) => Err(at("thawing", mount_point)(e)),
+    }
+}
+
 /// FIFREEZE and FITHAW, which neither rustix nor nix wraps: the one place
 /// of the crate that needs `unsafe`.
 mod freeze_ioctl {
