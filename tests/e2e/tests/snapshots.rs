@@ -286,3 +286,198 @@ async fn a_statefulset_members_snapshot_restores_and_a_claim_clones_on_its_node(
     }
     scn.finish().await;
 }
+
+/// deletionPolicy Retain keeps the snapshot when its VolumeSnapshot and
+/// content go; a pre-provisioned content naming it (deletionPolicy Delete)
+/// brings it back, is reported ready by the node that holds it, restores,
+/// and deleting it deletes the snapshot.
+#[tokio::test]
+async fn a_retained_snapshot_outlives_its_objects_and_comes_back_pre_provisioned() {
+    let scn = Scenario::new("snap-retain").await;
+    let pods: Api<Pod> = scn.api();
+    let pvcs: Api<PersistentVolumeClaim> = scn.api();
+    let snapshots = snapshot_api(&scn.client, &scn.ns, "VolumeSnapshot");
+    let contents = snapshot_api(&scn.client, &scn.ns, "VolumeSnapshotContent");
+    let classes: Api<DynamicObject> = Api::all_with(
+        scn.client.clone(),
+        &ApiResource::from_gvk(&GroupVersionKind::gvk(
+            "snapshot.storage.k8s.io",
+            "v1",
+            "VolumeSnapshotClass",
+        )),
+    );
+    let class_name = format!("stead-retain-{}", scn.ns);
+    let class: DynamicObject = from_json(json!({
+        "apiVersion": "snapshot.storage.k8s.io/v1",
+        "kind": "VolumeSnapshotClass",
+        "metadata": { "name": class_name },
+        "driver": DRIVER,
+        "deletionPolicy": "Retain",
+    }));
+    classes
+        .create(&PostParams::default(), &class)
+        .await
+        .expect("creating the Retain VolumeSnapshotClass");
+
+    step("a claim with a token, snapshotted with deletionPolicy Retain");
+    create(
+        &pvcs,
+        &from_json(json!({
+            "metadata": { "name": "data" },
+            "spec": {
+                "storageClassName": "stead",
+                "accessModes": ["ReadWriteOnce"],
+                "resources": { "requests": { "storage": "64Mi" } },
+            },
+        })),
+    )
+    .await;
+    let node = schedulable_nodes(&scn.client).await[0].name.clone();
+    create(
+        &pods,
+        &busybox_pod(
+            "writer",
+            "echo kept-by-retain > /data/token && sync",
+            json!({
+                "nodeSelector": { "kubernetes.io/hostname": node },
+                "volumes": [{ "name": "v", "persistentVolumeClaim": { "claimName": "data" } }],
+                "containers": [{ "volumeMounts": [{ "name": "v", "mountPath": "/data" }] }],
+            }),
+        ),
+    )
+    .await;
+    wait_ready(&pods, "writer").await;
+    poll_until_async("the token on the volume", WAIT, || async {
+        let t = sh(&pods, "writer", "cat /data/token 2>/dev/null || true").await;
+        if t.trim() == "kept-by-retain" {
+            Ok(())
+        } else {
+            Err(t)
+        }
+    })
+    .await;
+    let snap: DynamicObject = from_json(json!({
+        "apiVersion": "snapshot.storage.k8s.io/v1",
+        "kind": "VolumeSnapshot",
+        "metadata": { "name": "kept" },
+        "spec": {
+            "volumeSnapshotClassName": class_name,
+            "source": { "persistentVolumeClaimName": "data" },
+        },
+    }));
+    snapshots
+        .create(&PostParams::default(), &snap)
+        .await
+        .expect("creating VolumeSnapshot kept");
+    let ready = poll_until_async("VolumeSnapshot kept to be ready", WAIT, || async {
+        match snapshots.get_opt("kept").await {
+            Ok(Some(s)) if s.data["status"]["readyToUse"] == json!(true) => Ok(s),
+            other => Err(format!(
+                "{:?}",
+                other.map(|o| o.map(|s| s.data["status"].clone()))
+            )),
+        }
+    })
+    .await;
+    let content_name = ready.data["status"]["boundVolumeSnapshotContentName"]
+        .as_str()
+        .expect("a bound content")
+        .to_string();
+    let handle =
+        contents.get(&content_name).await.expect("the content").data["status"]["snapshotHandle"]
+            .as_str()
+            .expect("a handle")
+            .to_string();
+
+    step("deleting the VolumeSnapshot and then its content keeps the snapshot on the node's disk");
+    delete(&snapshots, "kept").await;
+    delete(&contents, &content_name).await;
+    poll_until_async("the content to be gone", WAIT, || async {
+        match contents.get_opt(&content_name).await {
+            Ok(None) => Ok(()),
+            other => Err(format!(
+                "{:?}",
+                other.map(|o| o.map(|c| c.metadata.finalizers))
+            )),
+        }
+    })
+    .await;
+    let disk = NodeDisk::open(&scn, &node).await;
+    let pool = pool_of(&scn.client, "stead").await;
+    let listing = disk.sh(&format!("ls /pools/{pool}/.snapshots/")).await;
+    assert!(
+        listing.contains(&handle),
+        "snapshot {handle} retained: {listing}"
+    );
+
+    step("a pre-provisioned content with the retained handle binds, is ready, and restores");
+    let imported = format!("imported-{}", scn.ns);
+    let content: DynamicObject = from_json(json!({
+        "apiVersion": "snapshot.storage.k8s.io/v1",
+        "kind": "VolumeSnapshotContent",
+        "metadata": { "name": imported },
+        "spec": {
+            "driver": DRIVER,
+            "deletionPolicy": "Delete",
+            "source": { "snapshotHandle": handle },
+            "volumeSnapshotRef": { "name": "imported", "namespace": scn.ns },
+        },
+    }));
+    contents
+        .create(&PostParams::default(), &content)
+        .await
+        .expect("creating the pre-provisioned content");
+    let snap: DynamicObject = from_json(json!({
+        "apiVersion": "snapshot.storage.k8s.io/v1",
+        "kind": "VolumeSnapshot",
+        "metadata": { "name": "imported" },
+        "spec": { "source": { "volumeSnapshotContentName": imported } },
+    }));
+    snapshots
+        .create(&PostParams::default(), &snap)
+        .await
+        .expect("creating VolumeSnapshot imported");
+    poll_until_async("VolumeSnapshot imported to be ready", WAIT, || async {
+        match snapshots.get_opt("imported").await {
+            Ok(Some(s)) if s.data["status"]["readyToUse"] == json!(true) => Ok(()),
+            other => Err(format!(
+                "{:?}; content events:\n{}",
+                other.map(|o| o.map(|s| s.data["status"].clone())),
+                events_of(&scn.client, &imported).await
+            )),
+        }
+    })
+    .await;
+    create(
+        &pvcs,
+        &claim_from(
+            "back",
+            json!({ "apiGroup": "snapshot.storage.k8s.io", "kind": "VolumeSnapshot", "name": "imported" }),
+            "64Mi",
+        ),
+    )
+    .await;
+    create(&pods, &reader("back-reader", "back", &node)).await;
+    wait_ready(&pods, "back-reader").await;
+    assert_eq!(
+        sh(&pods, "back-reader", "cat /data/token").await.trim(),
+        "kept-by-retain"
+    );
+
+    step("deleting it (deletionPolicy Delete) deletes the snapshot from the disk");
+    delete(&snapshots, "imported").await;
+    poll_until_async("the retained snapshot to be deleted", WAIT, || async {
+        let listing = disk
+            .sh(&format!("ls /pools/{pool}/.snapshots/ 2>/dev/null || true"))
+            .await;
+        let gone = contents.get_opt(&imported).await.ok().flatten().is_none();
+        if gone && !listing.contains(&handle) {
+            Ok(())
+        } else {
+            Err(format!("content gone: {gone}; snapshots: {listing}"))
+        }
+    })
+    .await;
+    let _ = classes.delete(&class_name, &Default::default()).await;
+    scn.finish().await;
+}
