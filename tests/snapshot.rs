@@ -628,3 +628,39 @@ async fn list_snapshots_filters_and_pages() {
         .unwrap_err();
     assert_eq!(bad.code(), Code::Aborted);
 }
+
+/// An agent killed while a volume's filesystem is frozen for a snapshot
+/// (its marker still there) thaws it at its next start.
+#[tokio::test]
+async fn a_filesystem_left_frozen_by_a_killed_agent_is_thawed_at_start() {
+    let mut a = Agent::start("snap-frozen").await;
+    let cap = mount_cap("ext4");
+    a.create("pvc-frozen", "image", cap.clone(), 64 * MIB).await;
+    a.mount("pvc-frozen", &cap).await;
+    let staging = a.staging("pvc-frozen");
+    a.kill();
+    // What the agent leaves when killed between FIFREEZE and FITHAW.
+    let froze = Command::new("fsfreeze")
+        .arg("-f")
+        .arg(&staging)
+        .status()
+        .unwrap();
+    assert!(froze.success(), "fsfreeze -f {}", staging.display());
+    let snapshots = a.image_pool().join(".snapshots");
+    fs::create_dir_all(&snapshots).unwrap();
+    fs::write(snapshots.join(".freezing-pvc-frozen"), path_str(&staging)).unwrap();
+    a.restart().await;
+    // Thawed: unfreezing again is refused as "not frozen".
+    let again = Command::new("fsfreeze")
+        .arg("-u")
+        .arg(&staging)
+        .output()
+        .unwrap();
+    assert!(
+        !again.status.success(),
+        "the filesystem was still frozen after the restart"
+    );
+    assert!(!snapshots.join(".freezing-pvc-frozen").exists());
+    a.snapshot("snap-after", "pvc-frozen").await;
+    a.unmount("pvc-frozen").await;
+}

@@ -166,12 +166,19 @@ pub fn mkfs(dev: &Path, fs: FsType) -> Result<(), ImageError> {
     match fs {
         // No reserved blocks (a volume belongs to one workload), lazy init so
         // formatting a large sparse image stays fast and sparse, no discard
-        // (it would only punch holes already there).
+        // (it would only punch holes already there). 4 KiB blocks (and, for
+        // xfs, sectors) whatever the size: the loop device's logical sector
+        // size follows its file's direct-I/O alignment, which is 512 bytes
+        // for a new sparse image but 4 KiB once it has blocks on an xfs pool,
+        // and a filesystem made with smaller units would not mount on the
+        // next attach (nor would its snapshots and clones).
         FsType::Ext4 => command::run(
             "mkfs.ext4",
             &[
                 "-F",
                 "-q",
+                "-b",
+                "4096",
                 "-m",
                 "0",
                 "-E",
@@ -179,7 +186,7 @@ pub fn mkfs(dev: &Path, fs: FsType) -> Result<(), ImageError> {
                 &dev_s,
             ],
         )?,
-        FsType::Xfs => command::run("mkfs.xfs", &["-f", "-q", "-K", &dev_s])?,
+        FsType::Xfs => command::run("mkfs.xfs", &["-f", "-q", "-K", "-s", "size=4096", &dev_s])?,
     };
     Ok(())
 }

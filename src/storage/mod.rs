@@ -24,8 +24,9 @@
 //! Rooms: [`store`] (the volumes and their cache), [`recovery`] (what a
 //! crash left), [`capacity`] (what a pool can still promise), [`usage`]
 //! (measuring directory trees off the request path), [`attach`] (stage,
-//! publish, expand on the node), the backends [`dir`] and [`image`], and the
-//! shared vocabulary in [`kind`].
+//! publish, expand on the node), the backends [`dir`] and [`image`], the
+//! copies and freezes snapshots are made of ([`copy`]), and the shared
+//! vocabulary in [`kind`].
 
 pub mod attach;
 pub mod capacity;

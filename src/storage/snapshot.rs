@@ -52,6 +52,8 @@ pub const SNAPSHOT_DIR: &str = ".snapshots";
 pub const SNAPSHOT_FILE: &str = "snapshot.json";
 /// Marker of a volume folder being filled from a source (see module doc).
 pub const RESTORING_FILE: &str = ".restoring";
+/// Prefix of the marker of a freeze in progress (see [`thaw_leftovers`]).
+const FREEZING_PREFIX: &str = ".freezing-";
 
 /// Where the data of a new volume comes from.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -225,20 +227,62 @@ fn freeze_point(store: &Store, meta: &VolumeMeta, reflink: bool) -> Result<Optio
     }
 }
 
+/// The marker, in the pool's snapshot folder, of a freeze of volume
+/// `folder` in progress: it names the mount point, so that an agent killed
+/// while the filesystem is frozen thaws it at its next start.
+fn freeze_marker(pool: &Pool, folder: &str) -> PathBuf {
+    pool.snapshot_root()
+        .join(format!("{FREEZING_PREFIX}{folder}"))
+}
+
 /// Copies the data of live volume `meta` to `dst` (which must not exist),
 /// its filesystem frozen for the moment of the copy when it is mounted.
 fn copy_live(store: &Store, pool: &Pool, meta: &VolumeMeta, dst: &Path) -> Result<(Method, u64)> {
     let src = store.data_path(meta)?;
-    let at = freeze_point(store, meta, pool.reflink())?;
-    let frozen = match &at {
-        Some(mp) => Some(Frozen::freeze(mp).map_err(io_at("freezing the filesystem at", mp))?),
-        None => None,
+    let Some(mp) = freeze_point(store, meta, pool.reflink())? else {
+        return copy_data(meta.backend, &src, dst);
     };
-    let copied = copy_data(meta.backend, &src, dst);
-    if let (Some(f), Some(mp)) = (frozen, &at) {
-        f.thaw().map_err(io_at("thawing the filesystem at", mp))?;
-    }
+    let marker = freeze_marker(pool, &meta.folder);
+    fs::create_dir_all(pool.snapshot_root())
+        .and_then(|()| fs::write(&marker, mp.as_os_str().as_encoded_bytes()))
+        .map_err(io_at("recording a freeze at", &marker))?;
+    let frozen = Frozen::freeze(&mp).map_err(io_at("freezing the filesystem at", &mp));
+    let copied = frozen.and_then(|f| {
+        let copied = copy_data(meta.backend, &src, dst);
+        f.thaw().map_err(io_at("thawing the filesystem at", &mp))?;
+        copied
+    });
+    // Only once thawed: a marker left by a crash makes the next start thaw.
+    let _ = fs::remove_file(&marker);
     copied
+}
+
+/// Thaws what an agent killed during a snapshot left frozen (see
+/// [`freeze_marker`]); at start, before anything is served.
+pub(super) fn thaw_leftovers(pool: &Pool) {
+    let Ok(entries) = fs::read_dir(pool.snapshot_root()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !name.starts_with(FREEZING_PREFIX) {
+            continue;
+        }
+        let marker = entry.path();
+        let Ok(raw) = fs::read(&marker) else {
+            continue;
+        };
+        let mp = PathBuf::from(String::from_utf8_lossy(&raw).into_owned());
+        match copy::thaw_if_frozen(&mp) {
+            Ok(true) => tracing::warn!(pool = %pool.name, path = %mp.display(),
+                "thawed a filesystem an interrupted snapshot left frozen"),
+            Ok(false) => {}
+            // Unmounted since (a reboot): nothing is frozen any more.
+            Err(e) => tracing::info!(pool = %pool.name, path = %mp.display(), error = %e,
+                "could not look at a filesystem an interrupted snapshot froze"),
+        }
+        let _ = fs::remove_file(&marker);
+    }
 }
 
 /// Copies a volume's or snapshot's data; returns how, and what it holds.

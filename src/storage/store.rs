@@ -114,6 +114,7 @@ impl Store {
                 }
                 volumes.insert(meta.id.clone(), meta);
             }
+            snapshot::thaw_leftovers(&pool);
             for snap in pool.recover_and_scan_snapshots()? {
                 if let Some(other) = snapshots.get(&snap.id) {
                     let other: &SnapshotMeta = other;

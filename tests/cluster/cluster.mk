@@ -4,7 +4,8 @@
 #                         the cache (~/.cache/stead/k8s-<version>); nothing when cached
 #   make cluster-up       start it (idempotent); last line: export KUBECONFIG=...
 #   make cluster-status   each component and the node; non-zero unless all healthy
-#   make cluster-smoke    pod, ordered StatefulSet, in-cluster apiserver access
+#   make cluster-smoke    pod, ordered StatefulSet, in-cluster apiserver access,
+#                         nodes and network, the VolumeSnapshot API
 #                         (brings the cluster up first if needed, leaves it up)
 #   make cluster-down     stop it, unmount what the kubelet left; safe to repeat
 

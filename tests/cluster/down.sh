@@ -88,6 +88,7 @@ done
 # Nothing may recreate what is deleted: controllers and scheduler stop first.
 stop_component kube-controller-manager
 stop_component kube-scheduler
+stop_component snapshot-controller
 kubelets=
 for i in "${nodes[@]}"; do component_pid "$(node_name "$i").kubelet" >/dev/null && kubelets=1; done
 if [[ -n $kubelets ]] && probe_apiserver readyz >/dev/null 2>&1; then

@@ -4,6 +4,9 @@
 
 STEAD_K8S_VERSION=v1.34.4
 STEAD_ETCD_VERSION=v3.6.16
+# kubernetes-csi/external-snapshotter: the snapshot-controller and the
+# VolumeSnapshot CRDs of one release (go/snapshotter/go.mod pins the same).
+STEAD_SNAPSHOTTER_VERSION=v8.7.0
 
 CLUSTER_SRC=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 STEAD_CACHE=${STEAD_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/stead}
@@ -11,6 +14,9 @@ STEAD_CACHE=${STEAD_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/stead}
 STEAD_K8S_CACHE=${STEAD_K8S_CACHE:-$STEAD_CACHE/k8s-$STEAD_K8S_VERSION}
 BIN=$STEAD_K8S_CACHE/bin
 KUBECTL_BIN=$BIN/kubectl
+# The VolumeSnapshot CRDs of STEAD_SNAPSHOTTER_VERSION, beside bin/.
+CRD_DIR=$STEAD_K8S_CACHE/crds
+SNAPSHOT_CRDS=(volumesnapshotclasses volumesnapshotcontents volumesnapshots)
 
 STATE=${STEAD_CLUSTER_DIR:-/tmp/stead-cluster}
 LOGS=$STATE/logs
@@ -59,6 +65,11 @@ APISERVER_PORT=6443
 APISERVER_URL=https://$HOST_IP:$APISERVER_PORT
 ETCD_CLIENT_PORT=2379
 ETCD_PEER_PORT=2380
+# The snapshot-controller's diagnostics (metrics, leader-election health).
+SNAPSHOT_CONTROLLER_ADDR=127.0.0.1:10262
+# Its leader-election Lease (upstream's fixed name) and that Lease's namespace.
+SNAPSHOT_CONTROLLER_LEASE=snapshot-controller-leader
+SNAPSHOT_CONTROLLER_LEASE_NS=kube-system
 
 # node_name I, node_ip I, node_pod_cidr I, node_zone I (I from 1).
 node_name() { echo "$NODE_PREFIX$1"; }
@@ -92,9 +103,10 @@ BUSYBOX_IMAGE=localhost/busybox:stead
 PAUSE_IMAGE=localhost/pause:stead
 
 K8S_BINARIES=(kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy kubectl)
-# The control plane's processes, and those of each node (pid file and log
+# The control plane's processes (the snapshot-controller among them, as a
+# cluster's add-on controller), and those of each node (pid file and log
 # named <node>.<component>).
-CONTROL_PLANE=(etcd kube-apiserver kube-controller-manager kube-scheduler)
+CONTROL_PLANE=(etcd kube-apiserver kube-controller-manager kube-scheduler snapshot-controller)
 NODE_COMPONENTS=(containerd kubelet kube-proxy)
 
 log() { printf '[cluster] %s\n' "$*" >&2; }
@@ -169,6 +181,26 @@ probe() {
 probe_apiserver() {
   curl -fsS --max-time 2 --cacert "$PKI/ca.crt" --cert "$PKI/admin.crt" --key "$PKI/admin.key" \
     "$APISERVER_URL/$1"
+}
+
+# The snapshot-controller's leader-election health (its diagnostics server).
+probe_snapshot_controller() {
+  probe "http://$SNAPSHOT_CONTROLLER_ADDR/healthz/leader-election"
+}
+
+# The identity the snapshot-controller takes in its Lease: the host name, with
+# every character but letters, digits and '-' made a '-' (and an X after a
+# trailing '-'), as its leader-election library does.
+snapshot_controller_identity() {
+  uname -n | sed 's/[^a-zA-Z0-9-]/-/g; s/-$/-X/'
+}
+
+# Whether the snapshot-controller of this host holds its Lease.
+snapshot_controller_leads() {
+  local holder
+  holder=$(kubectl_admin -n "$SNAPSHOT_CONTROLLER_LEASE_NS" get lease "$SNAPSHOT_CONTROLLER_LEASE" \
+    -o 'jsonpath={.spec.holderIdentity}' 2>/dev/null) || return 1
+  [[ $holder == "$(snapshot_controller_identity)" ]]
 }
 
 # Kills and removes every container of node I's containerd (k8s.io namespace).

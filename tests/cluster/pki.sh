@@ -65,13 +65,15 @@ make_pki() {
   issue kube-controller-manager "/CN=system:kube-controller-manager" clientAuth
   issue kube-scheduler "/CN=system:kube-scheduler" clientAuth
   issue kube-proxy "/CN=system:kube-proxy" clientAuth
+  # Not a system: user: its rights are snapshot-controller-rbac.yaml's.
+  issue snapshot-controller "/CN=snapshot-controller" clientAuth
 
   # Service-account token signing key (ES256) and its public half.
   new_key "$PKI/sa.key"
   openssl pkey -in "$PKI/sa.key" -pubout -out "$PKI/sa.pub" 2>/dev/null
 
   local c
-  for c in kube-controller-manager kube-scheduler kube-proxy; do
+  for c in kube-controller-manager kube-scheduler kube-proxy snapshot-controller; do
     write_kubeconfig "$STATE/$c.kubeconfig" "$c"
   done
   write_kubeconfig "$KUBECONFIG_ADMIN" admin

@@ -5,7 +5,11 @@
 #   3. pods on the pod network and on the host network reach the apiserver
 #      through the kubernetes Service with their service-account token;
 #   4. every node is Ready with its hostname and zone labels, and a pod on the
-#      first node reaches a pod on every node, directly and through a Service.
+#      first node reaches a pod on every node, directly and through a Service;
+#   5. the VolumeSnapshot API: its three CRDs Established, the snapshot-controller
+#      running and holding its leader Lease, a VolumeSnapshotClass created and
+#      deleted, a pre-provisioned VolumeSnapshot bound to its content by the
+#      controller and deleted (its log free of "forbidden": its RBAC suffices).
 # Prints one line per check and a closing "N passed, N failed" line.
 # Output is captured before it is searched: under pipefail, `cmd | grep -q`
 # fails at random when grep exits before cmd has written everything (SIGPIPE).
@@ -165,6 +169,107 @@ YAML
 else
   fail "$name" "web pods not Ready in 90 s"
 fi
+
+# 5. The VolumeSnapshot API.
+name="VolumeSnapshot CRDs Established"
+bad=()
+for c in "${SNAPSHOT_CRDS[@]}"; do
+  st=$(kubectl_admin get crd "$c.snapshot.storage.k8s.io" \
+    -o jsonpath='{.status.conditions[?(@.type=="Established")].status}' 2>&1) || true
+  [[ $st == True ]] || bad+=("$c: ${st:-no Established condition}")
+done
+if ((${#bad[@]} == 0)); then pass "$name (${SNAPSHOT_CRDS[*]})"; else fail "$name" "${bad[*]}"; fi
+
+lease=$SNAPSHOT_CONTROLLER_LEASE_NS/$SNAPSHOT_CONTROLLER_LEASE
+name="snapshot-controller running and holding Lease $lease"
+if ! pid=$(component_pid snapshot-controller); then
+  fail "$name" "not running"
+elif ! probe_snapshot_controller >/dev/null 2>&1; then
+  fail "$name" "pid $pid: http://$SNAPSHOT_CONTROLLER_ADDR/healthz/leader-election fails"
+elif ! snapshot_controller_leads; then
+  fail "$name" "pid $pid; Lease: $(kubectl_admin -n "$SNAPSHOT_CONTROLLER_LEASE_NS" get lease \
+    "$SNAPSHOT_CONTROLLER_LEASE" -o jsonpath='{.spec.holderIdentity}' 2>&1), want $(snapshot_controller_identity)"
+else
+  pass "$name (pid $pid, holder $(snapshot_controller_identity))"
+fi
+
+# Cluster-scoped, so a throwaway name that the namespace's deletion would not clean.
+class=stead-smoke-$$-$RANDOM
+name="VolumeSnapshotClass created and deleted"
+if ! kubectl_admin apply -f - >/dev/null <<YAML
+apiVersion: snapshot.storage.k8s.io/v1
+kind: VolumeSnapshotClass
+metadata:
+  name: $class
+driver: smoke.stead.csi.dev
+deletionPolicy: Delete
+YAML
+then
+  fail "$name" "create refused"
+elif ! back=$(kubectl_admin get volumesnapshotclass "$class" -o jsonpath='{.driver} {.deletionPolicy}' 2>&1) ||
+  [[ $back != "smoke.stead.csi.dev Delete" ]]; then
+  fail "$name" "read back: $back"
+elif ! kubectl_admin delete volumesnapshotclass "$class" --wait --timeout=30s >/dev/null; then
+  fail "$name" "delete failed"
+elif [[ -n $(kubectl_admin get volumesnapshotclass "$class" --ignore-not-found -o name) ]]; then
+  fail "$name" "still there after its deletion"
+else
+  pass "$name ($class)"
+fi
+kubectl_admin delete volumesnapshotclass "$class" --ignore-not-found >/dev/null 2>&1 || true
+
+# A pre-provisioned snapshot needs no CSI driver: binding it to its content
+# (the content's volumeSnapshotRef.uid, the content's bound-protection
+# finalizer, the snapshot's status) and releasing it are the
+# snapshot-controller's own work. Only a driver's csi-snapshotter sidecar
+# takes the finalizer off a content, so the test does that for the missing one.
+content=stead-smoke-$$-$RANDOM
+content_finalizer=snapshot.storage.kubernetes.io/volumesnapshotcontent-bound-protection
+name="pre-provisioned VolumeSnapshot bound to its content by the snapshot-controller, then deleted"
+k apply -f - >/dev/null <<YAML
+apiVersion: snapshot.storage.k8s.io/v1
+kind: VolumeSnapshotContent
+metadata:
+  name: $content
+spec:
+  deletionPolicy: Retain
+  driver: smoke.stead.csi.dev
+  source:
+    snapshotHandle: smoke-handle
+  volumeSnapshotRef:
+    name: pre-provisioned
+    namespace: $NS
+---
+apiVersion: snapshot.storage.k8s.io/v1
+kind: VolumeSnapshot
+metadata:
+  name: pre-provisioned
+spec:
+  source:
+    volumeSnapshotContentName: $content
+YAML
+if ! k wait --for=jsonpath='{.status.boundVolumeSnapshotContentName}'="$content" \
+  volumesnapshot/pre-provisioned --timeout=60s >/dev/null; then
+  fail "$name" "not bound in 60 s: $(k get volumesnapshot pre-provisioned -o jsonpath='{.status}' 2>&1)"
+elif ! uid=$(k get volumesnapshot pre-provisioned -o jsonpath='{.metadata.uid}') ||
+  ! bound=$(kubectl_admin get volumesnapshotcontent "$content" \
+    -o jsonpath='{.spec.volumeSnapshotRef.uid} {.metadata.finalizers}') ||
+  [[ -z $uid || $bound != "$uid "*"\"$content_finalizer\""* ]]; then
+  fail "$name" "content's volumeSnapshotRef.uid and finalizers: '$bound'; the snapshot's uid: $uid"
+elif ! k delete volumesnapshot pre-provisioned --wait --timeout=60s >/dev/null; then
+  fail "$name" "not deleted in 60 s (finalizers: $(k get volumesnapshot pre-provisioned \
+    -o jsonpath='{.metadata.finalizers}' 2>&1))"
+elif forbidden=$(grep -i forbidden "$LOGS/snapshot-controller.log" | tail -n 3); [[ -n $forbidden ]]; then
+  fail "$name" "the controller was refused: $forbidden"
+else
+  pass "$name"
+fi
+# Deleted first: the controller puts the finalizer back on a content that is
+# not being deleted.
+kubectl_admin delete volumesnapshotcontent "$content" --ignore-not-found --wait=false >/dev/null 2>&1 || true
+kubectl_admin patch volumesnapshotcontent "$content" --type merge -p '{"metadata":{"finalizers":null}}' >/dev/null 2>&1 || true
+kubectl_admin wait --for=delete volumesnapshotcontent "$content" --timeout=30s >/dev/null 2>&1 ||
+  echo "warning: VolumeSnapshotContent $content is left"
 
 if ((failed == 0)); then
   kubectl_admin delete namespace "$NS" --wait=false >/dev/null

@@ -13,6 +13,7 @@ health() {
     kube-apiserver) probe_apiserver readyz ;;
     kube-controller-manager) probe -k https://127.0.0.1:10257/healthz ;;
     kube-scheduler) probe -k https://127.0.0.1:10259/healthz ;;
+    snapshot-controller) probe_snapshot_controller && snapshot_controller_leads ;;
     containerd) ctr --address "$(node_containerd_sock "$2")" version ;;
     kubelet) probe "http://$(node_ip "$2"):10248/healthz" ;;
     kube-proxy) probe "http://$(node_ip "$2"):10256/healthz" ;;

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Deploys Stead from deploy/ onto the bundled local cluster: imports the image
-# archive into the cluster's containerd, applies the kustomize base, and waits
+# archive into the cluster's containerd, applies the kustomize base (and
+# deploy/snapshot/ when the cluster has the VolumeSnapshot CRDs), and waits
 # until the agent is Ready on every node.
 #
 #   tests/e2e/deploy.sh <oci-archive>     (make deploy builds the archive first)
@@ -44,6 +45,10 @@ patches:
               stead.csi.dev/image-digest: "$digest"
 YAML
 "$KUBECTL" apply -k "$overlay" >/dev/null
+# The VolumeSnapshotClass only where its CRD is (the bundled cluster has it).
+if "$KUBECTL" get crd volumesnapshotclasses.snapshot.storage.k8s.io >/dev/null 2>&1; then
+  "$KUBECTL" apply -k deploy/snapshot >/dev/null
+fi
 if ! "$KUBECTL" -n stead-system rollout status daemonset/stead-node --timeout=180s; then
   "$KUBECTL" -n stead-system get pods -o wide >&2
   "$KUBECTL" -n stead-system describe pods -l app.kubernetes.io/name=stead | tail -n 30 >&2

@@ -358,8 +358,15 @@ fn stage_filesystem(
             // unlike the online path (see image::grow_online).
             image::grow_ext4_offline(&dev).map_err(image_err(meta))?;
         }
+        // A restore or clone of an xfs volume carries its source's UUID,
+        // which xfs refuses to mount twice on one node: `nouuid` lets the
+        // copy and its source be mounted side by side.
+        let mut options = flags.to_vec();
+        if fs == FsType::Xfs && !options.iter().any(|o| o == "nouuid") {
+            options.push("nouuid".into());
+        }
         staging.with_resolved(|at| {
-            mount::mount_device(&dev, at, fs.as_str(), flags)
+            mount::mount_device(&dev, at, fs.as_str(), &options)
                 .map_err(mount_err(meta, staging.path()))
         })?;
     }
