@@ -33,8 +33,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::{
-    Clients, Machine, Plugin, Result, Volume, binary_name, create, delete, fs_of, ms, percentile,
-    section_head, set_up, tear_down, verdict, write_section,
+    Clients, Machine, Plugin, Result, Volume, binary_name, command_output, create, delete, fs_of,
+    ms, percentile, section_head, set_up, tear_down, verdict, write_section,
 };
 use stead::proto::csi::v1::volume_content_source::{SnapshotSource, Type, VolumeSource};
 use stead::proto::csi::v1::{CreateSnapshotRequest, DeleteSnapshotRequest, VolumeContentSource};
@@ -125,13 +125,22 @@ impl PoolKind {
         }
     }
 
-    /// How many copies of a volume's data the pool holds at once: the
-    /// source, then (by sparse copy) its snapshot and its restore.
-    fn copies(self) -> u64 {
-        match self {
-            PoolKind::Reflink => 1,
-            PoolKind::Copy => 3,
-        }
+    /// What the pool's file may come to take on the disk below. With
+    /// trimming after each delete, the largest volume's data times the
+    /// copies held at once (the source, then by sparse copy its snapshot
+    /// and its restore); without, every copy ever made.
+    fn need(self, trims: bool) -> u64 {
+        let written = |size: u64| size * FILL_PERCENT / 100;
+        let data = match (self, trims) {
+            (PoolKind::Reflink, _) => SIZES.iter().map(|&s| written(s)).sum(),
+            (PoolKind::Copy, true) => 3 * written(SIZES[SIZES.len() - 1]),
+            // The source, a snapshot and a restore per round, the clones.
+            (PoolKind::Copy, false) => {
+                let copies = 1 + 3 * ROUNDS as u64;
+                SIZES.iter().map(|&s| copies * written(s)).sum()
+            }
+        };
+        data + POOL_FS_SLACK
     }
 }
 
@@ -142,23 +151,13 @@ struct PoolFs {
     kind: PoolKind,
     dir: tempfile::TempDir,
     mount: PathBuf,
+    /// Whether its loop device passes discards down to the file (then
+    /// `fstrim` gives deleted copies back to the disk below).
+    trims: bool,
 }
 
 impl PoolFs {
     fn make(parent: &Path, kind: PoolKind) -> Result<Self> {
-        let need = kind.copies() * SIZES[SIZES.len() - 1] * FILL_PERCENT / 100 + POOL_FS_SLACK;
-        let st = nix::sys::statvfs::statvfs(parent)?;
-        let free = st.blocks_available() * st.fragment_size();
-        if free < need {
-            return Err(format!(
-                "{}: {} GiB free, the {} pool needs {} GiB; set STEAD_BENCH_DIR to a roomier place",
-                parent.display(),
-                free / GIB,
-                kind.name(),
-                need.div_ceil(GIB)
-            )
-            .into());
-        }
         let dir = tempfile::Builder::new()
             .prefix(&format!("stead-bench-{}.", kind.name()))
             .tempdir_in(parent)?;
@@ -172,13 +171,50 @@ impl PoolFs {
             .args(["-o", "loop"])
             .arg(&file)
             .arg(&mount))?;
-        let pool = Self { kind, dir, mount };
+        let mut pool = Self {
+            kind,
+            dir,
+            mount,
+            trims: false,
+        };
+        let device = command_output(
+            "findmnt",
+            &[
+                "-n",
+                "-o",
+                "SOURCE",
+                "--mountpoint",
+                &pool.mount.display().to_string(),
+            ],
+        )?;
+        pool.trims = discards(&device);
+        // Checked with the pool made: what it needs depends on whether its
+        // loop device discards.
+        let need = kind.need(pool.trims);
+        let st = nix::sys::statvfs::statvfs(parent)?;
+        let free = st.blocks_available() * st.fragment_size();
+        if free < need {
+            return Err(format!(
+                "{}: {} GiB free, the {} pool needs {} GiB; set STEAD_BENCH_DIR to a roomier place",
+                parent.display(),
+                free / GIB,
+                kind.name(),
+                need.div_ceil(GIB)
+            )
+            .into());
+        }
         fs::create_dir(pool.path())?;
         println!(
-            "{LABEL}: pool {} on {} (free before: {} GiB)",
+            "{LABEL}: pool {} on {} ({device}{}; {} GiB free, {} GiB needed)",
             kind.name(),
             pool.mount.display(),
-            free / GIB
+            if pool.trims {
+                ""
+            } else {
+                ", which does not discard: deleted copies stay in its file"
+            },
+            free / GIB,
+            need.div_ceil(GIB)
         );
         Ok(pool)
     }
@@ -199,6 +235,9 @@ impl PoolFs {
     /// Gives the blocks of deleted files back to the disk below: the loop
     /// file stays as sparse as what the pool holds.
     fn trim(&self) {
+        if !self.trims {
+            return;
+        }
         let ok = Command::new("fstrim")
             .arg(&self.mount)
             .status()
@@ -243,6 +282,15 @@ impl Drop for PoolFs {
     }
 }
 
+/// Whether block device `device` (`/dev/loop3`) accepts discards.
+fn discards(device: &str) -> bool {
+    let name = device.trim_start_matches("/dev/");
+    fs::read_to_string(format!("/sys/block/{name}/queue/discard_max_bytes"))
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .is_some_and(|max| max > 0)
+}
+
 fn run(cmd: &mut Command) -> Result<()> {
     let status = cmd.status()?;
     if !status.success() {
@@ -267,6 +315,8 @@ struct Case {
     methods: Vec<Method>,
     /// What the last snapshot holds on the pool's filesystem.
     allocated: u64,
+    /// Whether deleted copies were trimmed from the pool's file.
+    trimmed: bool,
 }
 
 /// How long CreateVolume of a volume filled from `source` takes; the
@@ -316,6 +366,7 @@ async fn measure(plugin: &Plugin, pool: &PoolFs, size: u64) -> Result<Case> {
         clone: Vec::new(),
         methods: Vec::new(),
         allocated: 0,
+        trimmed: pool.trims,
     };
     for round in 1..=ROUNDS {
         println!(
@@ -444,10 +495,10 @@ fn size_label(bytes: u64) -> String {
 }
 
 fn human_bytes(bytes: u64) -> String {
-    if bytes >= GIB {
-        format!("{:.2} GiB", bytes as f64 / GIB as f64)
-    } else {
-        format!("{:.0} MiB", bytes as f64 / MIB as f64)
+    match bytes {
+        b if b >= GIB && b % GIB == 0 => format!("{} GiB", b / GIB),
+        b if b >= GIB => format!("{:.2} GiB", b as f64 / GIB as f64),
+        b => format!("{:.0} MiB", b as f64 / MIB as f64),
     }
 }
 
@@ -493,6 +544,19 @@ fn methods(case: &Case) -> String {
 
 fn render(machine: &Machine, bin: &Path, parent: &Path, cases: &[Case]) -> String {
     let bin_name = binary_name(bin);
+    let untrimmed: Vec<&str> = [PoolKind::Reflink, PoolKind::Copy]
+        .into_iter()
+        .filter(|&k| cases.iter().any(|c| c.pool == k && !c.trimmed))
+        .map(PoolKind::name)
+        .collect();
+    let trim_note = if untrimmed.is_empty() {
+        String::new()
+    } else {
+        format!(
+            " (the loop device of the {} pool did not discard: there, deleted copies stayed in its file)",
+            untrimmed.join(" and ")
+        )
+    };
     let mut lines = section_head(
         SECTION_START,
         "Snapshots, restores and clones of image volumes",
@@ -508,15 +572,16 @@ fn render(machine: &Machine, bin: &Path, parent: &Path, cases: &[Case]) -> Strin
              published; {FILL_PERCENT}% of its size written through the mount as pseudo-random \
              data, then `sync`; then {ROUNDS} rounds of CreateSnapshot of the published volume (its \
              filesystem is frozen for the copy) → CreateVolume with that snapshot as source, same \
-             size (not staged) → DeleteVolume, DeleteSnapshot, `fstrim` of the pool; then {ROUNDS} \
-             clones (CreateVolume with the live volume as source), each deleted. Method: what the \
-             snapshot's record (`<pool>/.snapshots/<id>/snapshot.json`) names.",
+             size (not staged) → DeleteVolume, DeleteSnapshot, `fstrim` of the pool{trim_note}; \
+             then {ROUNDS} clones (CreateVolume with the live volume as source), each deleted. \
+             Method: what the snapshot's record (`<pool>/.snapshots/<id>/snapshot.json`) names; \
+             it holds: the record's `allocated_bytes`.",
             POOL_FS_BYTES / GIB,
             fs_of(parent)
         ),
         String::new(),
         format!(
-            "| pool | volume | written | method | snapshot holds | CreateSnapshot median (min–max of {ROUNDS}) | restore from snapshot | clone of the live volume | write + `sync` of the data |"
+            "| pool | volume | written | method | snapshot holds | CreateSnapshot median (min–max of {ROUNDS}) | restore from the snapshot | clone of the live volume | write + `sync` of the data |"
         ),
         "|---|---|---|---|---|---|---|---|---|".to_owned(),
     ]);
@@ -537,19 +602,15 @@ fn render(machine: &Machine, bin: &Path, parent: &Path, cases: &[Case]) -> Strin
         ));
     }
 
-    let reflink: Vec<&Case> = cases
-        .iter()
-        .filter(|c| c.pool == PoolKind::Reflink)
-        .collect();
     lines.extend([
         String::new(),
         format!(
-            "Target (reflink pool: a snapshot in < {} at 10 GiB, whatever the size):",
-            ms(TARGET)
+            "Target (reflink pool: a snapshot in < {} ms at 10 GiB, whatever the size):",
+            TARGET.as_millis()
         ),
     ]);
-    for c in &reflink {
-        let worst = c.snapshot.iter().max().copied().unwrap_or_default();
+    for c in cases.iter().filter(|c| c.pool == PoolKind::Reflink) {
+        let slowest = c.snapshot.iter().max().copied().unwrap_or_default();
         let cloned = c.methods.iter().all(|&m| m == Method::Reflink);
         let note = if cloned {
             String::new()
@@ -557,19 +618,19 @@ fn render(machine: &Machine, bin: &Path, parent: &Path, cases: &[Case]) -> Strin
             format!(" (the snapshots were made by {}, not reflink)", methods(c))
         };
         lines.push(format!(
-            "- {}: CreateSnapshot median {}, slowest {} < {}: {}{note}; restore median {}, clone median {}",
+            "- {}: CreateSnapshot median {}, slowest {} < {} ms: {}{note}; restore median {}, clone median {}",
             human_bytes(c.size),
             ms(median(&c.snapshot)),
-            ms(worst),
-            ms(TARGET),
-            verdict(cloned && worst < TARGET),
+            ms(slowest),
+            TARGET.as_millis(),
+            verdict(cloned && slowest < TARGET),
             ms(median(&c.restore)),
             ms(median(&c.clone)),
         ));
     }
 
     let copy: Vec<&Case> = cases.iter().filter(|c| c.pool == PoolKind::Copy).collect();
-    if let Some(big) = copy.last() {
+    if let Some((big, smaller)) = copy.split_last() {
         let rates = |c: &Case| {
             format!(
                 "{:.0} / {:.0} / {:.0} MB/s",
@@ -578,27 +639,28 @@ fn render(machine: &Machine, bin: &Path, parent: &Path, cases: &[Case]) -> Strin
                 mb_per_s(c.allocated, median(&c.clone))
             )
         };
-        let smaller: Vec<String> = copy[..copy.len() - 1]
+        let smaller: Vec<String> = smaller
             .iter()
             .map(|c| format!("{} at {}", rates(c), human_bytes(c.size)))
             .collect();
         lines.extend([
             String::new(),
             format!(
-                "On the copy pool a snapshot, a restore and a clone each read the source image and \
-                 write every allocated byte of it again (holes are skipped), then make the copy \
-                 durable before answering: the time grows with the bytes written, not with the \
-                 volume's size, and is bound by the write throughput of the pool's stack (ext4 on a \
-                 loop file on {}). At {} the snapshot held {} (the {} written plus the volume's ext4 \
-                 metadata), which is {} for snapshot / restore / clone (MB = 10^6 bytes, \
-                 allocated bytes over the median time); writing the data through the volume's mount \
-                 and `sync` ran at {:.0} MB/s. Smaller volumes: {}, where the fixed costs (freeze, \
-                 fsyncs, the record) weigh more. On the reflink pool the same calls share the \
-                 image's extents and write only metadata, so their time hardly depends on the data.",
+                "What the copy pool's time is bound by: a snapshot, a restore and a clone there each \
+                 read the source image and write every allocated byte of it again (holes are \
+                 skipped), then fsync the copy before answering. So the time follows the bytes \
+                 written, not the volume's size, over the write throughput of the pool's stack \
+                 (ext4 on a loop file on {}, the root disk). At {} the snapshot held {}, and \
+                 snapshot / restore / clone ran at {} (MB = 10^6 bytes: what the snapshot holds over \
+                 the median time); for scale, writing the data through the volume's mount and \
+                 `sync` ran at {:.0} MB/s. The source had just been written, so its reads likely \
+                 came from the page cache: it is the writing that is paid for. Smaller volumes: {}; \
+                 the smaller the copy, the larger the share of the fixed costs (freeze, fsyncs, the \
+                 record). On the reflink pool the same calls share the image's extents instead of \
+                 writing them, so their time stays in milliseconds whatever the data.",
                 fs_of(parent),
                 human_bytes(big.size),
                 human_bytes(big.allocated),
-                human_bytes(big.written),
                 rates(big),
                 mb_per_s(big.written, big.fill),
                 smaller.join("; ")
