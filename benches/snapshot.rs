@@ -552,8 +552,13 @@ fn render(machine: &Machine, bin: &Path, parent: &Path, cases: &[Case]) -> Strin
     let trim_note = if untrimmed.is_empty() {
         String::new()
     } else {
+        let (pools, its) = if untrimmed.len() == 1 {
+            ("pool", "its file")
+        } else {
+            ("pools", "their files")
+        };
         format!(
-            " (the loop device of the {} pool did not discard: there, deleted copies stayed in its file)",
+            " (the loop device of the {} {pools} did not discard: deleted copies stayed in {its})",
             untrimmed.join(" and ")
         )
     };
@@ -657,7 +662,7 @@ fn render(machine: &Machine, bin: &Path, parent: &Path, cases: &[Case]) -> Strin
                  came from the page cache: it is the writing that is paid for. Smaller volumes: {}; \
                  the smaller the copy, the larger the share of the fixed costs (freeze, fsyncs, the \
                  record). On the reflink pool the same calls share the image's extents instead of \
-                 writing them, so their time stays in milliseconds whatever the data.",
+                 copying them: see its rows above.",
                 fs_of(parent),
                 human_bytes(big.size),
                 human_bytes(big.allocated),
