@@ -1,5 +1,7 @@
-//! What a pool can still promise: the free space of its filesystem minus
-//! what existing volumes were promised and have not used yet.
+//! What a pool can still promise: the free space of its filesystem, less
+//! the pool's reserve (what kubelet needs free to evict nobody, see
+//! [`pool::Reserve`]), less what existing volumes and snapshots were
+//! promised and have not taken yet.
 
 use nix::sys::statvfs::statvfs;
 use nix::unistd::{AccessFlags, access};
@@ -26,41 +28,56 @@ impl Store {
         })
     }
 
-    /// Free space of the pool's filesystem minus what existing volumes were
-    /// promised and have not yet used (see [`Store::promised`]).
+    /// Free space of the pool's filesystem, less its reserve, less what
+    /// existing volumes were promised and have not yet taken (see
+    /// [`Store::promised`]).
     pub(super) fn available(&self, pool: &Pool) -> Result<u64> {
         let st = statvfs(&pool.root).map_err(|e| Error::Io {
             what: "statvfs of pool",
             path: pool.root.clone(),
             source: e.into(),
         })?;
+        // What kubelet compares with its thresholds: available (not free,
+        // which counts root's reserved blocks) against the size.
         let free = st.blocks_available().saturating_mul(st.fragment_size());
-        Ok(free.saturating_sub(self.promised(pool) + self.snapshots_promised(pool)))
+        let size = st.blocks().saturating_mul(st.fragment_size());
+        Ok(free
+            .saturating_sub(pool.reserve.bytes(size))
+            .saturating_sub(self.promised(pool) + self.snapshots_promised(pool)))
     }
 
-    /// What the volumes of a pool may still write: each one's capacity less
-    /// what it already occupies, since that is gone from the filesystem's
-    /// free space already. Counting it again made a pool of `dir` volumes
-    /// refuse claims it had room for.
+    /// What the volumes of a pool may still take from its free space: each
+    /// one's capacity less what it already occupies, since that is gone
+    /// from the filesystem's free space already (counting it again made a
+    /// pool of `dir` volumes refuse claims it had room for), plus what it
+    /// holds without owning (see below).
     ///
-    /// `image`: what the sparse file has allocated. `dir`: the last
-    /// measurement of its tree by the usage meter (a volume not measured
-    /// yet counts whole, which never over-commits). Data removed from a
-    /// directory since its last measurement is promised too little by that
-    /// much until the next one (the meter refreshes at every stats call,
-    /// and at start).
+    /// `image`: what the file has allocated. A thick image has allocated
+    /// its whole size at create, so it promises nothing more: its blocks
+    /// are counted once, by the filesystem. `dir`: its qgroup's count where
+    /// one limits it, else the last measurement of its tree by the usage
+    /// meter (a volume not measured yet counts whole, which never
+    /// over-commits). Data removed from a directory since its last
+    /// measurement is promised too little by that much until the next one
+    /// (the meter refreshes at every stats call, and at start).
+    ///
+    /// A volume filled by reflink holds blocks it shares with its source
+    /// (`shared_bytes`): they count as allocated, yet its first overwrite
+    /// of each takes a new one from the pool. They are promised on top, as
+    /// a reflink snapshot promises what it holds, for the volume's life
+    /// (which over-promises once it has overwritten them, never under).
     fn promised(&self, pool: &Pool) -> u64 {
         self.read_cache()
             .values()
             .filter(|m| m.pool == pool.name)
             .map(|m| {
                 let used = match m.backend {
-                    BackendKind::Dir => self.usage().cached(&m.id).map_or(0, |u| u.bytes),
+                    BackendKind::Dir => self.dir_used(m).unwrap_or(0),
                     BackendKind::Image => {
                         image::allocated_bytes(&pool.root.join(&m.folder).join(image::IMAGE_FILE))
                     }
                 };
-                outstanding(m.capacity_bytes, used)
+                outstanding(m.capacity_bytes, used).saturating_add(m.shared_bytes)
             })
             .sum()
     }
@@ -109,11 +126,11 @@ mod tests {
     #[tokio::test]
     async fn what_a_dir_volume_holds_is_not_counted_twice() {
         let tmp = tempfile::tempdir().unwrap();
-        let store = Store::open(&[PoolSpec {
-            name: "p".into(),
-            backend: BackendKind::Dir,
-            path: tmp.path().join("pool"),
-        }])
+        let store = Store::open(&[PoolSpec::new(
+            "p",
+            BackendKind::Dir,
+            tmp.path().join("pool"),
+        )])
         .unwrap();
         let (meta, _) = store
             .create(&NewVolume {
@@ -124,6 +141,7 @@ mod tests {
                 },
                 required: 64 * pool::MIB,
                 limit: 0,
+                allocation: None,
             })
             .unwrap();
         let pool = store.pool(None).unwrap();
