@@ -126,11 +126,10 @@ mod tests {
     #[tokio::test]
     async fn what_a_dir_volume_holds_is_not_counted_twice() {
         let tmp = tempfile::tempdir().unwrap();
-        let store = Store::open(&[PoolSpec::new(
-            "p",
-            BackendKind::Dir,
-            tmp.path().join("pool"),
-        )])
+        let store = Store::open(&[
+            PoolSpec::new("p", BackendKind::Dir, tmp.path().join("pool"))
+                .with_reserve(crate::storage::Reserve::Bytes(0)),
+        ])
         .unwrap();
         let (meta, _) = store
             .create(&NewVolume {

@@ -27,6 +27,11 @@ impl PoolSpec {
             reserve: Reserve::DEFAULT,
         }
     }
+
+    /// This pool with another reserve.
+    pub fn with_reserve(self, reserve: Reserve) -> PoolSpec {
+        PoolSpec { reserve, ..self }
+    }
 }
 
 /// What a pool keeps free of its filesystem: Stead's promises stop there.

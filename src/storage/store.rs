@@ -679,7 +679,9 @@ mod tests {
     use super::*;
 
     fn store(dir: &Path) -> Store {
-        Store::open(&[PoolSpec::new("p", BackendKind::Dir, dir.join("pool"))]).unwrap()
+        Store::open(&[PoolSpec::new("p", BackendKind::Dir, dir.join("pool"))
+            .with_reserve(crate::storage::Reserve::Bytes(0))])
+        .unwrap()
     }
 
     fn new_volume(id: &str, required: u64) -> NewVolume {

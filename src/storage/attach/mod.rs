@@ -729,11 +729,10 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let kubelet = tmp.path().join("kubelet");
         fs::create_dir_all(&kubelet).unwrap();
-        let store = Store::open(&[PoolSpec::new(
-            "d",
-            BackendKind::Dir,
-            tmp.path().join("pool"),
-        )])
+        let store = Store::open(&[
+            PoolSpec::new("d", BackendKind::Dir, tmp.path().join("pool"))
+                .with_reserve(crate::storage::Reserve::Bytes(0)),
+        ])
         .unwrap();
         let (meta, _) = store
             .create(&NewVolume {
