@@ -31,8 +31,24 @@ pub struct Agent {
     pub node: NodeClient<Channel>,
     pub identity: IdentityClient<Channel>,
     /// The image file of a filesystem mounted at `root`, if the agent runs
-    /// on one of its own ([`Agent::start_on_xfs`]).
+    /// on one of its own ([`Agent::start_on_xfs`], [`Agent::start_on_fs`]).
     backing: Option<PathBuf>,
+    /// The agent's STEAD_POOLS.
+    pools: String,
+    /// Where its output goes: in `root`, or beside the image of a root of
+    /// its own, so that a test that fills that filesystem keeps the log.
+    log: PathBuf,
+}
+
+/// The pools of [`Agent::start`]: one `dir`, one `image`, under `root`.
+/// No reserve: they lie on the machine's disk, whose free space the tests
+/// do not control (the reserve has tests of its own).
+pub fn default_pools(root: &Path) -> String {
+    format!(
+        "dir:dir:{}:reserve=0,image:image:{}:reserve=0",
+        root.join("pools/dir").display(),
+        root.join("pools/image").display()
+    )
 }
 
 impl Agent {
@@ -44,25 +60,50 @@ impl Agent {
         );
         let root = temp_root(name);
         fs::create_dir_all(&root).unwrap();
-        Self::start_in(root, None).await
+        let pools = default_pools(&root);
+        Self::start_in(root, None, pools).await
     }
 
     /// Starts an agent whose root (and so both pools) is a fresh xfs with
     /// reflink on a loop device: snapshots and clones there are reflinks.
     pub async fn start_on_xfs(name: &str) -> Agent {
+        Self::start_on_fs(name, "xfs", 2048, default_pools).await
+    }
+
+    /// Starts an agent whose root is a fresh filesystem of `fs` (`xfs`
+    /// with reflink, `ext4`, `btrfs`) and `mib` MiB on a loop device, with
+    /// the pools `pools` gives for that root (see [`default_pools`]).
+    pub async fn start_on_fs(
+        name: &str,
+        fs: &str,
+        mib: u64,
+        pools: impl FnOnce(&Path) -> String,
+    ) -> Agent {
         let root = temp_root(name);
         fs::create_dir_all(&root).unwrap();
         let img = root.with_extension("img");
         let f = fs::File::create(&img).unwrap();
-        f.set_len(2048 * MIB as u64).unwrap();
+        f.set_len(mib * MIB as u64).unwrap();
         drop(f);
-        let ok = Command::new("mkfs.xfs")
-            .args(["-q", "-f", "-m", "reflink=1"])
+        let (mkfs, args): (&str, &[&str]) = match fs {
+            "xfs" => ("mkfs.xfs", &["-q", "-f", "-m", "reflink=1"]),
+            "ext4" => ("mkfs.ext4", &["-q", "-F"]),
+            "btrfs" => {
+                assert!(
+                    Command::new("mkfs.btrfs").arg("--version").output().is_ok(),
+                    "mkfs.btrfs is missing: install btrfs-progs (.ci/run does)"
+                );
+                ("mkfs.btrfs", &["-q", "-f"])
+            }
+            other => panic!("no loop filesystem {other} in the harness"),
+        };
+        let ok = Command::new(mkfs)
+            .args(args)
             .arg(&img)
             .status()
             .unwrap()
             .success();
-        assert!(ok, "mkfs.xfs {}", img.display());
+        assert!(ok, "{mkfs} {}", img.display());
         // -o loop sets autoclear: the device goes with the unmount.
         let ok = Command::new("mount")
             .args(["-o", "loop"])
@@ -72,12 +113,17 @@ impl Agent {
             .unwrap()
             .success();
         assert!(ok, "mount {} on {}", img.display(), root.display());
-        Self::start_in(root, Some(img)).await
+        let pools = pools(&root);
+        Self::start_in(root, Some(img), pools).await
     }
 
-    async fn start_in(root: PathBuf, backing: Option<PathBuf>) -> Agent {
+    async fn start_in(root: PathBuf, backing: Option<PathBuf>, pools: String) -> Agent {
         let socket = root.join("csi.sock");
-        let child = spawn(&root, &socket);
+        let log = match &backing {
+            Some(img) => img.with_extension("log"),
+            None => root.join("stead.log"),
+        };
+        let child = spawn(&root, &socket, &pools, &log);
         let (controller, node, identity) = connect(&socket).await;
         Agent {
             child: Some(child),
@@ -87,6 +133,8 @@ impl Agent {
             node,
             identity,
             backing,
+            pools,
+            log,
         }
     }
 
@@ -141,7 +189,7 @@ impl Agent {
     /// Kills the agent and starts it again on the same root.
     pub async fn restart(&mut self) {
         self.kill();
-        self.child = Some(spawn(&self.root, &self.socket));
+        self.child = Some(spawn(&self.root, &self.socket, &self.pools, &self.log));
         let (c, n, i) = connect(&self.socket).await;
         self.controller = c;
         self.node = n;
@@ -149,7 +197,7 @@ impl Agent {
     }
 
     pub fn log(&self) -> String {
-        fs::read_to_string(self.root.join("stead.log")).unwrap_or_default()
+        fs::read_to_string(&self.log).unwrap_or_default()
     }
 
     pub async fn create(
@@ -247,6 +295,7 @@ impl Drop for Agent {
             let _ = fs::remove_dir_all(&self.root);
             if let Some(img) = &self.backing {
                 let _ = fs::remove_file(img);
+                let _ = fs::remove_file(&self.log);
             }
         } else {
             eprintln!("mounts remain under {}; leaving it", self.root.display());
@@ -269,11 +318,11 @@ fn rand_suffix() -> u32 {
         .unwrap_or(0)
 }
 
-fn spawn(root: &Path, socket: &Path) -> Child {
+fn spawn(root: &Path, socket: &Path, pools: &str, log: &Path) -> Child {
     let log = fs::OpenOptions::new()
         .create(true)
         .append(true)
-        .open(root.join("stead.log"))
+        .open(log)
         .unwrap();
     Command::new(env!("CARGO_BIN_EXE_stead"))
         .arg("node")
@@ -281,14 +330,7 @@ fn spawn(root: &Path, socket: &Path) -> Child {
         .env("NODE_NAME", NODE)
         // Staging and target paths of the tests lie under their root.
         .env("STEAD_KUBELET_DIR", root)
-        .env(
-            "STEAD_POOLS",
-            format!(
-                "dir:dir:{},image:image:{}",
-                root.join("pools/dir").display(),
-                root.join("pools/image").display()
-            ),
-        )
+        .env("STEAD_POOLS", pools)
         .env("RUST_LOG", "debug")
         .stdin(Stdio::null())
         .stdout(log.try_clone().unwrap())
