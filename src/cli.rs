@@ -210,12 +210,14 @@ mod tests {
             "--pool",
             "a:dir:/x",
             "--pool",
-            "b:image:/y,c:dir:/z",
+            "b:image:/y,c:dir:/z:reserve=0",
         ])
         .unwrap();
         let Command::Node(args) = cli.command;
         assert_eq!(args.pools.len(), 3);
         assert_eq!(args.pools[0].name, "a");
+        assert_eq!(args.pools[1].reserve, crate::storage::Reserve::DEFAULT);
+        assert_eq!(args.pools[2].reserve, crate::storage::Reserve::Bytes(0));
         assert_eq!(args.log_format, LogFormat::Text);
     }
 
@@ -229,33 +231,17 @@ mod tests {
     }
 
     #[test]
-    fn a_pool_reserve_rides_on_the_pool_flag() {
-        let cli = Cli::try_parse_from([
-            "stead",
-            "node",
-            "--node-id",
-            "n1",
-            "--pool",
-            "a:dir:/x:reserve=0,b:image:/y",
-        ])
-        .unwrap();
-        let Command::Node(args) = cli.command;
-        assert_eq!(args.pools[0].reserve, crate::storage::Reserve::Bytes(0));
-        assert_eq!(args.pools[1].reserve, crate::storage::Reserve::DEFAULT);
+    fn bad_pool_is_refused() {
+        let r = Cli::try_parse_from(["stead", "node", "--node-id", "n", "--pool", "a:zfs:/x"]);
+        assert!(r.is_err());
         let r = Cli::try_parse_from([
             "stead",
             "node",
             "--node-id",
             "n",
             "--pool",
-            "a:dir:/x:reserve=lots",
+            "a:dir:/x:reserve=all",
         ]);
-        assert!(r.unwrap_err().to_string().contains("reserve \"lots\""));
-    }
-
-    #[test]
-    fn bad_pool_is_refused() {
-        let r = Cli::try_parse_from(["stead", "node", "--node-id", "n", "--pool", "a:zfs:/x"]);
-        assert!(r.is_err());
+        assert!(r.unwrap_err().to_string().contains("reserve \"all\""));
     }
 }

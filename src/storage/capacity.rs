@@ -32,15 +32,7 @@ impl Store {
     /// existing volumes were promised and have not yet taken (see
     /// [`Store::promised`]).
     pub(super) fn available(&self, pool: &Pool) -> Result<u64> {
-        let st = statvfs(&pool.root).map_err(|e| Error::Io {
-            what: "statvfs of pool",
-            path: pool.root.clone(),
-            source: e.into(),
-        })?;
-        // What kubelet compares with its thresholds: available (not free,
-        // which counts root's reserved blocks) against the size.
-        let free = st.blocks_available().saturating_mul(st.fragment_size());
-        let size = st.blocks().saturating_mul(st.fragment_size());
+        let (free, size) = filesystem_space(pool)?;
         Ok(free
             .saturating_sub(pool.reserve.bytes(size))
             .saturating_sub(self.promised(pool) + self.snapshots_promised(pool)))
@@ -100,6 +92,21 @@ impl Store {
         }
         Ok(())
     }
+}
+
+/// The available bytes and the size of a pool's filesystem: what kubelet
+/// compares with its thresholds (available, not free, which counts the
+/// blocks reserved for root).
+pub fn filesystem_space(pool: &Pool) -> Result<(u64, u64)> {
+    let st = statvfs(&pool.root).map_err(|e| Error::Io {
+        what: "statvfs of pool",
+        path: pool.root.clone(),
+        source: e.into(),
+    })?;
+    Ok((
+        st.blocks_available().saturating_mul(st.fragment_size()),
+        st.blocks().saturating_mul(st.fragment_size()),
+    ))
 }
 
 /// What a volume of `capacity` bytes that occupies `used` may still write.

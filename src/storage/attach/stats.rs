@@ -16,11 +16,11 @@ use nix::sys::statvfs::statvfs;
 
 use super::{Error, Result, recorded_path};
 use crate::mount;
-use crate::storage::image;
 use crate::storage::kind::{AccessKind, Allocation, BackendKind};
 use crate::storage::meta::VolumeMeta;
 use crate::storage::usage::Usage;
 use crate::storage::{Store, VolumeId};
+use crate::storage::{capacity, image};
 
 /// Total, available and used, of bytes or of inodes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -202,12 +202,7 @@ fn starved(store: &Store, meta: &VolumeMeta, image: &Path) -> Result<Option<Stri
         return Ok(None);
     }
     let pool = store.pool(Some(&meta.pool))?;
-    let st = statvfs(&pool.root).map_err(|e| Error::PathIo {
-        what: "statvfs of",
-        path: pool.root.clone(),
-        source: e.into(),
-    })?;
-    let free = st.blocks_available().saturating_mul(st.fragment_size());
+    let (free, _) = capacity::filesystem_space(pool)?;
     let unallocated = meta
         .capacity_bytes
         .saturating_sub(image::allocated_bytes(image));
