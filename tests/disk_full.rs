@@ -15,7 +15,6 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
-use stead::proto::csi::v1::volume_content_source::{SnapshotSource, Type as SourceType};
 use stead::proto::csi::v1::*;
 
 const CHUNK: usize = 1 << 20;
@@ -93,6 +92,28 @@ fn fill(dir: &Path) -> PathBuf {
     path
 }
 
+/// An agent on a fresh `fs` of `mib` MiB, with one pool of `backend` named
+/// after it and no reserve (what the tests fill is the pool's own room).
+async fn agent_on(test: &str, fs: &str, mib: u64, backend: &str) -> Agent {
+    Agent::start_on_fs(test, fs, mib, |root| {
+        pool_spec(backend, backend, root, ":reserve=0")
+    })
+    .await
+}
+
+/// Runs a filesystem checker that only reads (`e2fsck -fn`,
+/// `xfs_repair -n`) on an image and asserts it found nothing to repair.
+fn assert_checks_clean(tool: &str, args: &[&str], image: &Path) {
+    let out = Command::new(tool).args(args).arg(image).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{tool} {args:?} {}: {}{}",
+        image.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 fn with_allocation(mut req: CreateVolumeRequest, allocation: &str) -> CreateVolumeRequest {
     req.parameters
         .insert("allocation".to_owned(), allocation.to_owned());
@@ -128,66 +149,29 @@ fn allocated(path: &Path) -> u64 {
     fs::metadata(path).unwrap().blocks() * 512
 }
 
-async fn create_with(a: &mut Agent, req: CreateVolumeRequest) -> Volume {
-    let name = req.name.clone();
-    a.controller
-        .create_volume(req)
-        .await
-        .unwrap_or_else(|e| panic!("CreateVolume {name}: {e}"))
-        .into_inner()
-        .volume
-        .unwrap()
-}
-
-async fn stage_and_publish(a: &mut Agent, id: &str, cap: &VolumeCapability) -> PathBuf {
-    let staging = a.staging(id);
-    let target = a.target(id);
-    a.stage(id, &staging, cap.clone()).await;
-    a.publish(id, &staging, &target, cap.clone(), false)
-        .await
-        .unwrap();
-    target
-}
-
-async fn unpublish_and_unstage(a: &mut Agent, id: &str) {
-    let (staging, target) = (
-        a.root.join("staging").join(id),
-        a.root.join("pods").join(id),
-    );
-    a.unpublish(id, &target).await;
-    a.unstage(id, &staging).await;
-}
-
 #[tokio::test]
 async fn a_full_ext4_pool_fails_no_write_into_a_thick_image_and_a_thin_one_says_why() {
-    let mut a = Agent::start_on_fs("full-ext4", "ext4", 320, |root| {
-        pool_spec("image", "image", root, ":reserve=0")
-    })
-    .await;
+    let mut a = agent_on("full-ext4", "ext4", 320, "image").await;
     let cap = mount_cap("ext4");
-    let thick = create_with(
-        &mut a,
-        with_allocation(
+    let thick = a
+        .create_with(with_allocation(
             create_req("pvc-thick", "image", cap.clone(), 64 * MIB),
             "thick",
-        ),
-    )
-    .await;
-    let thin = create_with(
-        &mut a,
-        with_allocation(
+        ))
+        .await;
+    let thin = a
+        .create_with(with_allocation(
             create_req("pvc-thin", "image", cap.clone(), 64 * MIB),
             "thin",
-        ),
-    )
-    .await;
+        ))
+        .await;
     assert_eq!(thick.volume_context["allocation"], "thick");
     assert_eq!(thin.volume_context["allocation"], "thin");
     assert!(allocated(&image_of(&a, "image", "pvc-thick")) >= 64 * MIB as u64);
     assert!(allocated(&image_of(&a, "image", "pvc-thin")) < MIB as u64);
 
-    let thick_at = stage_and_publish(&mut a, "pvc-thick", &cap).await;
-    let thin_at = stage_and_publish(&mut a, "pvc-thin", &cap).await;
+    let thick_at = a.mount("pvc-thick", &cap).await;
+    let thin_at = a.mount("pvc-thin", &cap).await;
     let filler = fill(&a.root);
 
     // The thick volume has its blocks: 48 MiB go in and come back.
@@ -228,19 +212,9 @@ async fn a_full_ext4_pool_fails_no_write_into_a_thick_image_and_a_thin_one_says_
     assert!(!a.root.join("pools/image/pvc-late").exists());
 
     // Teardown works on the full pool; the thick image checks clean.
-    unpublish_and_unstage(&mut a, "pvc-thick").await;
-    unpublish_and_unstage(&mut a, "pvc-thin").await;
-    let fsck = Command::new("e2fsck")
-        .args(["-f", "-n"])
-        .arg(image_of(&a, "image", "pvc-thick"))
-        .output()
-        .unwrap();
-    assert!(
-        fsck.status.success(),
-        "e2fsck -fn of the thick image: {}{}",
-        String::from_utf8_lossy(&fsck.stdout),
-        String::from_utf8_lossy(&fsck.stderr)
-    );
+    a.unmount("pvc-thick").await;
+    a.unmount("pvc-thin").await;
+    assert_checks_clean("e2fsck", &["-f", "-n"], &image_of(&a, "image", "pvc-thick"));
 
     // Every record survived: a restarted agent serves both volumes, and
     // the thick one's data is all there.
@@ -259,22 +233,21 @@ async fn a_full_ext4_pool_fails_no_write_into_a_thick_image_and_a_thin_one_says_
     ids.sort();
     assert_eq!(ids, ["pvc-thick", "pvc-thin"]);
     fs::remove_file(filler).unwrap();
-    let at = stage_and_publish(&mut a, "pvc-thick", &cap).await;
+    let at = a.mount("pvc-thick", &cap).await;
     assert!(holds_pattern(&at.join("data"), n));
-    unpublish_and_unstage(&mut a, "pvc-thick").await;
+    a.unmount("pvc-thick").await;
 }
 
 #[tokio::test]
 async fn a_thick_xfs_volume_on_a_full_xfs_pool_takes_its_size_and_repairs_clean() {
-    let mut a = Agent::start_on_fs("full-xfs", "xfs", 720, |root| {
-        pool_spec("image", "image", root, ":reserve=0")
-    })
-    .await;
+    let mut a = agent_on("full-xfs", "xfs", 720, "image").await;
     let cap = mount_cap("xfs");
     // No allocation parameter: thick is the default.
-    let v = create_with(&mut a, create_req("pvc-x", "image", cap.clone(), 320 * MIB)).await;
+    let v = a
+        .create_with(create_req("pvc-x", "image", cap.clone(), 320 * MIB))
+        .await;
     assert_eq!(v.volume_context["allocation"], "thick");
-    let at = stage_and_publish(&mut a, "pvc-x", &cap).await;
+    let at = a.mount("pvc-x", &cap).await;
     let filler = fill(&a.root);
     // What the volume's own filesystem says it has, nearly all of it.
     let st = nix::sys::statvfs::statvfs(&at).unwrap();
@@ -284,18 +257,8 @@ async fn a_thick_xfs_volume_on_a_full_xfs_pool_takes_its_size_and_repairs_clean(
     assert!(n > 200 * MIB as u64, "{room}");
     write_file(&at.join("data"), n).expect("a thick xfs volume takes writes on a full pool");
     assert!(holds_pattern(&at.join("data"), n));
-    unpublish_and_unstage(&mut a, "pvc-x").await;
-    let repair = Command::new("xfs_repair")
-        .arg("-n")
-        .arg(image_of(&a, "image", "pvc-x"))
-        .output()
-        .unwrap();
-    assert!(
-        repair.status.success(),
-        "xfs_repair -n: {}{}",
-        String::from_utf8_lossy(&repair.stdout),
-        String::from_utf8_lossy(&repair.stderr)
-    );
+    a.unmount("pvc-x").await;
+    assert_checks_clean("xfs_repair", &["-n"], &image_of(&a, "image", "pvc-x"));
     fs::remove_file(filler).unwrap();
 }
 
@@ -316,10 +279,7 @@ fn write_past(path: &Path, n: u64, limit: u64) -> u64 {
 
 #[tokio::test]
 async fn a_dir_volume_on_btrfs_stops_at_its_size_while_the_others_go_on() {
-    let mut a = Agent::start_on_fs("dir-btrfs", "btrfs", 512, |root| {
-        pool_spec("dir", "dir", root, ":reserve=0")
-    })
-    .await;
+    let mut a = agent_on("dir-btrfs", "btrfs", 512, "dir").await;
     assert!(
         a.log().contains("enforced: a btrfs subvolume per volume"),
         "{}",
@@ -328,11 +288,13 @@ async fn a_dir_volume_on_btrfs_stops_at_its_size_while_the_others_go_on() {
     let cap = mount_cap("");
     let limit = 16 * MIB as u64;
     for id in ["dir-a", "dir-b"] {
-        let v = create_with(&mut a, create_req(id, "dir", cap.clone(), 16 * MIB)).await;
+        let v = a
+            .create_with(create_req(id, "dir", cap.clone(), 16 * MIB))
+            .await;
         assert_eq!(v.volume_context["enforced"], "true");
     }
-    let at_a = stage_and_publish(&mut a, "dir-a", &cap).await;
-    let at_b = stage_and_publish(&mut a, "dir-b", &cap).await;
+    let at_a = a.mount("dir-a", &cap).await;
+    let at_b = a.mount("dir-b", &cap).await;
 
     let took = write_past(&at_a.join("big"), 4 * limit, limit);
     assert!(took <= limit + MIB as u64, "{took} bytes went in");
@@ -354,33 +316,21 @@ async fn a_dir_volume_on_btrfs_stops_at_its_size_while_the_others_go_on() {
 
     // A snapshot of a volume that is a subvolume, restored into a new one:
     // the copy is whole, and limited like any volume of the pool.
-    let snap = a
-        .controller
-        .create_snapshot(CreateSnapshotRequest {
-            source_volume_id: "dir-b".into(),
-            name: "snap-b".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .snapshot
-        .unwrap();
-    let mut restore = create_req("dir-c", "dir", cap.clone(), 16 * MIB);
-    restore.volume_content_source = Some(VolumeContentSource {
-        r#type: Some(SourceType::Snapshot(SnapshotSource {
-            snapshot_id: snap.snapshot_id.clone(),
-        })),
-    });
-    let c = create_with(&mut a, restore).await;
+    let snap = a.snapshot("snap-b", "dir-b").await;
+    let c = a
+        .create_with(from_snapshot(
+            create_req("dir-c", "dir", cap.clone(), 16 * MIB),
+            &snap.snapshot_id,
+        ))
+        .await;
     assert_eq!(c.volume_context["enforced"], "true");
-    let at_c = stage_and_publish(&mut a, "dir-c", &cap).await;
+    let at_c = a.mount("dir-c", &cap).await;
     assert!(holds_pattern(&at_c.join("small"), 4 * MIB as u64));
     let took = write_past(&at_c.join("big"), 4 * limit, limit);
     assert!(took <= limit, "{took} bytes went in beside 4 MiB restored");
 
     // Deleting a volume deletes its subvolume.
-    unpublish_and_unstage(&mut a, "dir-a").await;
+    a.unmount("dir-a").await;
     a.delete("dir-a").await;
     let list = Command::new("btrfs")
         .args(["subvolume", "list", "-o"])
@@ -392,22 +342,21 @@ async fn a_dir_volume_on_btrfs_stops_at_its_size_while_the_others_go_on() {
     assert!(list.contains("dir-b/data"), "{list}");
 
     // A restarted agent serves the rest, limits and all.
-    unpublish_and_unstage(&mut a, "dir-b").await;
-    unpublish_and_unstage(&mut a, "dir-c").await;
+    a.unmount("dir-b").await;
+    a.unmount("dir-c").await;
     a.restart().await;
-    let at_b = stage_and_publish(&mut a, "dir-b", &cap).await;
+    let at_b = a.mount("dir-b", &cap).await;
     assert!(holds_pattern(&at_b.join("small"), 4 * MIB as u64));
     write_past(&at_b.join("big"), 4 * limit, limit);
-    unpublish_and_unstage(&mut a, "dir-b").await;
+    a.unmount("dir-b").await;
 }
 
 #[tokio::test]
 async fn a_dir_pool_on_xfs_without_kernel_quota_is_accounted_not_enforced() {
-    let mut a = Agent::start_on_fs("dir-xfs", "xfs", 512, |root| {
-        pool_spec("dir", "dir", root, ":reserve=0")
-    })
-    .await;
-    let v = create_with(&mut a, create_req("dir-x", "dir", mount_cap(""), 16 * MIB)).await;
+    let mut a = agent_on("dir-xfs", "xfs", 512, "dir").await;
+    let v = a
+        .create_with(create_req("dir-x", "dir", mount_cap(""), 16 * MIB))
+        .await;
     assert_eq!(v.volume_context["enforced"], "false");
     let log = a.log();
     assert!(log.contains("capacity accounted, not enforced"), "{log}");
@@ -426,24 +375,8 @@ async fn a_pool_keeps_its_reserve_free() {
         )
     })
     .await;
-    let capacity = |pool: &str| GetCapacityRequest {
-        parameters: [("pool".to_owned(), pool.to_owned())].into(),
-        ..Default::default()
-    };
-    let none = a
-        .controller
-        .get_capacity(capacity("none"))
-        .await
-        .unwrap()
-        .into_inner()
-        .available_capacity;
-    let half = a
-        .controller
-        .get_capacity(capacity("half"))
-        .await
-        .unwrap()
-        .into_inner()
-        .available_capacity;
+    let none = a.available("none").await;
+    let half = a.available("half").await;
     let st = nix::sys::statvfs::statvfs(&a.root).unwrap();
     let size = (st.blocks() * st.fragment_size()) as i64;
     // Between the two calls the filesystem may have changed by a block or

@@ -16,6 +16,7 @@ use stead::proto::csi::v1::identity_client::IdentityClient;
 use stead::proto::csi::v1::node_client::NodeClient;
 use stead::proto::csi::v1::volume_capability::access_mode::Mode;
 use stead::proto::csi::v1::volume_capability::{AccessMode, AccessType, BlockVolume, MountVolume};
+use stead::proto::csi::v1::volume_content_source::{SnapshotSource, Type, VolumeSource};
 use stead::proto::csi::v1::*;
 use tonic::transport::{Channel, Endpoint};
 
@@ -214,6 +215,57 @@ impl Agent {
             .into_inner()
             .volume
             .unwrap()
+    }
+
+    pub async fn snapshot(&mut self, name: &str, source: &str) -> Snapshot {
+        self.controller
+            .create_snapshot(snapshot_req(name, source))
+            .await
+            .unwrap_or_else(|e| panic!("CreateSnapshot {name}: {e}"))
+            .into_inner()
+            .snapshot
+            .unwrap()
+    }
+
+    pub async fn create_with(&mut self, req: CreateVolumeRequest) -> Volume {
+        let name = req.name.clone();
+        self.controller
+            .create_volume(req)
+            .await
+            .unwrap_or_else(|e| panic!("CreateVolume {name}: {e}"))
+            .into_inner()
+            .volume
+            .unwrap()
+    }
+
+    /// Stages and publishes `id`, returning its target path.
+    pub async fn mount(&mut self, id: &str, cap: &VolumeCapability) -> PathBuf {
+        let staging = self.staging(id);
+        let target = self.target(id);
+        self.stage(id, &staging, cap.clone()).await;
+        self.publish(id, &staging, &target, cap.clone(), false)
+            .await
+            .unwrap();
+        target
+    }
+
+    pub async fn unmount(&mut self, id: &str) {
+        let staging = self.staging(id);
+        let target = self.target(id);
+        self.unpublish(id, &target).await;
+        self.unstage(id, &staging).await;
+    }
+
+    pub async fn available(&mut self, pool: &str) -> i64 {
+        self.controller
+            .get_capacity(GetCapacityRequest {
+                parameters: [("pool".to_owned(), pool.to_owned())].into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .available_capacity
     }
 
     pub async fn stage(&mut self, id: &str, staging: &Path, cap: VolumeCapability) {
@@ -488,4 +540,30 @@ pub fn df_size(path: &Path) -> u64 {
         .trim()
         .parse()
         .unwrap()
+}
+
+pub fn snapshot_req(name: &str, source: &str) -> CreateSnapshotRequest {
+    CreateSnapshotRequest {
+        source_volume_id: source.into(),
+        name: name.into(),
+        ..Default::default()
+    }
+}
+
+pub fn from_snapshot(mut req: CreateVolumeRequest, snap: &str) -> CreateVolumeRequest {
+    req.volume_content_source = Some(VolumeContentSource {
+        r#type: Some(Type::Snapshot(SnapshotSource {
+            snapshot_id: snap.into(),
+        })),
+    });
+    req
+}
+
+pub fn from_volume(mut req: CreateVolumeRequest, vol: &str) -> CreateVolumeRequest {
+    req.volume_content_source = Some(VolumeContentSource {
+        r#type: Some(Type::Volume(VolumeSource {
+            volume_id: vol.into(),
+        })),
+    });
+    req
 }
