@@ -423,6 +423,10 @@ async fn connect(
 /// Unmounts everything under `root` (deepest first) and detaches every loop
 /// device whose backing file is under it.
 pub fn release_under(root: &Path) {
+    // Found first: once `root` itself (a filesystem of its own) is lazily
+    // unmounted, the loop devices of its images show their files by paths
+    // relative to it, no longer under `root`.
+    let early = loops_under(root);
     for _ in 0..5 {
         let mut m = mounts_under(root);
         if m.is_empty() {
@@ -436,6 +440,9 @@ pub fn release_under(root: &Path) {
     // A loop device whose filesystem was lazily unmounted may still be busy:
     // `losetup -d` then only marks it for autoclear, and it goes once the
     // kernel has let go of the filesystem. Wait for that, asking again.
+    for dev in early {
+        let _ = Command::new("losetup").arg("-d").arg(&dev).status();
+    }
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let loops = loops_under(root);
