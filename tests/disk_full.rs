@@ -348,6 +348,23 @@ async fn a_dir_volume_on_btrfs_stops_at_its_size_while_the_others_go_on() {
     let at_b = a.mount("dir-b", &cap).await;
     assert!(holds_pattern(&at_b.join("small"), 4 * MIB as u64));
     write_past(&at_b.join("big"), 4 * limit, limit);
+    // Expanded, it takes more, up to its new size.
+    a.controller
+        .controller_expand_volume(ControllerExpandVolumeRequest {
+            volume_id: "dir-b".into(),
+            capacity_range: Some(CapacityRange {
+                required_bytes: 2 * limit as i64,
+                limit_bytes: 0,
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    fs::remove_file(at_b.join("big")).unwrap();
+    // The qgroup lets go of what was removed at the next commit.
+    Command::new("sync").arg("-f").arg(&at_b).status().unwrap();
+    let took = write_past(&at_b.join("big"), 4 * limit, 2 * limit);
+    assert!(took > limit && took <= 2 * limit, "{took}");
     a.unmount("dir-b").await;
 }
 
@@ -393,4 +410,26 @@ async fn a_pool_keeps_its_reserve_free() {
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e}");
     assert!(e.message().contains("pool half"), "{e}");
+}
+
+#[tokio::test]
+async fn an_agent_whose_log_is_on_the_full_disk_goes_on_serving() {
+    let mut a = Agent::start_on_fs_logging(
+        "full-log",
+        "ext4",
+        128,
+        |root| pool_spec("dir", "dir", root, ":reserve=0"),
+        true,
+    )
+    .await;
+    let cap = mount_cap("");
+    a.create("dir-l", "dir", cap.clone(), 16 * MIB).await;
+    let at = a.mount("dir-l", &cap).await;
+    let filler = fill(&a.root);
+    // Every RPC logs a line, which the disk refuses now.
+    let s = stats(&mut a, "dir-l", &at).await;
+    assert!(!s.volume_condition.unwrap().abnormal);
+    a.unmount("dir-l").await;
+    a.delete("dir-l").await;
+    fs::remove_file(filler).unwrap();
 }

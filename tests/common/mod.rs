@@ -62,7 +62,8 @@ impl Agent {
         let root = temp_root(name);
         fs::create_dir_all(&root).unwrap();
         let pools = default_pools(&root);
-        Self::start_in(root, None, pools).await
+        let log = root.join("stead.log");
+        Self::start_in(root, None, pools, log).await
     }
 
     /// Starts an agent whose root (and so both pools) is a fresh xfs with
@@ -79,6 +80,18 @@ impl Agent {
         fs: &str,
         mib: u64,
         pools: impl FnOnce(&Path) -> String,
+    ) -> Agent {
+        Self::start_on_fs_logging(name, fs, mib, pools, false).await
+    }
+
+    /// [`Agent::start_on_fs`]; `log_inside`: the agent's output goes to a
+    /// file on that filesystem, which a test that fills it fills too.
+    pub async fn start_on_fs_logging(
+        name: &str,
+        fs: &str,
+        mib: u64,
+        pools: impl FnOnce(&Path) -> String,
+        log_inside: bool,
     ) -> Agent {
         let root = temp_root(name);
         fs::create_dir_all(&root).unwrap();
@@ -115,15 +128,21 @@ impl Agent {
             .success();
         assert!(ok, "mount {} on {}", img.display(), root.display());
         let pools = pools(&root);
-        Self::start_in(root, Some(img), pools).await
+        let log = if log_inside {
+            root.join("stead.log")
+        } else {
+            img.with_extension("log")
+        };
+        Self::start_in(root, Some(img), pools, log).await
     }
 
-    async fn start_in(root: PathBuf, backing: Option<PathBuf>, pools: String) -> Agent {
+    async fn start_in(
+        root: PathBuf,
+        backing: Option<PathBuf>,
+        pools: String,
+        log: PathBuf,
+    ) -> Agent {
         let socket = root.join("csi.sock");
-        let log = match &backing {
-            Some(img) => img.with_extension("log"),
-            None => root.join("stead.log"),
-        };
         let child = spawn(&root, &socket, &pools, &log);
         let (controller, node, identity) = connect(&socket).await;
         Agent {
