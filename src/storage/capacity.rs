@@ -162,4 +162,69 @@ mod tests {
         assert!(used.bytes >= 8 * pool::MIB, "{used:?}");
         assert_eq!(store.promised(pool), 64 * pool::MIB - used.bytes);
     }
+
+    #[test]
+    fn a_thick_image_promises_nothing_more_and_a_thin_one_its_size() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::open(&[
+            PoolSpec::new("i", BackendKind::Image, tmp.path().join("pool"))
+                .with_reserve(crate::storage::Reserve::Bytes(0)),
+        ])
+        .unwrap();
+        let new = |id: &str, allocation| NewVolume {
+            id: VolumeId::parse(id).unwrap(),
+            pool: None,
+            access: AccessKind::Block,
+            required: 8 * pool::MIB,
+            limit: 0,
+            allocation,
+        };
+        let pool = store.pool(None).unwrap();
+        let (thick, _) = store.create(&new("thick", None)).unwrap();
+        assert_eq!(
+            thick.allocation,
+            crate::storage::Allocation::Thick,
+            "the default"
+        );
+        assert_eq!(
+            store.promised(pool),
+            0,
+            "its blocks are the filesystem's count"
+        );
+        store
+            .create(&new("thin", Some(crate::storage::Allocation::Thin)))
+            .unwrap();
+        assert_eq!(store.promised(pool), 8 * pool::MIB);
+        // Asking again for the same volume with another allocation is a
+        // conflict, not the old volume.
+        let e = store
+            .create(&new("thin", Some(crate::storage::Allocation::Thick)))
+            .unwrap_err();
+        assert!(matches!(e, Error::Conflict { .. }), "{e}");
+    }
+
+    #[test]
+    fn a_dir_pool_refuses_thick_by_name() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::open(&[PoolSpec::new(
+            "d",
+            BackendKind::Dir,
+            tmp.path().join("pool"),
+        )])
+        .unwrap();
+        let e = store
+            .create(&NewVolume {
+                id: VolumeId::parse("v").unwrap(),
+                pool: None,
+                access: AccessKind::Mount {
+                    fs_type: FsType::Ext4,
+                },
+                required: pool::MIB,
+                limit: 0,
+                allocation: Some(crate::storage::Allocation::Thick),
+            })
+            .unwrap_err();
+        assert!(e.to_string().contains("allocation: thick"), "{e}");
+        assert!(store.is_empty());
+    }
 }

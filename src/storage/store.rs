@@ -750,12 +750,34 @@ mod tests {
         fs::write(root.join("v4/data/precious"), b"x").unwrap();
         fs::create_dir_all(root.join("v5/data")).unwrap();
         fs::write(root.join("v5/volume.json"), b"{garbage").unwrap();
+        // A thick image, reserved and never written, before its record:
+        // removed; one with a byte written: kept.
+        for v in ["v7", "v8"] {
+            fs::create_dir_all(root.join(v)).unwrap();
+            image::create_file(
+                &root.join(v).join(image::IMAGE_FILE),
+                pool::MIB,
+                Allocation::Thick,
+            )
+            .unwrap();
+        }
+        std::os::unix::fs::FileExt::write_at(
+            &fs::OpenOptions::new()
+                .write(true)
+                .open(root.join("v8").join(image::IMAGE_FILE))
+                .unwrap(),
+            b"x",
+            0,
+        )
+        .unwrap();
 
         let s = store(tmp.path());
         assert_eq!(s.len(), 1);
         assert!(!root.join("v2").exists());
         assert!(!root.join("v3").exists());
         assert!(!root.join("v6").exists());
+        assert!(!root.join("v7").exists());
+        assert!(root.join("v8").join(image::IMAGE_FILE).exists());
         assert!(root.join("v4/data/precious").exists());
         assert!(root.join("v5/volume.json").exists());
         // The create of an unfinished volume can run again.
