@@ -301,7 +301,7 @@ fn write_section(section: &str) -> Result<()> {
         (Some(a), Some(b)) if a < b => {
             format!("{}{section}{}", &doc[..a], &doc[b + SECTION_END.len()..])
         }
-        _ => format!("{}\n{section}\n", doc.trim_end()),
+        _ => format!("{}\n\n{section}\n", doc.trim_end()),
     };
     fs::write(&path, new)?;
     Ok(())
