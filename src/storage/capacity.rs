@@ -201,6 +201,11 @@ mod tests {
             .create(&new("thin", Some(crate::storage::Allocation::Thick)))
             .unwrap_err();
         assert!(matches!(e, Error::Conflict { .. }), "{e}");
+        // Without one, the volume is found as it is (a retry after an
+        // upgrade finds a thin volume of the version before).
+        let (again, created) = store.create(&new("thin", None)).unwrap();
+        assert!(!created);
+        assert_eq!(again.allocation, crate::storage::Allocation::Thin);
     }
 
     #[test]

@@ -289,12 +289,14 @@ impl Store {
         let required = plan.as_ref().map_or(req.required, |p| p.required);
         let allocation = allocation_for(req, pool)?;
         if let Some(existing) = self.get(&req.id) {
+            // Only an allocation the request names can conflict: a retry
+            // without one (the default) finds a volume made by an earlier
+            // version (thin) as it is, rather than refused.
             check_compatible(
                 &existing,
                 pool,
                 &NewVolume {
                     required,
-                    allocation: Some(allocation),
                     ..req.clone()
                 },
             )?;
