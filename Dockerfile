@@ -9,10 +9,11 @@ COPY . .
 RUN cargo build --locked --release --bin stead && strip target/release/stead
 
 # The tools the agent runs: losetup (mount), blkid (util-linux, always there),
-# mkfs.ext4/e2fsck/resize2fs (e2fsprogs), mkfs.xfs/xfs_growfs (xfsprogs).
+# mkfs.ext4/e2fsck/resize2fs (e2fsprogs), mkfs.xfs/xfs_growfs (xfsprogs),
+# btrfs (btrfs-progs: subvolumes and qgroups of dir pools on btrfs).
 FROM debian:bookworm-slim
 RUN apt-get update \
- && apt-get install -y --no-install-recommends e2fsprogs xfsprogs mount \
+ && apt-get install -y --no-install-recommends e2fsprogs xfsprogs btrfs-progs mount \
  && rm -rf /var/lib/apt/lists/*
 COPY --from=build /src/target/release/stead /usr/bin/stead
 ENTRYPOINT ["/usr/bin/stead"]

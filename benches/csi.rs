@@ -28,7 +28,7 @@ use common::{
     section_head, set_up, tear_down, verdict, write_section,
 };
 use stead::proto::csi::v1::NodeGetCapabilitiesRequest;
-use stead::storage::{BackendKind, PoolSpec};
+use stead::storage::{BackendKind, PoolSpec, Reserve};
 
 const LABEL: &str = "bench-csi";
 /// One pool per backend, named after it.
@@ -103,14 +103,19 @@ async fn main() -> Result<()> {
 const SETUP_RPCS: [&str; 3] = ["CreateVolume", "NodeStageVolume", "NodePublishVolume"];
 const TEARDOWN_RPCS: [&str; 3] = ["NodeUnpublishVolume", "NodeUnstageVolume", "DeleteVolume"];
 
-/// A pool per backend, named after it, in the plugin's temp dir.
+/// A pool per backend, named after it, in the plugin's temp dir. No
+/// reserve: the temp dir lies on this machine's shared disk, whose free
+/// space the bench does not control.
 fn pools(backends: &[BackendKind]) -> Vec<PoolSpec> {
     backends
         .iter()
-        .map(|&backend| PoolSpec {
-            name: backend.as_str().to_owned(),
-            backend,
-            path: Path::new("pools").join(backend.as_str()),
+        .map(|&backend| {
+            PoolSpec::new(
+                backend.as_str(),
+                backend,
+                Path::new("pools").join(backend.as_str()),
+            )
+            .with_reserve(Reserve::Percent(0))
         })
         .collect()
 }

@@ -39,7 +39,7 @@ use common::{
 use stead::proto::csi::v1::volume_content_source::{SnapshotSource, Type, VolumeSource};
 use stead::proto::csi::v1::{CreateSnapshotRequest, DeleteSnapshotRequest, VolumeContentSource};
 use stead::storage::snapshot::{Method, SNAPSHOT_DIR, SNAPSHOT_FILE};
-use stead::storage::{BackendKind, PoolSpec, SnapshotMeta, VolumeId};
+use stead::storage::{BackendKind, PoolSpec, Reserve, SnapshotMeta, VolumeId};
 
 const LABEL: &str = "bench-snapshot";
 const MIB: u64 = 1 << 20;
@@ -224,12 +224,10 @@ impl PoolFs {
         self.mount.join("pool")
     }
 
+    /// No reserve: the pool's filesystem is the bench's own.
     fn spec(&self) -> PoolSpec {
-        PoolSpec {
-            name: self.kind.name().to_owned(),
-            backend: BackendKind::Image,
-            path: self.path(),
-        }
+        PoolSpec::new(self.kind.name(), BackendKind::Image, self.path())
+            .with_reserve(Reserve::Percent(0))
     }
 
     /// Gives the blocks of deleted files back to the disk below: the loop

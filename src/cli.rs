@@ -46,18 +46,23 @@ pub struct NodeArgs {
     #[arg(long = "node-id", env = "NODE_NAME")]
     pub node_id: String,
 
-    /// A storage pool, NAME:BACKEND:PATH (repeat the flag for several, or
-    /// give a comma-separated list in STEAD_POOLS). BACKEND is `dir` (a
-    /// directory per volume, bind-mounted) or `image` (a sparse file per
-    /// volume on a loop device, formatted ext4 or xfs). PATH is created if
-    /// missing. The first pool is the default; StorageClass parameter `pool`
-    /// picks another.
+    /// A storage pool, NAME:BACKEND:PATH[:reserve=AMOUNT] (repeat the flag
+    /// for several, or give a comma-separated list in STEAD_POOLS). BACKEND
+    /// is `dir` (a directory per volume, bind-mounted; limited to its size
+    /// where the pool's filesystem can: btrfs) or `image` (a file per volume
+    /// on a loop device, formatted ext4 or xfs; its blocks reserved unless
+    /// the class asks for `allocation: thin`). PATH is created if missing.
+    /// `reserve` is what of the pool's filesystem Stead never promises, a
+    /// percentage of its size or a size (`15%`, the default, keeps kubelet's
+    /// default eviction thresholds clear on a shared root disk; `0` for a
+    /// disk of its own; `20Gi`). The first pool is the default; StorageClass
+    /// parameter `pool` picks another.
     #[arg(
         long = "pool",
         env = "STEAD_POOLS",
         value_delimiter = ',',
         required = true,
-        value_name = "NAME:BACKEND:PATH"
+        value_name = "NAME:BACKEND:PATH[:reserve=AMOUNT]"
     )]
     pub pools: Vec<PoolSpec>,
 
@@ -205,12 +210,14 @@ mod tests {
             "--pool",
             "a:dir:/x",
             "--pool",
-            "b:image:/y,c:dir:/z",
+            "b:image:/y,c:dir:/z:reserve=0",
         ])
         .unwrap();
         let Command::Node(args) = cli.command;
         assert_eq!(args.pools.len(), 3);
         assert_eq!(args.pools[0].name, "a");
+        assert_eq!(args.pools[1].reserve, crate::storage::Reserve::DEFAULT);
+        assert_eq!(args.pools[2].reserve, crate::storage::Reserve::Bytes(0));
         assert_eq!(args.log_format, LogFormat::Text);
     }
 
@@ -227,5 +234,14 @@ mod tests {
     fn bad_pool_is_refused() {
         let r = Cli::try_parse_from(["stead", "node", "--node-id", "n", "--pool", "a:zfs:/x"]);
         assert!(r.is_err());
+        let r = Cli::try_parse_from([
+            "stead",
+            "node",
+            "--node-id",
+            "n",
+            "--pool",
+            "a:dir:/x:reserve=all",
+        ]);
+        assert!(r.unwrap_err().to_string().contains("reserve \"all\""));
     }
 }

@@ -18,10 +18,14 @@ use stead::registration::{self, RegistrationState};
 
 fn init_tracing(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // A line that cannot be written (stderr on a full disk) is dropped:
+    // reporting that failure goes to stderr too, and eprintln! panics when
+    // it cannot write, which took the whole agent down with the disk.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal());
+        .with_ansi(std::io::stderr().is_terminal())
+        .log_internal_errors(false);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),

@@ -41,6 +41,9 @@ pub struct MountInfo {
     pub options: String,
     pub fs_type: String,
     pub source: String,
+    /// The filesystem's own options (e.g. `prjquota`), shared by all its
+    /// mounts.
+    pub super_options: String,
 }
 
 impl MountInfo {
@@ -67,6 +70,7 @@ fn parse_line(line: &str) -> Option<MountInfo> {
     let mut t = tail.split(' ');
     let fs_type = t.next()?.to_owned();
     let source = unescape(t.next().unwrap_or(""));
+    let super_options = t.next().unwrap_or("").to_owned();
     Some(MountInfo {
         id,
         parent,
@@ -76,6 +80,7 @@ fn parse_line(line: &str) -> Option<MountInfo> {
         options,
         fs_type,
         source,
+        super_options,
     })
 }
 
@@ -219,6 +224,70 @@ pub fn split_options(options: &[String]) -> Result<(MsFlags, String)> {
     Ok((flags, data.join(",")))
 }
 
+/// The mount(2) flags of bind-mount options: those a bind mount can carry
+/// for itself (per mount point). Anything else belongs to a filesystem's
+/// own mount (`discard`, `data=…`, and `sync`, `dirsync`, `lazytime`,
+/// which change the superblock, i.e. the whole pool), and is returned as
+/// the error, by name.
+pub fn bind_flags(options: &[String]) -> Result<MsFlags, String> {
+    let mut flags = MsFlags::empty();
+    for o in options
+        .iter()
+        .flat_map(|opt| opt.split(','))
+        .map(str::trim)
+        .filter(|o| !o.is_empty())
+    {
+        flags |= match o {
+            "rw" | "defaults" => MsFlags::empty(),
+            "ro" => MsFlags::MS_RDONLY,
+            "noatime" => MsFlags::MS_NOATIME,
+            "nodiratime" => MsFlags::MS_NODIRATIME,
+            "relatime" => MsFlags::MS_RELATIME,
+            "strictatime" => MsFlags::MS_STRICTATIME,
+            "nosuid" => MsFlags::MS_NOSUID,
+            "nodev" => MsFlags::MS_NODEV,
+            "noexec" => MsFlags::MS_NOEXEC,
+            other => return Err(other.to_owned()),
+        };
+    }
+    Ok(flags)
+}
+
+/// Applies per-mount-point `flags` to the bind mount whose root is
+/// `target` (a path resolved after the bind, as for [`remount_readonly`]),
+/// keeping the flags it inherited from its source mount (a remount sets
+/// them all at once, and dropping `nosuid` a source had is not ours to do).
+pub fn remount_bind(target: &Path, flags: MsFlags) -> Result<()> {
+    use nix::sys::statvfs::{FsFlags, statvfs};
+    let mut inherited = MsFlags::empty();
+    if let Ok(st) = statvfs(target) {
+        let f = st.flags();
+        for (fs, ms) in [
+            (FsFlags::ST_RDONLY, MsFlags::MS_RDONLY),
+            (FsFlags::ST_NOSUID, MsFlags::MS_NOSUID),
+            (FsFlags::ST_NODEV, MsFlags::MS_NODEV),
+            (FsFlags::ST_NOEXEC, MsFlags::MS_NOEXEC),
+            (FsFlags::ST_NOATIME, MsFlags::MS_NOATIME),
+            (FsFlags::ST_NODIRATIME, MsFlags::MS_NODIRATIME),
+            (FsFlags::ST_RELATIME, MsFlags::MS_RELATIME),
+        ] {
+            if f.contains(fs) {
+                inherited |= ms;
+            }
+        }
+    }
+    let atime = MsFlags::MS_NOATIME | MsFlags::MS_RELATIME | MsFlags::MS_STRICTATIME;
+    if flags.intersects(atime) {
+        inherited.remove(atime);
+    }
+    let all = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | inherited | flags;
+    mount(None::<&str>, target, None::<&str>, all, None::<&str>).map_err(|errno| Error::Mount {
+        source_path: "(bind remount with mount options)".into(),
+        target: target.to_owned(),
+        errno,
+    })
+}
+
 /// Unmounts `target`. Not being mounted is not an error: unmounting is
 /// idempotent. A symlink at `target` is not followed.
 pub fn unmount(target: &Path) -> Result<()> {
@@ -256,6 +325,7 @@ mod tests {
         assert!(bind.is_readonly());
         assert_eq!(t[3].fs_type, "xfs");
         assert_eq!(t[3].source, "/dev/loop3");
+        assert_eq!(t[3].super_options, "rw,attr2");
         assert!(!t[3].is_readonly());
     }
 
@@ -270,6 +340,21 @@ mod tests {
     #[test]
     fn skips_garbage_lines() {
         assert!(parse_mountinfo("nonsense\n\n1 2 3\n").is_empty());
+    }
+
+    #[test]
+    fn bind_options_are_per_mount_flags_and_others_are_named() {
+        let f = bind_flags(&["noatime,nosuid".into(), "ro".into(), "rw".into()]).unwrap();
+        assert_eq!(
+            f,
+            MsFlags::MS_NOATIME | MsFlags::MS_NOSUID | MsFlags::MS_RDONLY
+        );
+        assert_eq!(bind_flags(&[]).unwrap(), MsFlags::empty());
+        assert_eq!(
+            bind_flags(&["noexec".into(), "discard".into()]),
+            Err("discard".to_string())
+        );
+        assert_eq!(bind_flags(&["sync".into()]), Err("sync".to_string()));
     }
 
     #[test]

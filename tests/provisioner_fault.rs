@@ -147,7 +147,8 @@ async fn csi_keeps_serving_while_the_provisioner_fails_and_restarts() {
         .env("NODE_NAME", NODE)
         .env(
             "STEAD_POOLS",
-            format!("dir:dir:{}", root.join("pools/dir").display()),
+            // No reserve: the pool lies on the machine's disk (see common).
+            format!("dir:dir:{}:reserve=0", root.join("pools/dir").display()),
         )
         .env("KUBECONFIG", kubeconfig(&root, closed_port()))
         .env_remove("KUBERNETES_SERVICE_HOST")

@@ -65,54 +65,7 @@ fn write_tree(root: &Path, generation: u8) {
     }
 }
 
-fn snapshot_req(name: &str, source: &str) -> CreateSnapshotRequest {
-    CreateSnapshotRequest {
-        source_volume_id: source.into(),
-        name: name.into(),
-        ..Default::default()
-    }
-}
-
-fn from_snapshot(mut req: CreateVolumeRequest, snap: &str) -> CreateVolumeRequest {
-    req.volume_content_source = Some(VolumeContentSource {
-        r#type: Some(Type::Snapshot(SnapshotSource {
-            snapshot_id: snap.into(),
-        })),
-    });
-    req
-}
-
-fn from_volume(mut req: CreateVolumeRequest, vol: &str) -> CreateVolumeRequest {
-    req.volume_content_source = Some(VolumeContentSource {
-        r#type: Some(Type::Volume(VolumeSource {
-            volume_id: vol.into(),
-        })),
-    });
-    req
-}
-
 impl Agent {
-    async fn snapshot(&mut self, name: &str, source: &str) -> Snapshot {
-        self.controller
-            .create_snapshot(snapshot_req(name, source))
-            .await
-            .unwrap_or_else(|e| panic!("CreateSnapshot {name}: {e}"))
-            .into_inner()
-            .snapshot
-            .unwrap()
-    }
-
-    async fn create_with(&mut self, req: CreateVolumeRequest) -> Volume {
-        let name = req.name.clone();
-        self.controller
-            .create_volume(req)
-            .await
-            .unwrap_or_else(|e| panic!("CreateVolume {name}: {e}"))
-            .into_inner()
-            .volume
-            .unwrap()
-    }
-
     async fn delete_snapshot(&mut self, id: &str) {
         self.controller
             .delete_snapshot(DeleteSnapshotRequest {
@@ -121,36 +74,6 @@ impl Agent {
             })
             .await
             .unwrap_or_else(|e| panic!("DeleteSnapshot {id}: {e}"));
-    }
-
-    /// Stages and publishes `id`, returning its target path.
-    async fn mount(&mut self, id: &str, cap: &VolumeCapability) -> PathBuf {
-        let staging = self.staging(id);
-        let target = self.target(id);
-        self.stage(id, &staging, cap.clone()).await;
-        self.publish(id, &staging, &target, cap.clone(), false)
-            .await
-            .unwrap();
-        target
-    }
-
-    async fn unmount(&mut self, id: &str) {
-        let staging = self.staging(id);
-        let target = self.target(id);
-        self.unpublish(id, &target).await;
-        self.unstage(id, &staging).await;
-    }
-
-    async fn available(&mut self, pool: &str) -> i64 {
-        self.controller
-            .get_capacity(GetCapacityRequest {
-                parameters: [("pool".to_owned(), pool.to_owned())].into(),
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .available_capacity
     }
 
     fn snapshot_record(&self, pool: &str, id: &str) -> serde_json::Value {

@@ -6,10 +6,12 @@ use super::error::{Error, Result};
 use crate::TOPOLOGY_KEY;
 use crate::proto::csi::v1::volume_capability::{AccessMode, AccessType, access_mode::Mode};
 use crate::proto::csi::v1::{Topology, VolumeCapability};
-use crate::storage::{AccessKind, Capability, FsType, Sharing};
+use crate::storage::{AccessKind, Allocation, Capability, FsType, Sharing};
 
 /// StorageClass parameter naming the pool.
 pub const POOL_PARAMETER: &str = "pool";
+/// StorageClass parameter choosing `thick` (the default) or `thin` images.
+pub const ALLOCATION_PARAMETER: &str = "allocation";
 /// Prefix of the parameters external-provisioner adds (PVC/PV names,
 /// secrets, fstype); accepted and ignored.
 pub const K8S_PARAMETER_PREFIX: &str = "csi.storage.k8s.io/";
@@ -107,23 +109,39 @@ pub fn parse_all(caps: &[VolumeCapability], field: &'static str) -> Result<Vec<C
     Ok(parsed)
 }
 
-/// Validates StorageClass parameters; returns the pool they name, if any.
-pub fn parse_parameters(params: &HashMap<String, String>) -> Result<Option<String>> {
-    let mut pool = None;
+/// StorageClass parameters, validated.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Parameters {
+    /// `None`: the node's default pool.
+    pub pool: Option<String>,
+    /// `None`: the backend's default (thick for image pools).
+    pub allocation: Option<Allocation>,
+}
+
+/// Validates StorageClass parameters.
+pub fn parse_parameters(params: &HashMap<String, String>) -> Result<Parameters> {
+    let mut parsed = Parameters::default();
     for (k, v) in params {
         if k == POOL_PARAMETER {
             if v.is_empty() {
                 return Err(Error::invalid("parameters", "\"pool\" is empty"));
             }
-            pool = Some(v.clone());
+            parsed.pool = Some(v.clone());
+        } else if k == ALLOCATION_PARAMETER {
+            parsed.allocation = Some(Allocation::parse(v).ok_or_else(|| {
+                Error::invalid(
+                    "parameters",
+                    format!("\"allocation\" is {v:?}; use \"thick\" (the default) or \"thin\""),
+                )
+            })?);
         } else if !k.starts_with(K8S_PARAMETER_PREFIX) {
             return Err(Error::invalid(
                 "parameters",
-                format!("unknown parameter {k:?}; Stead accepts only \"pool\""),
+                format!("unknown parameter {k:?}; Stead accepts only \"pool\" and \"allocation\""),
             ));
         }
     }
-    Ok(pool)
+    Ok(parsed)
 }
 
 /// Whether a topology segment set designates this node.
@@ -202,9 +220,22 @@ mod tests {
             ("pool".to_owned(), "fast".to_owned()),
             ("csi.storage.k8s.io/pvc/name".to_owned(), "data".to_owned()),
         ]);
-        assert_eq!(parse_parameters(&p).unwrap(), Some("fast".into()));
+        assert_eq!(parse_parameters(&p).unwrap().pool, Some("fast".into()));
+        assert_eq!(parse_parameters(&p).unwrap().allocation, None);
         let bad = HashMap::from([("replicas".to_owned(), "3".to_owned())]);
         let e = parse_parameters(&bad).unwrap_err();
         assert!(e.to_string().contains("replicas"));
+        let thin = HashMap::from([("allocation".to_owned(), "thin".to_owned())]);
+        assert_eq!(
+            parse_parameters(&thin).unwrap().allocation,
+            Some(Allocation::Thin)
+        );
+        let bad = HashMap::from([("allocation".to_owned(), "lazy".to_owned())]);
+        let e = parse_parameters(&bad).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        assert!(
+            e.to_string().contains("allocation") && e.to_string().contains("lazy"),
+            "{e}"
+        );
     }
 }

@@ -32,6 +32,12 @@ use crate::storage::{AccessKind, BackendKind, NewVolume, VolumeId, VolumeMeta, a
 pub const CONTEXT_POOL: &str = "pool";
 /// Key of the volume context entry naming the backend.
 pub const CONTEXT_BACKEND: &str = "backend";
+/// Key of the volume context entry saying whether the volume is held to its
+/// size (`"true"`: an image, or a directory the pool's filesystem limits;
+/// `"false"`: a directory whose capacity is accounted, not enforced).
+pub const CONTEXT_ENFORCED: &str = "enforced";
+/// Key of the volume context entry naming an image's allocation.
+pub const CONTEXT_ALLOCATION: &str = "allocation";
 
 /// Prefix of ListVolumes page tokens; anything else is refused as ABORTED.
 const TOKEN_PREFIX: &str = "after:";
@@ -58,6 +64,14 @@ pub(super) fn to_csi(meta: &VolumeMeta, node_id: &str) -> csi::Volume {
     if let AccessKind::Mount { fs_type } = meta.access {
         context.insert("fsType".to_owned(), fs_type.as_str().to_owned());
     }
+    let enforced = meta.backend == BackendKind::Image || meta.quota.is_some();
+    context.insert(CONTEXT_ENFORCED.to_owned(), enforced.to_string());
+    if meta.backend == BackendKind::Image {
+        context.insert(
+            CONTEXT_ALLOCATION.to_owned(),
+            meta.allocation.as_str().to_owned(),
+        );
+    }
     csi::Volume {
         capacity_bytes: i64::try_from(meta.capacity_bytes).unwrap_or(i64::MAX),
         volume_id: meta.id.to_string(),
@@ -77,7 +91,7 @@ async fn create(shared: Arc<Shared>, req: CreateVolumeRequest) -> Result<CreateV
     }
     let id = VolumeId::parse(&req.name).map_err(|e| Error::invalid("name", e.to_string()))?;
     let caps = capability::parse_all(&req.volume_capabilities, "volume_capabilities")?;
-    let pool = capability::parse_parameters(&req.parameters)?;
+    let params = capability::parse_parameters(&req.parameters)?;
     let source = snapshot::parse_source(&req.volume_content_source)?;
     if !req.mutable_parameters.is_empty() {
         return Err(Error::invalid(
@@ -105,10 +119,11 @@ async fn create(shared: Arc<Shared>, req: CreateVolumeRequest) -> Result<CreateV
     }
     let new = NewVolume {
         id: id.clone(),
-        pool,
+        pool: params.pool,
         access: caps[0].access,
         required,
         limit,
+        allocation: params.allocation,
     };
     let _guards = snapshot::lock_for_create(&shared, &id, source.as_ref()).await;
     let s = shared.clone();
@@ -166,10 +181,18 @@ async fn validate(
         return Ok(unconfirmed(e.to_string()));
     }
     match capability::parse_parameters(&req.parameters) {
-        Ok(Some(p)) if p != meta.pool => {
+        Ok(p) if p.pool.as_ref().is_some_and(|p| p != &meta.pool) => {
             return Ok(unconfirmed(format!(
-                "volume {id} is in pool {}, not {p}",
-                meta.pool
+                "volume {id} is in pool {}, not {}",
+                meta.pool,
+                p.pool.unwrap_or_default()
+            )));
+        }
+        Ok(p) if p.allocation.is_some_and(|a| a != meta.allocation) => {
+            return Ok(unconfirmed(format!(
+                "volume {id} is {}, not {}",
+                meta.allocation,
+                p.allocation.map(|a| a.as_str()).unwrap_or_default()
             )));
         }
         Ok(_) => {}
@@ -229,7 +252,9 @@ fn list(shared: &Shared, req: &ListVolumesRequest) -> Result<ListVolumesResponse
 }
 
 async fn capacity(shared: Arc<Shared>, req: GetCapacityRequest) -> Result<GetCapacityResponse> {
-    let pool_name = capability::parse_parameters(&req.parameters)?;
+    // Thick or thin, a new volume is given the same bytes: the allocation
+    // does not change what the pool can promise.
+    let pool_name = capability::parse_parameters(&req.parameters)?.pool;
     let caps = req
         .volume_capabilities
         .iter()

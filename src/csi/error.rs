@@ -3,6 +3,7 @@
 use tonic::{Code, Status};
 
 use crate::mount;
+use crate::storage::image::ImageError;
 use crate::storage::{self, RangeError, attach};
 
 /// Everything a CSI RPC can fail with.
@@ -78,8 +79,19 @@ fn storage_code(e: &storage::Error) -> Code {
         S::SmallerThanSource { .. } => Code::OutOfRange,
         S::Conflict { .. } => Code::AlreadyExists,
         S::Exhausted { .. } => Code::ResourceExhausted,
-        S::Busy { .. } | S::PoolUnusable { .. } => Code::FailedPrecondition,
-        S::Io { .. } | S::Image { .. } => Code::Internal,
+        // A full pool found by fallocate is what Exhausted says by
+        // accounting: nothing was created, another node may have room.
+        S::Image {
+            source: ImageError::NoSpace { .. },
+            ..
+        } => Code::ResourceExhausted,
+        S::Image {
+            source: ImageError::CannotReserve { .. },
+            ..
+        }
+        | S::Busy { .. }
+        | S::PoolUnusable { .. } => Code::FailedPrecondition,
+        S::Io { .. } | S::Image { .. } | S::Quota { .. } => Code::Internal,
     }
 }
 
@@ -101,7 +113,8 @@ fn attach_code(e: &attach::Error) -> Code {
         | A::PathOutsideKubelet { .. }
         | A::PathInPool { .. }
         | A::PathIsSymlink { .. }
-        | A::WrongKind { .. } => Code::InvalidArgument,
+        | A::WrongKind { .. }
+        | A::BindOption { .. } => Code::InvalidArgument,
         A::StagedElsewhere { .. }
         | A::NotStaged { .. }
         | A::StillPublished { .. }

@@ -61,7 +61,10 @@ impl Identity for IdentityService {
     }
 
     /// Ready only when every pool is a writable directory whose filesystem
-    /// answers; otherwise FAILED_PRECONDITION naming the pool.
+    /// answers; otherwise FAILED_PRECONDITION naming the pool. A `dir`
+    /// pool whose filesystem cannot limit a directory is ready too: its
+    /// volumes are accounted, not enforced, which the agent logs at start
+    /// and each volume's context (`enforced`) tells.
     async fn probe(&self, _: Request<ProbeRequest>) -> Result<Response<ProbeResponse>, Status> {
         let shared = self.shared.clone();
         let res = blocking(move || shared.store.probe().map_err(Error::from)).await;

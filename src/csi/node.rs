@@ -382,11 +382,10 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let plugin = Plugin::new(Config {
             node_id: "n".into(),
-            pools: vec![PoolSpec {
-                name: "d".into(),
-                backend: BackendKind::Dir,
-                path: tmp.path().join("pool"),
-            }],
+            pools: vec![
+                PoolSpec::new("d", BackendKind::Dir, tmp.path().join("pool"))
+                    .with_reserve(crate::storage::Reserve::Bytes(0)),
+            ],
             max_volumes_per_node: None,
             kubelet_dir: tmp.path().join("kubelet"),
         })
@@ -403,6 +402,7 @@ mod tests {
                 },
                 required: 1 << 20,
                 limit: 0,
+                allocation: None,
             })
             .unwrap();
         let svc = NodeService::new(plugin.shared.clone());

@@ -6,21 +6,28 @@ use std::fmt;
 
 use k8s_openapi::api::storage::v1::StorageClass;
 
+use crate::storage::Allocation;
 use crate::{DRIVER_NAME, TOPOLOGY_KEY};
 
 /// The parameter that selects the pool on the node.
 pub const PARAM_POOL: &str = "pool";
 /// The parameter that selects the filesystem (Filesystem volume mode only).
 pub const PARAM_FSTYPE: &str = "csi.storage.k8s.io/fstype";
+/// The parameter that chooses thick (the default) or thin image volumes.
+pub const PARAM_ALLOCATION: &str = "allocation";
 /// Filesystems the image backend can make.
 pub const FS_TYPES: [&str; 2] = ["ext4", "xfs"];
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ClassError {
     #[error(
-        "StorageClass {class}: unknown parameter {key:?} (Stead accepts only \"pool\" and \"csi.storage.k8s.io/fstype\")"
+        "StorageClass {class}: unknown parameter {key:?} (Stead accepts only \"pool\", \"allocation\" and \"csi.storage.k8s.io/fstype\")"
     )]
     UnknownParameter { class: String, key: String },
+    #[error(
+        "StorageClass {class}: parameter allocation {value:?} is not supported (thick, the default, or thin)"
+    )]
+    Allocation { class: String, value: String },
     #[error("StorageClass {class}: parameter {key:?} is empty")]
     EmptyParameter { class: String, key: &'static str },
     #[error(
@@ -84,6 +91,8 @@ pub struct ClassSpec {
     pub pool: Option<String>,
     /// `None`: the driver's default (ext4).
     pub fs_type: Option<String>,
+    /// `None`: the backend's default (thick images).
+    pub allocation: Option<Allocation>,
     pub wait_for_first_consumer: bool,
     pub reclaim_delete: bool,
     pub mount_options: Vec<String>,
@@ -97,6 +106,10 @@ impl ClassSpec {
         self.pool
             .iter()
             .map(|p| (PARAM_POOL.to_string(), p.clone()))
+            .chain(
+                self.allocation
+                    .map(|a| (PARAM_ALLOCATION.to_string(), a.as_str().to_string())),
+            )
             .collect()
     }
 
@@ -140,8 +153,18 @@ pub fn parse(sc: &StorageClass) -> Result<ClassSpec, ClassError> {
     let class = sc.metadata.name.clone().unwrap_or_default();
     let mut pool = None;
     let mut fs_type = None;
+    let mut allocation = None;
     for (key, value) in sc.parameters.iter().flatten() {
         match key.as_str() {
+            PARAM_ALLOCATION => {
+                allocation =
+                    Some(
+                        Allocation::parse(value).ok_or_else(|| ClassError::Allocation {
+                            class: class.clone(),
+                            value: value.clone(),
+                        })?,
+                    );
+            }
             PARAM_POOL => {
                 if value.is_empty() {
                     return Err(ClassError::EmptyParameter {
@@ -183,6 +206,7 @@ pub fn parse(sc: &StorageClass) -> Result<ClassSpec, ClassError> {
         name: class,
         pool,
         fs_type,
+        allocation,
         wait_for_first_consumer: sc.volume_binding_mode.as_deref() == Some("WaitForFirstConsumer"),
         reclaim_delete,
         mount_options: sc.mount_options.clone().unwrap_or_default(),
@@ -290,6 +314,33 @@ pub(crate) mod tests {
         );
         assert!(err.to_string().contains("\"speed\""));
         assert!(err.to_string().contains("fast"));
+    }
+
+    #[test]
+    fn allocation_is_passed_on_and_checked() {
+        let spec = parse(&class(
+            "thin",
+            &[("pool", "image"), ("allocation", "thin")],
+            "WaitForFirstConsumer",
+            "Delete",
+        ))
+        .unwrap();
+        assert_eq!(spec.allocation, Some(Allocation::Thin));
+        let params = spec.csi_parameters();
+        assert_eq!(params.get("allocation").map(String::as_str), Some("thin"));
+        let err = parse(&class(
+            "odd",
+            &[("allocation", "Thin")],
+            "Immediate",
+            "Delete",
+        ))
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "StorageClass odd: parameter allocation \"Thin\" is not supported (thick, the default, or thin)"
+        );
+        let spec = parse(&class("plain", &[], "Immediate", "Delete")).unwrap();
+        assert_eq!(spec.allocation, None, "the default is the backend's");
     }
 
     #[test]

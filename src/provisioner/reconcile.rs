@@ -103,6 +103,7 @@ pub(crate) async fn reconcile<C: CsiController>(
         name: class_name.to_string(),
         pool: None,
         fs_type: None,
+        allocation: None,
         wait_for_first_consumer: wffc,
         reclaim_delete: true,
         mount_options: vec![],
@@ -260,15 +261,30 @@ pub(crate) async fn reconcile<C: CsiController>(
         &pvc,
         EventType::Normal,
         "ProvisioningSucceeded",
-        format!(
-            "created volume {volume_name} ({}) on node {node}{}",
-            quantity::human(volume.capacity_bytes),
-            from.as_ref()
-                .map(|f| format!(" from {f}"))
-                .unwrap_or_default()
-        ),
+        succeeded_note(&volume, &node, from.as_deref()),
     );
     Ok(Action::await_change())
+}
+
+/// The note of a claim's `ProvisioningSucceeded` event. A volume that is
+/// not held to its size (a directory on a filesystem that cannot limit it,
+/// as its context says) is said to be so, where the claim's owner looks.
+fn succeeded_note(volume: &Volume, node: &str, from: Option<&str>) -> String {
+    let enforced = volume
+        .volume_context
+        .get(crate::csi::controller::CONTEXT_ENFORCED)
+        .is_none_or(|v| v != "false");
+    format!(
+        "created volume {} ({}) on node {node}{}{}",
+        volume.volume_id,
+        quantity::human(volume.capacity_bytes),
+        from.map(|f| format!(" from {f}")).unwrap_or_default(),
+        if enforced {
+            ""
+        } else {
+            "; capacity accounted, not enforced: the pool's filesystem cannot limit a directory, so a pod may write past the claim's size (see the agent's log for why)"
+        }
+    )
 }
 
 /// The content source of a claim filled from `src`, when this node holds
@@ -624,6 +640,37 @@ async fn expand_if_grown<C: CsiController>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::HashMap;
+
+    #[test]
+    fn a_volume_not_held_to_its_size_is_said_so_on_its_event() {
+        let mut volume = Volume {
+            volume_id: "pvc-1".into(),
+            capacity_bytes: 64 << 20,
+            volume_context: HashMap::from([("enforced".to_string(), "false".to_string())]),
+            ..Default::default()
+        };
+        let note = succeeded_note(&volume, "n1", None);
+        assert!(
+            note.starts_with(
+                "created volume pvc-1 (64Mi) on node n1; capacity accounted, not enforced"
+            ),
+            "{note}"
+        );
+        volume
+            .volume_context
+            .insert("enforced".into(), "true".into());
+        assert_eq!(
+            succeeded_note(&volume, "n1", Some("snapshot s")),
+            "created volume pvc-1 (64Mi) on node n1 from snapshot s"
+        );
+        // A volume of an older agent says nothing: nothing is claimed.
+        volume.volume_context.clear();
+        assert_eq!(
+            succeeded_note(&volume, "n1", None),
+            "created volume pvc-1 (64Mi) on node n1"
+        );
+    }
 
     #[test]
     fn intent_goes_only_when_create_volume_made_nothing() {

@@ -1,5 +1,7 @@
-//! What a pool can still promise: the free space of its filesystem minus
-//! what existing volumes were promised and have not used yet.
+//! What a pool can still promise: the free space of its filesystem, less
+//! the pool's reserve (what kubelet needs free to evict nobody, see
+//! [`pool::Reserve`]), less what existing volumes and snapshots were
+//! promised and have not taken yet.
 
 use nix::sys::statvfs::statvfs;
 use nix::unistd::{AccessFlags, access};
@@ -26,41 +28,48 @@ impl Store {
         })
     }
 
-    /// Free space of the pool's filesystem minus what existing volumes were
-    /// promised and have not yet used (see [`Store::promised`]).
+    /// Free space of the pool's filesystem, less its reserve, less what
+    /// existing volumes were promised and have not yet taken (see
+    /// [`Store::promised`]).
     pub(super) fn available(&self, pool: &Pool) -> Result<u64> {
-        let st = statvfs(&pool.root).map_err(|e| Error::Io {
-            what: "statvfs of pool",
-            path: pool.root.clone(),
-            source: e.into(),
-        })?;
-        let free = st.blocks_available().saturating_mul(st.fragment_size());
-        Ok(free.saturating_sub(self.promised(pool) + self.snapshots_promised(pool)))
+        let (free, size) = filesystem_space(pool)?;
+        Ok(free
+            .saturating_sub(pool.reserve.bytes(size))
+            .saturating_sub(self.promised(pool) + self.snapshots_promised(pool)))
     }
 
-    /// What the volumes of a pool may still write: each one's capacity less
-    /// what it already occupies, since that is gone from the filesystem's
-    /// free space already. Counting it again made a pool of `dir` volumes
-    /// refuse claims it had room for.
+    /// What the volumes of a pool may still take from its free space: each
+    /// one's capacity less what it already occupies, since that is gone
+    /// from the filesystem's free space already (counting it again made a
+    /// pool of `dir` volumes refuse claims it had room for), plus what it
+    /// holds without owning (see below).
     ///
-    /// `image`: what the sparse file has allocated. `dir`: the last
-    /// measurement of its tree by the usage meter (a volume not measured
-    /// yet counts whole, which never over-commits). Data removed from a
-    /// directory since its last measurement is promised too little by that
-    /// much until the next one (the meter refreshes at every stats call,
-    /// and at start).
+    /// `image`: what the file has allocated. A thick image has allocated
+    /// its whole size at create, so it promises nothing more: its blocks
+    /// are counted once, by the filesystem. `dir`: its qgroup's count where
+    /// one limits it, else the last measurement of its tree by the usage
+    /// meter (a volume not measured yet counts whole, which never
+    /// over-commits). Data removed from a directory since its last
+    /// measurement is promised too little by that much until the next one
+    /// (the meter refreshes at every stats call, and at start).
+    ///
+    /// A volume filled by reflink holds blocks it shares with its source
+    /// (`shared_bytes`): they count as allocated, yet its first overwrite
+    /// of each takes a new one from the pool. They are promised on top, as
+    /// a reflink snapshot promises what it holds, for the volume's life
+    /// (which over-promises once it has overwritten them, never under).
     fn promised(&self, pool: &Pool) -> u64 {
         self.read_cache()
             .values()
             .filter(|m| m.pool == pool.name)
             .map(|m| {
                 let used = match m.backend {
-                    BackendKind::Dir => self.usage().cached(&m.id).map_or(0, |u| u.bytes),
+                    BackendKind::Dir => self.dir_used(m).unwrap_or(0),
                     BackendKind::Image => {
                         image::allocated_bytes(&pool.root.join(&m.folder).join(image::IMAGE_FILE))
                     }
                 };
-                outstanding(m.capacity_bytes, used)
+                outstanding(m.capacity_bytes, used).saturating_add(m.shared_bytes)
             })
             .sum()
     }
@@ -83,6 +92,21 @@ impl Store {
         }
         Ok(())
     }
+}
+
+/// The available bytes and the size of a pool's filesystem: what kubelet
+/// compares with its thresholds (available, not free, which counts the
+/// blocks reserved for root).
+pub fn filesystem_space(pool: &Pool) -> Result<(u64, u64)> {
+    let st = statvfs(&pool.root).map_err(|e| Error::Io {
+        what: "statvfs of pool",
+        path: pool.root.clone(),
+        source: e.into(),
+    })?;
+    Ok((
+        st.blocks_available().saturating_mul(st.fragment_size()),
+        st.blocks().saturating_mul(st.fragment_size()),
+    ))
 }
 
 /// What a volume of `capacity` bytes that occupies `used` may still write.
@@ -109,11 +133,10 @@ mod tests {
     #[tokio::test]
     async fn what_a_dir_volume_holds_is_not_counted_twice() {
         let tmp = tempfile::tempdir().unwrap();
-        let store = Store::open(&[PoolSpec {
-            name: "p".into(),
-            backend: BackendKind::Dir,
-            path: tmp.path().join("pool"),
-        }])
+        let store = Store::open(&[
+            PoolSpec::new("p", BackendKind::Dir, tmp.path().join("pool"))
+                .with_reserve(crate::storage::Reserve::Bytes(0)),
+        ])
         .unwrap();
         let (meta, _) = store
             .create(&NewVolume {
@@ -124,6 +147,7 @@ mod tests {
                 },
                 required: 64 * pool::MIB,
                 limit: 0,
+                allocation: None,
             })
             .unwrap();
         let pool = store.pool(None).unwrap();
@@ -137,5 +161,75 @@ mod tests {
         let used = store.usage().measure(&meta.id, data, Duration::ZERO).await;
         assert!(used.bytes >= 8 * pool::MIB, "{used:?}");
         assert_eq!(store.promised(pool), 64 * pool::MIB - used.bytes);
+    }
+
+    #[test]
+    fn a_thick_image_promises_nothing_more_and_a_thin_one_its_size() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::open(&[
+            PoolSpec::new("i", BackendKind::Image, tmp.path().join("pool"))
+                .with_reserve(crate::storage::Reserve::Bytes(0)),
+        ])
+        .unwrap();
+        let new = |id: &str, allocation| NewVolume {
+            id: VolumeId::parse(id).unwrap(),
+            pool: None,
+            access: AccessKind::Block,
+            required: 8 * pool::MIB,
+            limit: 0,
+            allocation,
+        };
+        let pool = store.pool(None).unwrap();
+        let (thick, _) = store.create(&new("thick", None)).unwrap();
+        assert_eq!(
+            thick.allocation,
+            crate::storage::Allocation::Thick,
+            "the default"
+        );
+        assert_eq!(
+            store.promised(pool),
+            0,
+            "its blocks are the filesystem's count"
+        );
+        store
+            .create(&new("thin", Some(crate::storage::Allocation::Thin)))
+            .unwrap();
+        assert_eq!(store.promised(pool), 8 * pool::MIB);
+        // Asking again for the same volume with another allocation is a
+        // conflict, not the old volume.
+        let e = store
+            .create(&new("thin", Some(crate::storage::Allocation::Thick)))
+            .unwrap_err();
+        assert!(matches!(e, Error::Conflict { .. }), "{e}");
+        // Without one, the volume is found as it is (a retry after an
+        // upgrade finds a thin volume of the version before).
+        let (again, created) = store.create(&new("thin", None)).unwrap();
+        assert!(!created);
+        assert_eq!(again.allocation, crate::storage::Allocation::Thin);
+    }
+
+    #[test]
+    fn a_dir_pool_refuses_thick_by_name() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::open(&[PoolSpec::new(
+            "d",
+            BackendKind::Dir,
+            tmp.path().join("pool"),
+        )])
+        .unwrap();
+        let e = store
+            .create(&NewVolume {
+                id: VolumeId::parse("v").unwrap(),
+                pool: None,
+                access: AccessKind::Mount {
+                    fs_type: FsType::Ext4,
+                },
+                required: pool::MIB,
+                limit: 0,
+                allocation: Some(crate::storage::Allocation::Thick),
+            })
+            .unwrap_err();
+        assert!(e.to_string().contains("allocation: thick"), "{e}");
+        assert!(store.is_empty());
     }
 }

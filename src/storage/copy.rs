@@ -109,6 +109,24 @@ pub fn clone_file(src: &Path, dst: &Path) -> io::Result<CopyMethod> {
 /// the copy is durable (one syncfs of `dst`'s filesystem); on error nothing
 /// is left at `dst`, and the error names the path that failed.
 pub fn copy_tree(src: &Path, dst: &Path) -> io::Result<TreeCopy> {
+    copy_tree_to(src, dst, false)
+}
+
+/// [`copy_tree`] into `dst`, an empty folder that exists already (a btrfs
+/// subvolume made, and limited, for the copy): it gets `src`'s owner, mode
+/// and times like a folder the copy makes. On error it is removed too.
+pub fn copy_tree_into(src: &Path, dst: &Path) -> io::Result<TreeCopy> {
+    let mut entries = fs::read_dir(dst).map_err(at("listing", dst))?;
+    if entries.next().is_some() {
+        return Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            format!("copying into {}: it is not empty", dst.display()),
+        ));
+    }
+    copy_tree_to(src, dst, true)
+}
+
+fn copy_tree_to(src: &Path, dst: &Path, exists: bool) -> io::Result<TreeCopy> {
     let root = rustix::fs::open(
         src,
         OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
@@ -134,7 +152,9 @@ pub fn copy_tree(src: &Path, dst: &Path) -> io::Result<TreeCopy> {
             ),
         ));
     }
-    rustix::fs::mkdir(dst, Mode::from_raw_mode(0o700)).map_err(at("creating", dst))?;
+    if !exists {
+        rustix::fs::mkdir(dst, Mode::from_raw_mode(0o700)).map_err(at("creating", dst))?;
+    }
     let mut walk = Walk::new(meta.dev);
     match walk.run(root, &meta, src, dst) {
         Ok(copied) => Ok(copied),

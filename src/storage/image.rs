@@ -1,14 +1,36 @@
-//! The `image` backend: a sparse file per volume, attached to a loop device
+//! The `image` backend: a file per volume, attached to a loop device
 //! (direct I/O where the kernel allows), carrying an ext4 or xfs filesystem
 //! created on first stage.
+//!
+//! A *thick* image (the default) has every block reserved on the pool's
+//! filesystem by fallocate(2) when it is made and when it grows. On xfs,
+//! ext4 and btrfs that is a metadata operation: the blocks are marked
+//! allocated and unwritten, nothing is written, and they read as zeroes
+//! until the volume writes them (docs/BENCHMARKS.md has its cost). A write
+//! into the volume then never needs a block of the pool, so a pool filled
+//! by others cannot fail it. A *thin* image is a sparse file: its blocks
+//! are taken as they are written, and a full pool fails those writes (the
+//! loop device returns EIO to the filesystem inside).
+//!
+//! A discard from inside a thick volume (fstrim, the `discard` mount
+//! option, BLKDISCARD on a block volume) punches holes in its image, as the
+//! loop driver turns discards into FALLOC_FL_PUNCH_HOLE; those blocks go
+//! back to the pool and are reserved again at the volume's next stage
+//! ([`reserve`]). Disabling discards on the loop device instead is not an
+//! option: the limit written to its `queue/discard_max_bytes` outlives the
+//! attachment and cannot be raised again on current kernels, so it would
+//! stay with whatever file the device carries next.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
+use rustix::fs::FallocateFlags;
+use rustix::io::Errno;
+
 use super::command::{self, CommandError};
-use super::kind::FsType;
+use super::kind::{Allocation, FsType};
 
 /// Name of the image file inside a volume folder.
 pub const IMAGE_FILE: &str = "disk.img";
@@ -28,6 +50,16 @@ pub enum ImageError {
     NoDevice(PathBuf),
     #[error("loop device {0}: unexpected size in sysfs: {1:?}")]
     BadSize(PathBuf, String),
+    #[error(
+        "image {}: the pool's filesystem has no room left to reserve its {size} bytes (fallocate: ENOSPC)",
+        path.display()
+    )]
+    NoSpace { path: PathBuf, size: u64 },
+    #[error(
+        "image {}: the pool's filesystem cannot reserve blocks (fallocate: {errno}); use allocation: thin on this pool",
+        path.display()
+    )]
+    CannotReserve { path: PathBuf, errno: Errno },
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> ImageError + '_ {
@@ -37,29 +69,95 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> ImageError + '_ {
     }
 }
 
-/// Creates the sparse image file of `size` bytes at `path` (must not exist).
-pub fn create_file(path: &Path, size: u64) -> Result<(), ImageError> {
+/// Creates the image file of `size` bytes at `path` (must not exist),
+/// reserved whole when `allocation` is thick, sparse otherwise.
+pub fn create_file(path: &Path, size: u64, allocation: Allocation) -> Result<(), ImageError> {
     let f = OpenOptions::new()
         .write(true)
         .create_new(true)
         .open(path)
         .map_err(io_err(path))?;
     f.set_len(size).map_err(io_err(path))?;
+    if allocation == Allocation::Thick {
+        reserve_open(&f, path, size)?;
+    }
     f.sync_all().map_err(io_err(path))
 }
 
-/// Grows the image file to `size` bytes (never shrinks).
-pub fn grow_file(path: &Path, size: u64) -> Result<(), ImageError> {
+/// Grows the image file to `size` bytes (never shrinks); a thick image has
+/// all of it reserved afterwards, holes of a copy or of discards included.
+/// A reservation that fails leaves the file at its old size.
+pub fn grow_file(path: &Path, size: u64, allocation: Allocation) -> Result<(), ImageError> {
     let f = OpenOptions::new()
         .write(true)
         .open(path)
         .map_err(io_err(path))?;
     let current = f.metadata().map_err(io_err(path))?.len();
-    if size > current {
+    let grown = size > current;
+    if grown {
         f.set_len(size).map_err(io_err(path))?;
+    }
+    if allocation == Allocation::Thick
+        && let Err(e) = reserve_open(&f, path, size.max(current))
+    {
+        if grown {
+            let _ = f.set_len(current);
+        }
+        return Err(e);
+    }
+    if grown || allocation == Allocation::Thick {
         f.sync_all().map_err(io_err(path))?;
     }
     Ok(())
+}
+
+/// Reserves every block of the thick image at `path` that is not allocated
+/// (holes left by a sparse copy, or punched by discards); a metadata
+/// operation when nothing is missing.
+pub fn reserve(path: &Path) -> Result<(), ImageError> {
+    let f = OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(io_err(path))?;
+    let size = f.metadata().map_err(io_err(path))?.len();
+    reserve_open(&f, path, size)?;
+    f.sync_all().map_err(io_err(path))
+}
+
+/// fallocate(2) mode 0 over `[0, size)`: allocates what is not, marks it
+/// unwritten (it reads as zeroes), keeps what is, writes nothing.
+fn reserve_open(f: &File, path: &Path, size: u64) -> Result<(), ImageError> {
+    if size == 0 {
+        return Ok(());
+    }
+    rustix::fs::fallocate(f, FallocateFlags::empty(), 0, size).map_err(|errno| match errno {
+        Errno::NOSPC | Errno::DQUOT => ImageError::NoSpace {
+            path: path.to_owned(),
+            size,
+        },
+        Errno::OPNOTSUPP | Errno::NOSYS => ImageError::CannotReserve {
+            path: path.to_owned(),
+            errno,
+        },
+        e => ImageError::Io {
+            path: path.to_owned(),
+            source: e.into(),
+        },
+    })
+}
+
+/// Whether the image holds any written data. Reserved but never written
+/// blocks (a thick image's unwritten extents) are holes to SEEK_DATA on
+/// xfs, ext4 and btrfs, as long as no dirty page covers them; an error
+/// counts as data, so that nothing is removed on a doubt.
+pub fn holds_data(path: &Path) -> bool {
+    let Ok(f) = File::open(path) else {
+        return true;
+    };
+    !matches!(
+        rustix::fs::seek(&f, rustix::fs::SeekFrom::Data(0)),
+        Err(Errno::NXIO)
+    )
 }
 
 /// Bytes actually allocated to the image file on the pool's filesystem.
@@ -315,5 +413,56 @@ mod tests {
         // log_block_size past 63: the shift itself is refused.
         ext[sb + 0x18..sb + 0x1c].copy_from_slice(&70u32.to_le_bytes());
         assert_eq!(superblock_size(&ext), None);
+    }
+
+    #[test]
+    fn a_thick_image_has_every_block_and_no_data_a_thin_one_neither() {
+        let tmp = tempfile::tempdir().unwrap();
+        let thick = tmp.path().join("thick.img");
+        let thin = tmp.path().join("thin.img");
+        let size = 8 << 20;
+        create_file(&thick, size, Allocation::Thick).unwrap();
+        create_file(&thin, size, Allocation::Thin).unwrap();
+        assert_eq!(fs::metadata(&thick).unwrap().len(), size);
+        assert!(allocated_bytes(&thick) >= size, "every block reserved");
+        assert_eq!(allocated_bytes(&thin), 0, "sparse");
+        // Reserved is not written: nothing to read but zeroes, no data.
+        assert!(!holds_data(&thick));
+        assert!(!holds_data(&thin));
+        assert!(fs::read(&thick).unwrap().iter().all(|&b| b == 0));
+        std::os::unix::fs::FileExt::write_at(
+            &OpenOptions::new().write(true).open(&thin).unwrap(),
+            b"x",
+            4096,
+        )
+        .unwrap();
+        assert!(holds_data(&thin));
+    }
+
+    #[test]
+    fn growing_a_thick_image_reserves_the_new_range_and_refills_holes() {
+        let tmp = tempfile::tempdir().unwrap();
+        let img = tmp.path().join("disk.img");
+        create_file(&img, 4 << 20, Allocation::Thick).unwrap();
+        grow_file(&img, 12 << 20, Allocation::Thick).unwrap();
+        assert_eq!(fs::metadata(&img).unwrap().len(), 12 << 20);
+        assert!(allocated_bytes(&img) >= 12 << 20);
+        // A discard from inside punches a hole: the next reserve fills it.
+        let f = OpenOptions::new().write(true).open(&img).unwrap();
+        rustix::fs::fallocate(
+            &f,
+            FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
+            0,
+            4 << 20,
+        )
+        .unwrap();
+        assert!(allocated_bytes(&img) < 12 << 20);
+        reserve(&img).unwrap();
+        assert!(allocated_bytes(&img) >= 12 << 20);
+        // A thin image grows sparse.
+        let thin = tmp.path().join("thin.img");
+        create_file(&thin, 4 << 20, Allocation::Thin).unwrap();
+        grow_file(&thin, 12 << 20, Allocation::Thin).unwrap();
+        assert_eq!(allocated_bytes(&thin), 0);
     }
 }

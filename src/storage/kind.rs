@@ -66,6 +66,49 @@ impl FsType {
     }
 }
 
+/// Whether an `image` volume's blocks are reserved on the pool's
+/// filesystem when it is made (and when it grows).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Allocation {
+    /// Every block reserved (fallocate): a full pool filesystem cannot fail
+    /// a write inside the volume. The default for new image volumes.
+    Thick,
+    /// A sparse file: blocks are taken as the volume's filesystem writes
+    /// them, so a pool filled by others fails those writes (EIO inside).
+    Thin,
+}
+
+impl Allocation {
+    /// What records written before Stead knew of allocations mean: every
+    /// image was a sparse file then.
+    pub fn legacy() -> Allocation {
+        Allocation::Thin
+    }
+
+    /// Parses the StorageClass parameter `allocation`.
+    pub fn parse(raw: &str) -> Option<Allocation> {
+        match raw {
+            "thick" => Some(Allocation::Thick),
+            "thin" => Some(Allocation::Thin),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Allocation::Thick => "thick",
+            Allocation::Thin => "thin",
+        }
+    }
+}
+
+impl fmt::Display for Allocation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// How a volume is consumed, fixed at creation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "kind")]
@@ -118,5 +161,13 @@ mod tests {
         assert_eq!(FsType::parse(""), Some(FsType::Ext4));
         assert_eq!(FsType::parse("xfs"), Some(FsType::Xfs));
         assert_eq!(FsType::parse("btrfs"), None);
+    }
+
+    #[test]
+    fn allocation_parsing() {
+        assert_eq!(Allocation::parse("thick"), Some(Allocation::Thick));
+        assert_eq!(Allocation::parse("thin"), Some(Allocation::Thin));
+        assert_eq!(Allocation::parse("Thick"), None);
+        assert_eq!(Allocation::parse(""), None);
     }
 }

@@ -18,7 +18,8 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use super::id::VolumeId;
-use super::kind::{AccessKind, BackendKind, FsType};
+use super::kind::{AccessKind, Allocation, BackendKind, FsType};
+use super::quota::Quota;
 use super::snapshot::ContentSource;
 
 /// Name of the volume record inside a volume folder.
@@ -44,6 +45,23 @@ pub struct VolumeMeta {
     /// The snapshot or volume it was filled from, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<ContentSource>,
+    /// Whether its blocks were reserved (image volumes; a directory is
+    /// always `thin`). Records from before this field are sparse images:
+    /// reading them as thick would promise their holes to nobody.
+    #[serde(default = "Allocation::legacy")]
+    pub allocation: Allocation,
+    /// Bytes its data shared by reflink with its source when it was filled
+    /// (0 for a sparse copy or an empty volume): blocks it holds without
+    /// owning them, which its first overwrite takes from the pool.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub shared_bytes: u64,
+    /// What limits a `dir` volume to its size, if anything does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quota: Option<Quota>,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// How far a write must have reached when it returns.
@@ -183,5 +201,15 @@ mod tests {
         assert_eq!(fs::read(dir.path().join("x.json")).unwrap(), b"two");
         let names: Vec<_> = fs::read_dir(dir.path()).unwrap().collect();
         assert_eq!(names.len(), 1);
+    }
+
+    #[test]
+    fn a_record_from_before_allocations_reads_as_a_thin_unenforced_volume() {
+        let old = r#"{"version":1,"id":"v","pool":"p","backend":"image","capacity_bytes":4096,
+            "access":{"kind":"mount","fs_type":"ext4"},"formatted":"ext4","folder":"v"}"#;
+        let m: VolumeMeta = serde_json::from_str(old).unwrap();
+        assert_eq!(m.allocation, Allocation::Thin);
+        assert_eq!(m.shared_bytes, 0);
+        assert_eq!(m.quota, None);
     }
 }

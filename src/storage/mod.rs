@@ -6,8 +6,9 @@
 //! ```text
 //! <pool>/<folder>/volume.json   the volume record, written last at create
 //! <pool>/<folder>/node.json     staging/publication intent log (attach)
-//! <pool>/<folder>/data/         dir backend: the volume's files
-//! <pool>/<folder>/disk.img      image backend: the sparse image
+//! <pool>/<folder>/data/         dir backend: the volume's files (a btrfs
+//!                               subvolume where the pool enforces sizes)
+//! <pool>/<folder>/disk.img      image backend: the image (thick or sparse)
 //! <pool>/.tmp-<folder>          a create by an earlier version (removed at start)
 //! <pool>/.del-<folder>-<n>      a volume being deleted (removed at start)
 //! <pool>/.snapshots/            snapshots of the pool's volumes ([`snapshot`])
@@ -22,7 +23,8 @@
 //! leaves either the whole volume or none of it.
 //!
 //! Rooms: [`store`] (the volumes and their cache), [`recovery`] (what a
-//! crash left), [`capacity`] (what a pool can still promise), [`usage`]
+//! crash left), [`capacity`] (what a pool can still promise), [`quota`]
+//! (what limits a `dir` volume to its size), [`usage`]
 //! (measuring directory trees off the request path), [`attach`] (stage,
 //! publish, expand on the node), the backends [`dir`] and [`image`], the
 //! copies and freezes snapshots are made of ([`copy`]), and the shared
@@ -38,6 +40,7 @@ pub mod image;
 pub mod kind;
 pub mod meta;
 pub mod pool;
+pub mod quota;
 pub mod recovery;
 pub mod snapshot;
 pub mod store;
@@ -49,9 +52,10 @@ use std::path::{Path, PathBuf};
 pub use capacity::PoolCapacity;
 pub use id::{IdError, VolumeId};
 use image::ImageError;
-pub use kind::{AccessKind, BackendKind, Capability, FsType, Sharing};
+pub use kind::{AccessKind, Allocation, BackendKind, Capability, FsType, Sharing};
 pub use meta::VolumeMeta;
-pub use pool::{PoolSpec, RangeError};
+pub use pool::{PoolSpec, RangeError, Reserve};
+pub use quota::{Enforcement, Quota};
 pub use snapshot::{ContentSource, SnapshotMeta};
 pub use store::{NewVolume, Pool, Store};
 
@@ -121,6 +125,12 @@ pub enum Error {
         id: VolumeId,
         #[source]
         source: ImageError,
+    },
+    #[error("volume {id}: its limit ({quota:?}) could not be changed: {reason}")]
+    Quota {
+        id: VolumeId,
+        quota: Quota,
+        reason: String,
     },
     #[error("pool {pool} at {}: {reason}", path.display())]
     PoolUnusable {

@@ -7,23 +7,116 @@ use std::str::FromStr;
 
 use super::kind::{AccessKind, BackendKind, FsType};
 
-/// A pool as configured: `NAME:BACKEND:PATH`.
+/// A pool as configured: `NAME:BACKEND:PATH[:reserve=AMOUNT]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PoolSpec {
     pub name: String,
     pub backend: BackendKind,
     pub path: PathBuf,
+    /// Free space of the pool's filesystem that Stead never promises.
+    pub reserve: Reserve,
 }
+
+impl PoolSpec {
+    /// A pool with the default reserve.
+    pub fn new(name: &str, backend: BackendKind, path: impl Into<PathBuf>) -> PoolSpec {
+        PoolSpec {
+            name: name.to_owned(),
+            backend,
+            path: path.into(),
+            reserve: Reserve::DEFAULT,
+        }
+    }
+
+    /// This pool with another reserve.
+    pub fn with_reserve(self, reserve: Reserve) -> PoolSpec {
+        PoolSpec { reserve, ..self }
+    }
+}
+
+/// What a pool keeps free of its filesystem: Stead's promises stop there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reserve {
+    /// A share of the filesystem's size, in percent (0 to 99).
+    Percent(u8),
+    /// A number of bytes.
+    Bytes(u64),
+}
+
+impl Reserve {
+    /// 15% of the filesystem. kubelet evicts pods under DiskPressure when a
+    /// filesystem it watches falls below its default hard thresholds:
+    /// `nodefs.available<10%` (the kubelet directory's filesystem) and
+    /// `imagefs.available<15%` (the container runtime's). The default
+    /// pools (`/var/lib/stead`) lie on the node's root filesystem, which on
+    /// most nodes is both nodefs and imagefs, so the stricter of the two is
+    /// the one that counts there. A pool on a disk of its own, which kubelet
+    /// does not watch, can say `reserve=0`.
+    pub const DEFAULT: Reserve = Reserve::Percent(15);
+
+    /// The bytes kept free of a filesystem of `total` bytes.
+    pub fn bytes(self, total: u64) -> u64 {
+        match self {
+            Reserve::Percent(p) => total / 100 * u64::from(p) + total % 100 * u64::from(p) / 100,
+            Reserve::Bytes(n) => n,
+        }
+    }
+
+    /// Parses `15%`, `0`, `512Mi`, `20Gi`, `1073741824`.
+    pub fn parse(raw: &str) -> Result<Reserve, String> {
+        let bad = || {
+            format!(
+                "reserve {raw:?} is neither a percentage (0% to 99%) nor a size (bytes, or with Ki, Mi, Gi, Ti)"
+            )
+        };
+        if let Some(p) = raw.strip_suffix('%') {
+            return match p.parse::<u8>() {
+                Ok(n) if n < 100 && !p.starts_with('+') => Ok(Reserve::Percent(n)),
+                _ => Err(bad()),
+            };
+        }
+        let (digits, unit) = match raw.find(|c: char| !c.is_ascii_digit()) {
+            Some(i) => raw.split_at(i),
+            None => (raw, ""),
+        };
+        let unit = match unit {
+            "" => 1,
+            "Ki" => KIB,
+            "Mi" => MIB,
+            "Gi" => GIB,
+            "Ti" => 1024 * GIB,
+            _ => return Err(bad()),
+        };
+        digits
+            .parse::<u64>()
+            .ok()
+            .and_then(|n| n.checked_mul(unit))
+            .map(Reserve::Bytes)
+            .ok_or_else(bad)
+    }
+}
+
+impl fmt::Display for Reserve {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Reserve::Percent(p) => write!(f, "{p}%"),
+            Reserve::Bytes(n) => write!(f, "{n}"),
+        }
+    }
+}
+
+/// The options that may follow a pool's path, each as `:KEY=VALUE`.
+const RESERVE_OPTION: &str = "reserve=";
 
 impl FromStr for PoolSpec {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, String> {
         let mut parts = s.trim().splitn(3, ':');
-        let (Some(name), Some(backend), Some(path)) = (parts.next(), parts.next(), parts.next())
+        let (Some(name), Some(backend), Some(rest)) = (parts.next(), parts.next(), parts.next())
         else {
             return Err(format!(
-                "pool {s:?}: expected NAME:BACKEND:PATH, e.g. fast:image:/var/lib/stead/fast"
+                "pool {s:?}: expected NAME:BACKEND:PATH[:reserve=AMOUNT], e.g. fast:image:/var/lib/stead/fast"
             ));
         };
         if name.is_empty()
@@ -45,6 +138,16 @@ impl FromStr for PoolSpec {
                 ));
             }
         };
+        // A path may hold colons; only a last part that starts with a known
+        // option is one (so `a:dir:/x:y` is still the path `/x:y`).
+        let (path, reserve) = match rest.rsplit_once(':') {
+            Some((path, opt)) if opt.starts_with(RESERVE_OPTION) => {
+                let reserve = Reserve::parse(&opt[RESERVE_OPTION.len()..])
+                    .map_err(|e| format!("pool {name}: {e}"))?;
+                (path, reserve)
+            }
+            _ => (rest, Reserve::DEFAULT),
+        };
         let path = PathBuf::from(path);
         if !path.is_absolute() {
             return Err(format!(
@@ -56,13 +159,18 @@ impl FromStr for PoolSpec {
             name: name.to_owned(),
             backend,
             path,
+            reserve,
         })
     }
 }
 
 impl fmt::Display for PoolSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}:{}", self.name, self.backend, self.path.display())
+        write!(f, "{}:{}:{}", self.name, self.backend, self.path.display())?;
+        if self.reserve != Reserve::DEFAULT {
+            write!(f, ":{RESERVE_OPTION}{}", self.reserve)?;
+        }
+        Ok(())
     }
 }
 
@@ -186,6 +294,51 @@ mod tests {
         // A colon in the path is kept.
         let p: PoolSpec = "a:dir:/x:y".parse().unwrap();
         assert_eq!(p.path, PathBuf::from("/x:y"));
+        assert_eq!(p.reserve, Reserve::DEFAULT);
+    }
+
+    #[test]
+    fn a_pool_may_name_its_reserve_after_its_path() {
+        let p: PoolSpec = "a:dir:/x:y:reserve=5%".parse().unwrap();
+        assert_eq!(p.path, PathBuf::from("/x:y"));
+        assert_eq!(p.reserve, Reserve::Percent(5));
+        assert_eq!(p.to_string(), "a:dir:/x:y:reserve=5%");
+        let p: PoolSpec = "a:image:/x:reserve=20Gi".parse().unwrap();
+        assert_eq!(p.reserve, Reserve::Bytes(20 * GIB));
+        let p: PoolSpec = "a:image:/x:reserve=0".parse().unwrap();
+        assert_eq!(p.reserve, Reserve::Bytes(0));
+        assert_eq!(
+            "a:image:/x".parse::<PoolSpec>().unwrap().to_string(),
+            "a:image:/x"
+        );
+        for bad in [
+            "100%",
+            "-1%",
+            "+5%",
+            "5 %",
+            "1.5%",
+            "12Pi",
+            "Gi",
+            "",
+            "99999999999Ti",
+        ] {
+            let e = format!("a:dir:/x:reserve={bad}")
+                .parse::<PoolSpec>()
+                .unwrap_err();
+            assert!(e.contains("pool a: reserve"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn a_reserve_is_a_share_of_the_filesystem_or_a_size() {
+        assert_eq!(Reserve::DEFAULT.bytes(100 * GIB), 15 * GIB);
+        assert_eq!(Reserve::Percent(10).bytes(1000), 100);
+        assert_eq!(
+            Reserve::Percent(15).bytes(u64::MAX),
+            u64::MAX / 100 * 15 + 15 * 15 / 100
+        );
+        assert_eq!(Reserve::Percent(0).bytes(GIB), 0);
+        assert_eq!(Reserve::Bytes(7).bytes(GIB), 7);
     }
 
     #[test]

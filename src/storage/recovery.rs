@@ -117,7 +117,8 @@ fn record_missing_or_empty(folder: &Path) -> bool {
 }
 
 /// Whether a volume folder's data was never written: an empty `data`
-/// directory, or an image file with no block allocated.
+/// directory, or an image file without data (a sparse file with no block,
+/// or a thick one whose blocks are reserved and unwritten).
 fn data_untouched(folder: &Path) -> bool {
     let data = folder.join(dir::DATA_DIR);
     if let Ok(mut entries) = fs::read_dir(&data) {
@@ -125,7 +126,7 @@ fn data_untouched(folder: &Path) -> bool {
     }
     let img = folder.join(image::IMAGE_FILE);
     match fs::symlink_metadata(&img) {
-        Ok(m) => m.is_file() && image::allocated_bytes(&img) == 0,
+        Ok(m) => m.is_file() && !image::holds_data(&img),
         // Neither data nor image: the create stopped before making either.
         Err(e) => e.kind() == io::ErrorKind::NotFound,
     }

@@ -27,9 +27,28 @@
 //!
 //! Capacity: a sparse copy takes its blocks from the pool's free space at
 //! once. A reflink clone takes none until the source or the clone
-//! overwrites the shared blocks, so it promises what it holds; with that,
-//! a source, its snapshots and their restores together never promise more
-//! than the pool can write.
+//! overwrites the shared blocks, so it promises what it holds. A volume
+//! restored or cloned by reflink does the same: the bytes it shares at its
+//! creation (`shared_bytes` in its record) are promised on top of what it
+//! has not allocated. With both, a source, its snapshots and their
+//! restores together never promise more than the pool can write.
+//!
+//! Thick images and reflinks. A reflink shares only *written* extents: xfs
+//! does not share the reserved, unwritten extents of a thick image (a clone
+//! has holes there), btrfs may. So:
+//! - a snapshot of a thick volume holds (and promises) what the volume had
+//!   written; the volume's unwritten reserve stays its own;
+//! - a thick restore or clone is reserved whole once the copy is in
+//!   (fallocate over its size fills every hole the copy left, and never
+//!   unshares what it shares); its shared bytes are promised, as above.
+//!   Unsharing them (FALLOC_FL_UNSHARE_RANGE) would be a full copy and
+//!   defeat the reflink;
+//! - what is shared is accounted, not reserved: Stead promises no one the
+//!   room its copy-on-write needs, but a writer outside Stead can still
+//!   take it. A thick volume that shares blocks with a snapshot or a copy
+//!   is immune to a full pool only in its unshared blocks; one that must
+//!   be immune whole should have its snapshots deleted or be restored on a
+//!   pool without reflink (a sparse copy, reserved whole).
 
 use std::fs::{self, DirBuilder, OpenOptions};
 use std::io;
@@ -43,7 +62,7 @@ use serde::{Deserialize, Serialize};
 use super::copy::{self, CopyMethod, Frozen};
 use super::kind::{AccessKind, BackendKind, FsType};
 use super::meta::{self, VolumeMeta};
-use super::store::{DEL_PREFIX, NewVolume, Pool, Store};
+use super::store::{self, DEL_PREFIX, Filled, NewVolume, Pool, Store};
 use super::{Error, Result, VolumeId, attach, dir, image, io_at};
 
 /// Folder of a pool that holds its snapshots.
@@ -137,7 +156,7 @@ fn data_in(folder: &Path, backend: BackendKind) -> PathBuf {
 fn allocated(store: &Store, meta: &VolumeMeta, data: &Path) -> u64 {
     match meta.backend {
         BackendKind::Image => image::allocated_bytes(data),
-        BackendKind::Dir => store.usage().cached(&meta.id).map_or(0, |u| u.bytes),
+        BackendKind::Dir => store.dir_used(meta).unwrap_or(0),
     }
 }
 
@@ -238,9 +257,21 @@ fn freeze_marker(pool: &Pool, folder: &str) -> PathBuf {
 /// Copies the data of live volume `meta` to `dst` (which must not exist),
 /// its filesystem frozen for the moment of the copy when it is mounted.
 fn copy_live(store: &Store, pool: &Pool, meta: &VolumeMeta, dst: &Path) -> Result<(Method, u64)> {
+    copy_live_to(store, pool, meta, dst, false)
+}
+
+/// [`copy_live`], into an empty folder made for it when `into` (see
+/// [`copy_data_to`]).
+fn copy_live_to(
+    store: &Store,
+    pool: &Pool,
+    meta: &VolumeMeta,
+    dst: &Path,
+    into: bool,
+) -> Result<(Method, u64)> {
     let src = store.data_path(meta)?;
     let Some(mp) = freeze_point(store, meta, pool.reflink())? else {
-        return copy_data(meta.backend, &src, dst);
+        return copy_data_to(meta.backend, &src, dst, into);
     };
     let marker = freeze_marker(pool, &meta.folder);
     fs::create_dir_all(pool.snapshot_root())
@@ -248,7 +279,7 @@ fn copy_live(store: &Store, pool: &Pool, meta: &VolumeMeta, dst: &Path) -> Resul
         .map_err(io_at("recording a freeze at", &marker))?;
     let frozen = Frozen::freeze(&mp).map_err(io_at("freezing the filesystem at", &mp));
     let copied = frozen.and_then(|f| {
-        let copied = copy_data(meta.backend, &src, dst);
+        let copied = copy_data_to(meta.backend, &src, dst, into);
         f.thaw().map_err(io_at("thawing the filesystem at", &mp))?;
         copied
     });
@@ -286,14 +317,21 @@ pub(super) fn thaw_leftovers(pool: &Pool) {
 }
 
 /// Copies a volume's or snapshot's data; returns how, and what it holds.
-fn copy_data(backend: BackendKind, src: &Path, dst: &Path) -> Result<(Method, u64)> {
+/// `into`: `dst` is an empty folder made for the copy (a limited
+/// subvolume) rather than a name that must not exist.
+fn copy_data_to(backend: BackendKind, src: &Path, dst: &Path, into: bool) -> Result<(Method, u64)> {
     match backend {
         BackendKind::Image => {
             let m = copy::clone_file(src, dst).map_err(io_at("copying image", src))?;
             Ok((m.into(), image::allocated_bytes(dst)))
         }
         BackendKind::Dir => {
-            let t = copy::copy_tree(src, dst).map_err(io_at("copying tree", src))?;
+            let t = if into {
+                copy::copy_tree_into(src, dst)
+            } else {
+                copy::copy_tree(src, dst)
+            }
+            .map_err(io_at("copying tree", src))?;
             Ok((t.method.into(), t.bytes))
         }
     }
@@ -534,13 +572,15 @@ impl Store {
     }
 
     /// Fills the folder of a new volume from its source: marker first, the
-    /// copy, then (by the caller) the record.
+    /// copy, then (by the caller) the record. What a reflink copy shares
+    /// with its source is returned, to be promised (see module doc).
     pub(super) fn fill_from_source(
         &self,
+        pool: &Pool,
         folder: &Path,
         meta: &VolumeMeta,
         source: &ContentSource,
-    ) -> Result<()> {
+    ) -> Result<Filled> {
         let marker = folder.join(RESTORING_FILE);
         OpenOptions::new()
             .write(true)
@@ -550,30 +590,44 @@ impl Store {
             .and_then(|()| meta::sync_dir(folder))
             .map_err(io_at("marking volume folder as being filled", folder))?;
         let dst = data_in(folder, meta.backend);
-        match source {
+        // On a pool that enforces sizes the copy goes into a subvolume
+        // limited to the new volume's size, made first.
+        let quota = if meta.backend == BackendKind::Dir && pool.enforcement.enforced() {
+            Some(store::limited_data_dir(pool, &dst, meta)?)
+        } else {
+            None
+        };
+        let into = quota.is_some();
+        let (method, held) = match source {
             ContentSource::Snapshot(s) => {
                 let snap = self
                     .snapshot(s)
                     .ok_or_else(|| Error::SourceNotFound(source.clone()))?;
                 let pool = self.pool(Some(&snap.pool))?;
                 let src = data_in(&pool.snapshot_root().join(&snap.folder), snap.backend);
-                copy_data(snap.backend, &src, &dst)?;
+                copy_data_to(snap.backend, &src, &dst, into)?
             }
             ContentSource::Volume(v) => {
                 let src = self.require(v)?;
                 let pool = self.pool(Some(&src.pool))?;
-                copy_live(self, pool, &src, &dst)?;
+                copy_live_to(self, pool, &src, &dst, into)?
             }
-        }
+        };
         if meta.backend == BackendKind::Image {
             // Larger than the source: grown like an expansion (the
-            // filesystem follows at the next stage).
-            image::grow_file(&dst, meta.capacity_bytes).map_err(|source| Error::Image {
-                id: meta.id.clone(),
-                source,
+            // filesystem follows at the next stage); thick: every block
+            // the copy left a hole reserved now.
+            image::grow_file(&dst, meta.capacity_bytes, meta.allocation).map_err(|source| {
+                Error::Image {
+                    id: meta.id.clone(),
+                    source,
+                }
             })?;
         }
-        Ok(())
+        Ok(Filled {
+            quota,
+            shared_bytes: if method == Method::Reflink { held } else { 0 },
+        })
     }
 }
 

@@ -11,9 +11,10 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use super::kind::{AccessKind, BackendKind, FsType};
+use super::kind::{AccessKind, Allocation, BackendKind, FsType};
 use super::meta::{self, Durability, VolumeMeta};
-use super::pool::{self, PoolSpec, RangeError};
+use super::pool::{self, PoolSpec, RangeError, Reserve};
+use super::quota::{self, Enforcement, Quota};
 use super::snapshot::{self, ContentSource, SnapshotMeta};
 use super::usage::UsageMeter;
 use super::{Error, Result, VolumeId, copy, dir, image, io_at};
@@ -30,6 +31,12 @@ pub struct Pool {
     pub name: String,
     pub backend: BackendKind,
     pub root: PathBuf,
+    /// What of the pool's filesystem is never promised.
+    pub reserve: Reserve,
+    /// What limits its `dir` volumes to their size (probed at open; an
+    /// `image` pool's volumes are limited by their image and this is not
+    /// probed).
+    pub enforcement: Enforcement,
     /// Serializes capacity checks with the reservations they allow.
     pub(super) alloc: Mutex<()>,
     /// Whether the pool's filesystem clones files by reflink (probed once).
@@ -43,6 +50,20 @@ impl Pool {
             .reflink
             .get_or_init(|| copy::supports_reflink(&self.root))
     }
+
+    /// Whether a volume of this pool cannot hold more than its size: always
+    /// for `image`, where the filesystem enforces it for `dir`.
+    pub fn enforces_size(&self) -> bool {
+        self.backend == BackendKind::Image || self.enforcement.enforced()
+    }
+
+    /// The qgroup folder in sysfs of a btrfs pool, if known.
+    fn qgroups(&self) -> Option<&Path> {
+        match &self.enforcement {
+            Enforcement::Btrfs { sysfs } => sysfs.as_deref(),
+            Enforcement::None(_) => None,
+        }
+    }
 }
 
 /// What CreateVolume asks for, validated.
@@ -54,7 +75,18 @@ pub struct NewVolume {
     pub access: AccessKind,
     pub required: u64,
     pub limit: u64,
+    /// `None`: the backend's default (thick for `image`; a `dir` volume
+    /// reserves nothing and is thin).
+    pub allocation: Option<Allocation>,
 }
+
+/// What filling a new volume's folder found out, for its record.
+#[derive(Debug, Default)]
+pub(super) struct Filled {
+    pub quota: Option<Quota>,
+    pub shared_bytes: u64,
+}
+
 /// The volume store over all pools.
 ///
 /// Callers serialize operations on one volume (the CSI layer holds a lock
@@ -98,10 +130,23 @@ impl Store {
                 .mode(0o700)
                 .create(&spec.path)
                 .map_err(io_at("creating pool directory", &spec.path))?;
+            let enforcement = match spec.backend {
+                BackendKind::Dir => {
+                    let found = quota::detect(&spec.path);
+                    tracing::info!(pool = %spec.name, path = %spec.path.display(),
+                        "dir pool: {}", found.describe());
+                    found
+                }
+                BackendKind::Image => {
+                    Enforcement::None("image volumes are limited by their image".into())
+                }
+            };
             let pool = Pool {
                 name: spec.name.clone(),
                 backend: spec.backend,
                 root: spec.path.clone(),
+                reserve: spec.reserve,
+                enforcement,
                 alloc: Mutex::new(()),
                 reflink: OnceLock::new(),
             };
@@ -129,7 +174,11 @@ impl Store {
         let usage = UsageMeter::start();
         // Measure every directory volume once, in the background, so that
         // capacity stops counting what they hold twice soon after start.
-        for meta in volumes.values().filter(|m| m.backend == BackendKind::Dir) {
+        // Those a qgroup counts need no walk.
+        for meta in volumes
+            .values()
+            .filter(|m| m.backend == BackendKind::Dir && m.quota.is_none())
+        {
             if let Some(pool) = pools.iter().find(|p| p.name == meta.pool) {
                 usage.refresh(&meta.id, pool.root.join(&meta.folder).join(dir::DATA_DIR));
             }
@@ -238,7 +287,11 @@ impl Store {
         )?;
         let access = req.access;
         let required = plan.as_ref().map_or(req.required, |p| p.required);
+        let allocation = allocation_for(req, pool)?;
         if let Some(existing) = self.get(&req.id) {
+            // Only an allocation the request names can conflict: a retry
+            // without one (the default) finds a volume made by an earlier
+            // version (thin) as it is, rather than refused.
             check_compatible(
                 &existing,
                 pool,
@@ -271,7 +324,7 @@ impl Store {
                 source,
             })?;
         let folder = req.id.folder_name()?;
-        let meta = VolumeMeta {
+        let mut meta = VolumeMeta {
             version: meta::FORMAT_VERSION,
             id: req.id.clone(),
             pool: pool.name.clone(),
@@ -281,6 +334,9 @@ impl Store {
             formatted: plan.as_ref().and_then(|p| p.formatted),
             folder,
             source: source.cloned(),
+            allocation,
+            shared_bytes: 0,
+            quota: None,
         };
 
         let _reservation = pool.alloc.lock().unwrap_or_else(PoisonError::into_inner);
@@ -294,14 +350,14 @@ impl Store {
             });
         }
         let at = pool.root.join(&meta.folder);
-        assemble(&at, &meta, |folder| match source {
-            None => fill_empty(folder, &meta),
-            Some(s) => self.fill_from_source(folder, &meta, s),
+        assemble(&at, &mut meta, |folder, meta| match source {
+            None => fill_empty(pool, folder, meta),
+            Some(s) => self.fill_from_source(pool, folder, meta, s),
         })?;
         if source.is_some() {
             snapshot::filled(&at);
         }
-        if meta.backend == BackendKind::Dir {
+        if meta.backend == BackendKind::Dir && meta.quota.is_none() {
             if source.is_some() {
                 self.usage.refresh(&meta.id, at.join(dir::DATA_DIR));
             } else {
@@ -344,6 +400,15 @@ impl Store {
         meta::sync_dir(&pool.root).map_err(io_at("syncing pool directory", &pool.root))?;
         self.write_cache().remove(id);
         self.usage.forget(id);
+        if meta.quota.is_some() {
+            // At once, where removing its files one by one takes as long as
+            // they are many; what fails here the removal below still does.
+            let data = graveyard.join(dir::DATA_DIR);
+            if let Err(e) = quota::delete_subvolume(&data) {
+                tracing::warn!(volume.id = %id, path = %data.display(), error = %e,
+                    "deleting the subvolume failed; removing its files instead");
+            }
+        }
         fs::remove_dir_all(&graveyard).map_err(io_at("removing volume data", &graveyard))?;
         Ok(true)
     }
@@ -384,13 +449,21 @@ impl Store {
             });
         }
         let dir = pool.root.join(&meta.folder);
+        if let Some(q) = meta.quota {
+            let data = dir.join(dir::DATA_DIR);
+            quota::set_limit(&data, size).map_err(|e| Error::Quota {
+                id: id.clone(),
+                quota: q,
+                reason: e.to_string(),
+            })?;
+        }
         if meta.backend == BackendKind::Image {
             let img = dir.join(image::IMAGE_FILE);
             let image_err = |source| Error::Image {
                 id: id.clone(),
                 source,
             };
-            image::grow_file(&img, size).map_err(image_err)?;
+            image::grow_file(&img, size, meta.allocation).map_err(image_err)?;
             if let Some(dev) = image::find_attached(&img).map_err(image_err)? {
                 image::refresh(&dev).map_err(image_err)?;
             }
@@ -418,6 +491,20 @@ impl Store {
     /// The meter of `dir` volumes' trees.
     pub fn usage(&self) -> &UsageMeter {
         &self.usage
+    }
+
+    /// What a `dir` volume occupies: its qgroup's count where one limits
+    /// it, else the meter's last walk of its tree; `None` when neither is
+    /// known.
+    pub fn dir_used(&self, meta: &VolumeMeta) -> Option<u64> {
+        match meta.quota {
+            Some(q) => {
+                let pool = self.pool(Some(&meta.pool)).ok()?;
+                let data = pool.root.join(&meta.folder).join(dir::DATA_DIR);
+                quota::used_bytes(pool.qgroups(), &data, q)
+            }
+            None => self.usage.cached(&meta.id).map(|u| u.bytes),
+        }
     }
 
     pub(super) fn read_cache(&self) -> RwLockReadGuard<'_, BTreeMap<VolumeId, VolumeMeta>> {
@@ -457,8 +544,8 @@ const FOLDER_EXISTS: &str =
 /// place costs two.
 fn assemble(
     folder: &Path,
-    meta: &VolumeMeta,
-    data: impl FnOnce(&Path) -> Result<()>,
+    meta: &mut VolumeMeta,
+    data: impl FnOnce(&Path, &VolumeMeta) -> Result<Filled>,
 ) -> Result<()> {
     match DirBuilder::new().mode(0o700).create(folder) {
         Ok(()) => {}
@@ -468,7 +555,11 @@ fn assemble(
         Err(e) => return Err(io_at("creating volume folder", folder)(e)),
     }
     // From here the folder is ours: a failure takes it away again.
-    let filled = data(folder).and_then(|()| record(folder, meta));
+    let filled = data(folder, meta).and_then(|filled| {
+        meta.quota = filled.quota;
+        meta.shared_bytes = filled.shared_bytes;
+        record(folder, meta)
+    });
     if filled.is_err() {
         let _ = fs::remove_dir_all(folder);
     }
@@ -476,22 +567,60 @@ fn assemble(
 }
 
 /// The data of a new empty volume.
-fn fill_empty(folder: &Path, meta: &VolumeMeta) -> Result<()> {
+fn fill_empty(pool: &Pool, folder: &Path, meta: &VolumeMeta) -> Result<Filled> {
+    let data = folder.join(dir::DATA_DIR);
     match meta.backend {
+        BackendKind::Dir if pool.enforcement.enforced() => {
+            return Ok(Filled {
+                quota: Some(limited_data_dir(pool, &data, meta)?),
+                shared_bytes: 0,
+            });
+        }
         BackendKind::Dir => {
-            let data = folder.join(dir::DATA_DIR);
             dir::create_data_dir(&data).map_err(io_at("creating data directory", &data))?;
         }
         BackendKind::Image => {
-            image::create_file(&folder.join(image::IMAGE_FILE), meta.capacity_bytes).map_err(
-                |source| Error::Image {
-                    id: meta.id.clone(),
-                    source,
-                },
-            )?;
+            image::create_file(
+                &folder.join(image::IMAGE_FILE),
+                meta.capacity_bytes,
+                meta.allocation,
+            )
+            .map_err(|source| Error::Image {
+                id: meta.id.clone(),
+                source,
+            })?;
         }
     }
-    Ok(())
+    Ok(Filled::default())
+}
+
+/// The data directory of a `dir` volume on an enforcing pool: a subvolume
+/// limited to the volume's size.
+pub(super) fn limited_data_dir(pool: &Pool, data: &Path, meta: &VolumeMeta) -> Result<Quota> {
+    quota::create_subvolume(data, meta.capacity_bytes).map_err(|e| Error::PoolUnusable {
+        pool: pool.name.clone(),
+        path: data.to_owned(),
+        reason: format!(
+            "volume {}: its subvolume could not be made and limited to {} bytes: {e}",
+            meta.id, meta.capacity_bytes
+        ),
+    })
+}
+
+/// The allocation of a new volume: what the request asks, else the
+/// backend's default. A directory reserves nothing, so asking it for thick
+/// is refused by name rather than granted in words.
+fn allocation_for(req: &NewVolume, pool: &Pool) -> Result<Allocation> {
+    match (pool.backend, req.allocation) {
+        (BackendKind::Image, asked) => Ok(asked.unwrap_or(Allocation::Thick)),
+        (BackendKind::Dir, Some(Allocation::Thick)) => Err(Error::Unsupported {
+            id: req.id.clone(),
+            pool: pool.name.clone(),
+            backend: pool.backend,
+            what: "allocation: thick (a directory reserves no blocks; use an image pool, or allocation: thin)",
+        }),
+        (BackendKind::Dir, _) => Ok(Allocation::Thin),
+    }
 }
 
 /// The durable record of a volume folder whose data is in place.
@@ -527,6 +656,14 @@ fn check_compatible(existing: &VolumeMeta, pool: &Pool, req: &NewVolume) -> Resu
             req.access.to_string(),
         ));
     }
+    if let Some(asked) = req.allocation
+        && asked != existing.allocation
+    {
+        return Err(conflict(
+            format!("allocation {}", existing.allocation),
+            format!("allocation {asked}"),
+        ));
+    }
     if !pool::fits(existing.capacity_bytes, req.required, req.limit) {
         return Err(conflict(
             format!("capacity {} bytes", existing.capacity_bytes),
@@ -544,11 +681,8 @@ mod tests {
     use super::*;
 
     fn store(dir: &Path) -> Store {
-        Store::open(&[PoolSpec {
-            name: "p".into(),
-            backend: BackendKind::Dir,
-            path: dir.join("pool"),
-        }])
+        Store::open(&[PoolSpec::new("p", BackendKind::Dir, dir.join("pool"))
+            .with_reserve(crate::storage::Reserve::Bytes(0))])
         .unwrap()
     }
 
@@ -561,6 +695,7 @@ mod tests {
             },
             required,
             limit: 0,
+            allocation: None,
         }
     }
 
@@ -617,12 +752,34 @@ mod tests {
         fs::write(root.join("v4/data/precious"), b"x").unwrap();
         fs::create_dir_all(root.join("v5/data")).unwrap();
         fs::write(root.join("v5/volume.json"), b"{garbage").unwrap();
+        // A thick image, reserved and never written, before its record:
+        // removed; one with a byte written: kept.
+        for v in ["v7", "v8"] {
+            fs::create_dir_all(root.join(v)).unwrap();
+            image::create_file(
+                &root.join(v).join(image::IMAGE_FILE),
+                pool::MIB,
+                Allocation::Thick,
+            )
+            .unwrap();
+        }
+        std::os::unix::fs::FileExt::write_at(
+            &fs::OpenOptions::new()
+                .write(true)
+                .open(root.join("v8").join(image::IMAGE_FILE))
+                .unwrap(),
+            b"x",
+            0,
+        )
+        .unwrap();
 
         let s = store(tmp.path());
         assert_eq!(s.len(), 1);
         assert!(!root.join("v2").exists());
         assert!(!root.join("v3").exists());
         assert!(!root.join("v6").exists());
+        assert!(!root.join("v7").exists());
+        assert!(root.join("v8").join(image::IMAGE_FILE).exists());
         assert!(root.join("v4/data/precious").exists());
         assert!(root.join("v5/volume.json").exists());
         // The create of an unfinished volume can run again.

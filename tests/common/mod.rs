@@ -16,6 +16,7 @@ use stead::proto::csi::v1::identity_client::IdentityClient;
 use stead::proto::csi::v1::node_client::NodeClient;
 use stead::proto::csi::v1::volume_capability::access_mode::Mode;
 use stead::proto::csi::v1::volume_capability::{AccessMode, AccessType, BlockVolume, MountVolume};
+use stead::proto::csi::v1::volume_content_source::{SnapshotSource, Type, VolumeSource};
 use stead::proto::csi::v1::*;
 use tonic::transport::{Channel, Endpoint};
 
@@ -31,8 +32,24 @@ pub struct Agent {
     pub node: NodeClient<Channel>,
     pub identity: IdentityClient<Channel>,
     /// The image file of a filesystem mounted at `root`, if the agent runs
-    /// on one of its own ([`Agent::start_on_xfs`]).
+    /// on one of its own ([`Agent::start_on_xfs`], [`Agent::start_on_fs`]).
     backing: Option<PathBuf>,
+    /// The agent's STEAD_POOLS.
+    pools: String,
+    /// Where its output goes: in `root`, or beside the image of a root of
+    /// its own, so that a test that fills that filesystem keeps the log.
+    log: PathBuf,
+}
+
+/// The pools of [`Agent::start`]: one `dir`, one `image`, under `root`.
+/// No reserve: they lie on the machine's disk, whose free space the tests
+/// do not control (the reserve has tests of its own).
+pub fn default_pools(root: &Path) -> String {
+    format!(
+        "dir:dir:{}:reserve=0,image:image:{}:reserve=0",
+        root.join("pools/dir").display(),
+        root.join("pools/image").display()
+    )
 }
 
 impl Agent {
@@ -44,25 +61,63 @@ impl Agent {
         );
         let root = temp_root(name);
         fs::create_dir_all(&root).unwrap();
-        Self::start_in(root, None).await
+        let pools = default_pools(&root);
+        let log = root.join("stead.log");
+        Self::start_in(root, None, pools, log).await
     }
 
     /// Starts an agent whose root (and so both pools) is a fresh xfs with
     /// reflink on a loop device: snapshots and clones there are reflinks.
     pub async fn start_on_xfs(name: &str) -> Agent {
+        Self::start_on_fs(name, "xfs", 2048, default_pools).await
+    }
+
+    /// Starts an agent whose root is a fresh filesystem of `fs` (`xfs`
+    /// with reflink, `ext4`, `btrfs`) and `mib` MiB on a loop device, with
+    /// the pools `pools` gives for that root (see [`default_pools`]).
+    pub async fn start_on_fs(
+        name: &str,
+        fs: &str,
+        mib: u64,
+        pools: impl FnOnce(&Path) -> String,
+    ) -> Agent {
+        Self::start_on_fs_logging(name, fs, mib, pools, false).await
+    }
+
+    /// [`Agent::start_on_fs`]; `log_inside`: the agent's output goes to a
+    /// file on that filesystem, which a test that fills it fills too.
+    pub async fn start_on_fs_logging(
+        name: &str,
+        fs: &str,
+        mib: u64,
+        pools: impl FnOnce(&Path) -> String,
+        log_inside: bool,
+    ) -> Agent {
         let root = temp_root(name);
         fs::create_dir_all(&root).unwrap();
         let img = root.with_extension("img");
         let f = fs::File::create(&img).unwrap();
-        f.set_len(2048 * MIB as u64).unwrap();
+        f.set_len(mib * MIB as u64).unwrap();
         drop(f);
-        let ok = Command::new("mkfs.xfs")
-            .args(["-q", "-f", "-m", "reflink=1"])
+        let (mkfs, args): (&str, &[&str]) = match fs {
+            "xfs" => ("mkfs.xfs", &["-q", "-f", "-m", "reflink=1"]),
+            "ext4" => ("mkfs.ext4", &["-q", "-F"]),
+            "btrfs" => {
+                assert!(
+                    Command::new("mkfs.btrfs").arg("--version").output().is_ok(),
+                    "mkfs.btrfs is missing: install btrfs-progs (.ci/run does)"
+                );
+                ("mkfs.btrfs", &["-q", "-f"])
+            }
+            other => panic!("no loop filesystem {other} in the harness"),
+        };
+        let ok = Command::new(mkfs)
+            .args(args)
             .arg(&img)
             .status()
             .unwrap()
             .success();
-        assert!(ok, "mkfs.xfs {}", img.display());
+        assert!(ok, "{mkfs} {}", img.display());
         // -o loop sets autoclear: the device goes with the unmount.
         let ok = Command::new("mount")
             .args(["-o", "loop"])
@@ -72,12 +127,23 @@ impl Agent {
             .unwrap()
             .success();
         assert!(ok, "mount {} on {}", img.display(), root.display());
-        Self::start_in(root, Some(img)).await
+        let pools = pools(&root);
+        let log = if log_inside {
+            root.join("stead.log")
+        } else {
+            img.with_extension("log")
+        };
+        Self::start_in(root, Some(img), pools, log).await
     }
 
-    async fn start_in(root: PathBuf, backing: Option<PathBuf>) -> Agent {
+    async fn start_in(
+        root: PathBuf,
+        backing: Option<PathBuf>,
+        pools: String,
+        log: PathBuf,
+    ) -> Agent {
         let socket = root.join("csi.sock");
-        let child = spawn(&root, &socket);
+        let child = spawn(&root, &socket, &pools, &log);
         let (controller, node, identity) = connect(&socket).await;
         Agent {
             child: Some(child),
@@ -87,6 +153,8 @@ impl Agent {
             node,
             identity,
             backing,
+            pools,
+            log,
         }
     }
 
@@ -141,7 +209,7 @@ impl Agent {
     /// Kills the agent and starts it again on the same root.
     pub async fn restart(&mut self) {
         self.kill();
-        self.child = Some(spawn(&self.root, &self.socket));
+        self.child = Some(spawn(&self.root, &self.socket, &self.pools, &self.log));
         let (c, n, i) = connect(&self.socket).await;
         self.controller = c;
         self.node = n;
@@ -149,7 +217,7 @@ impl Agent {
     }
 
     pub fn log(&self) -> String {
-        fs::read_to_string(self.root.join("stead.log")).unwrap_or_default()
+        fs::read_to_string(&self.log).unwrap_or_default()
     }
 
     pub async fn create(
@@ -166,6 +234,57 @@ impl Agent {
             .into_inner()
             .volume
             .unwrap()
+    }
+
+    pub async fn snapshot(&mut self, name: &str, source: &str) -> Snapshot {
+        self.controller
+            .create_snapshot(snapshot_req(name, source))
+            .await
+            .unwrap_or_else(|e| panic!("CreateSnapshot {name}: {e}"))
+            .into_inner()
+            .snapshot
+            .unwrap()
+    }
+
+    pub async fn create_with(&mut self, req: CreateVolumeRequest) -> Volume {
+        let name = req.name.clone();
+        self.controller
+            .create_volume(req)
+            .await
+            .unwrap_or_else(|e| panic!("CreateVolume {name}: {e}"))
+            .into_inner()
+            .volume
+            .unwrap()
+    }
+
+    /// Stages and publishes `id`, returning its target path.
+    pub async fn mount(&mut self, id: &str, cap: &VolumeCapability) -> PathBuf {
+        let staging = self.staging(id);
+        let target = self.target(id);
+        self.stage(id, &staging, cap.clone()).await;
+        self.publish(id, &staging, &target, cap.clone(), false)
+            .await
+            .unwrap();
+        target
+    }
+
+    pub async fn unmount(&mut self, id: &str) {
+        let staging = self.staging(id);
+        let target = self.target(id);
+        self.unpublish(id, &target).await;
+        self.unstage(id, &staging).await;
+    }
+
+    pub async fn available(&mut self, pool: &str) -> i64 {
+        self.controller
+            .get_capacity(GetCapacityRequest {
+                parameters: [("pool".to_owned(), pool.to_owned())].into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .available_capacity
     }
 
     pub async fn stage(&mut self, id: &str, staging: &Path, cap: VolumeCapability) {
@@ -247,6 +366,7 @@ impl Drop for Agent {
             let _ = fs::remove_dir_all(&self.root);
             if let Some(img) = &self.backing {
                 let _ = fs::remove_file(img);
+                let _ = fs::remove_file(&self.log);
             }
         } else {
             eprintln!("mounts remain under {}; leaving it", self.root.display());
@@ -269,11 +389,11 @@ fn rand_suffix() -> u32 {
         .unwrap_or(0)
 }
 
-fn spawn(root: &Path, socket: &Path) -> Child {
+fn spawn(root: &Path, socket: &Path, pools: &str, log: &Path) -> Child {
     let log = fs::OpenOptions::new()
         .create(true)
         .append(true)
-        .open(root.join("stead.log"))
+        .open(log)
         .unwrap();
     Command::new(env!("CARGO_BIN_EXE_stead"))
         .arg("node")
@@ -281,14 +401,7 @@ fn spawn(root: &Path, socket: &Path) -> Child {
         .env("NODE_NAME", NODE)
         // Staging and target paths of the tests lie under their root.
         .env("STEAD_KUBELET_DIR", root)
-        .env(
-            "STEAD_POOLS",
-            format!(
-                "dir:dir:{},image:image:{}",
-                root.join("pools/dir").display(),
-                root.join("pools/image").display()
-            ),
-        )
+        .env("STEAD_POOLS", pools)
         .env("RUST_LOG", "debug")
         .stdin(Stdio::null())
         .stdout(log.try_clone().unwrap())
@@ -329,6 +442,10 @@ async fn connect(
 /// Unmounts everything under `root` (deepest first) and detaches every loop
 /// device whose backing file is under it.
 pub fn release_under(root: &Path) {
+    // Found first: once `root` itself (a filesystem of its own) is lazily
+    // unmounted, the loop devices of its images show their files by paths
+    // relative to it, no longer under `root`.
+    let early = loops_under(root);
     for _ in 0..5 {
         let mut m = mounts_under(root);
         if m.is_empty() {
@@ -342,6 +459,9 @@ pub fn release_under(root: &Path) {
     // A loop device whose filesystem was lazily unmounted may still be busy:
     // `losetup -d` then only marks it for autoclear, and it goes once the
     // kernel has let go of the filesystem. Wait for that, asking again.
+    for dev in early {
+        let _ = Command::new("losetup").arg("-d").arg(&dev).status();
+    }
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let loops = loops_under(root);
@@ -446,4 +566,30 @@ pub fn df_size(path: &Path) -> u64 {
         .trim()
         .parse()
         .unwrap()
+}
+
+pub fn snapshot_req(name: &str, source: &str) -> CreateSnapshotRequest {
+    CreateSnapshotRequest {
+        source_volume_id: source.into(),
+        name: name.into(),
+        ..Default::default()
+    }
+}
+
+pub fn from_snapshot(mut req: CreateVolumeRequest, snap: &str) -> CreateVolumeRequest {
+    req.volume_content_source = Some(VolumeContentSource {
+        r#type: Some(Type::Snapshot(SnapshotSource {
+            snapshot_id: snap.into(),
+        })),
+    });
+    req
+}
+
+pub fn from_volume(mut req: CreateVolumeRequest, vol: &str) -> CreateVolumeRequest {
+    req.volume_content_source = Some(VolumeContentSource {
+        r#type: Some(Type::Volume(VolumeSource {
+            volume_id: vol.into(),
+        })),
+    });
+    req
 }

@@ -65,7 +65,7 @@ if [[ $after != "$before" ]]; then
 fi
 say "db-ss-1's data survived the pod: token $after"
 
-say "On each node's disk: a sparse image file per volume (allocated, then apparent size)"
+say "On each node's disk: an image file per volume, its blocks reserved (allocated, then apparent size)"
 if [[ -n ${STEAD_NODES_DIR:-} ]]; then
   for node in $STEAD_NODE_NAMES; do
     echo "$node:/var/lib/stead/pools/image (host folder $STEAD_NODES_DIR/$node/stead)"

@@ -43,6 +43,14 @@ patches:
           metadata:
             annotations:
               stead.csi.dev/image-digest: "$digest"
+          spec:
+            containers:
+              # The bundled nodes' pools share this machine's disk, whose free
+              # space no test controls: no reserve (deploy/ keeps 15%).
+              - name: stead
+                env:
+                  - name: STEAD_POOLS
+                    value: image:image:/var/lib/stead/pools/image:reserve=0,dir:dir:/var/lib/stead/pools/dir:reserve=0
 YAML
 "$KUBECTL" apply -k "$overlay" >/dev/null
 # The VolumeSnapshotClass only where its CRD is (the bundled cluster has it).

@@ -22,23 +22,24 @@ deployed=$(sed -n 's/^ *newTag: *//p' deploy/base/kustomization.yaml)
   die "deploy/base/kustomization.yaml deploys localhost/stead:$deployed but the crate is $version: make them agree"
 
 # What the agent runs (src/storage/image.rs): losetup and blkid for its loop
-# devices, mkfs for new filesystems, e2fsck/resize2fs/xfs_growfs to grow them.
+# devices, mkfs for new filesystems, e2fsck/resize2fs/xfs_growfs to grow them;
+# btrfs for the subvolumes and qgroups of dir pools on btrfs (storage/quota.rs).
 # It mounts through the kernel's API, not mount(8).
 tools=(/usr/sbin/losetup /usr/sbin/blkid /usr/sbin/mkfs.ext4 /usr/sbin/e2fsck /usr/sbin/resize2fs
-  /usr/sbin/mkfs.xfs /usr/sbin/xfs_growfs)
+  /usr/sbin/mkfs.xfs /usr/sbin/xfs_growfs /usr/bin/btrfs)
 missing=()
 for t in "${tools[@]}"; do [[ -x $t ]] || missing+=("$t"); done
 command -v buildah >/dev/null || missing+=(buildah)
 command -v strip >/dev/null || missing+=(strip)
 if ((${#missing[@]})); then
   if ! command -v apt-get >/dev/null || [[ $(id -u) != 0 ]]; then
-    die "missing ${missing[*]}: install buildah, binutils, e2fsprogs, xfsprogs and mount"
+    die "missing ${missing[*]}: install buildah, binutils, e2fsprogs, xfsprogs, btrfs-progs and mount"
   fi
-  log "installing buildah binutils e2fsprogs xfsprogs mount"
+  log "installing buildah binutils e2fsprogs xfsprogs btrfs-progs mount"
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-    buildah binutils e2fsprogs xfsprogs mount >/dev/null ||
+    buildah binutils e2fsprogs xfsprogs btrfs-progs mount >/dev/null ||
     { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-      buildah binutils e2fsprogs xfsprogs mount >/dev/null; }
+      buildah binutils e2fsprogs xfsprogs btrfs-progs mount >/dev/null; }
 fi
 
 start=$SECONDS

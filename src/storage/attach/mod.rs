@@ -22,7 +22,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use super::image::{self, ImageError};
-use super::kind::{AccessKind, BackendKind, Capability, FsType, Sharing};
+use super::kind::{AccessKind, Allocation, BackendKind, Capability, FsType, Sharing};
 use super::meta::VolumeMeta;
 use super::{Store, VolumeId};
 use crate::mount;
@@ -58,6 +58,10 @@ pub enum Error {
         created: AccessKind,
         asked: AccessKind,
     },
+    #[error(
+        "volume_capability: mount option {option:?} cannot apply to volume {id}: it is a directory bind-mounted from its pool, which takes only ro, rw, nosuid, nodev, noexec, noatime, nodiratime, relatime and strictatime"
+    )]
+    BindOption { id: VolumeId, option: String },
     #[error("volume {id} is already staged at {}; unstage it there first", at.display())]
     StagedElsewhere { id: VolumeId, at: PathBuf },
     #[error("volume {id} is not staged at {}; call NodeStageVolume first", staging.display())]
@@ -261,6 +265,7 @@ pub fn stage(
     cap: &Capability,
 ) -> Result<()> {
     check_access(meta, cap)?;
+    let bind_flags = dir_bind_flags(meta, cap)?;
     let target = paths.open(staging, "staging_target_path", true)?;
     let mut state = store.node_state(meta)?;
     if let Some(s) = &state.staged
@@ -285,12 +290,28 @@ pub fn stage(
                 Ok(())
             } else {
                 let data = store.data_path(meta)?;
-                target.with_resolved(|at| mount::bind(&data, at).map_err(mount_err(meta, staging)))
+                target
+                    .with_resolved(|at| mount::bind(&data, at).map_err(mount_err(meta, staging)))
+                    .and_then(|()| {
+                        if bind_flags.is_empty() {
+                            return Ok(());
+                        }
+                        // Through a path resolved now: the new mount's root.
+                        let flagged = target.with_resolved(|at| {
+                            mount::remount_bind(at, bind_flags).map_err(mount_err(meta, staging))
+                        });
+                        if flagged.is_err() {
+                            let _ = unmount_all(&target);
+                        }
+                        flagged
+                    })
             }
         }
-        (BackendKind::Image, AccessKind::Block) => image::attach(&store.data_path(meta)?)
-            .map(drop)
-            .map_err(image_err(meta)),
+        (BackendKind::Image, AccessKind::Block) => {
+            let img = store.data_path(meta)?;
+            keep_reserved(meta, &img);
+            image::attach(&img).map(drop).map_err(image_err(meta))
+        }
         (BackendKind::Image, AccessKind::Mount { fs_type }) => {
             stage_filesystem(store, meta, &target, fs_type, &cap.mount_flags)
         }
@@ -312,6 +333,34 @@ pub fn stage(
     Ok(())
 }
 
+/// The mount options of a capability, as the flags of a `dir` volume's
+/// bind mount (none for an image volume, whose filesystem mount takes
+/// them). A directory has no filesystem of its own, so an option of one
+/// (`discard`, `data=ordered`) is refused by name rather than dropped.
+fn dir_bind_flags(meta: &VolumeMeta, cap: &Capability) -> Result<nix::mount::MsFlags> {
+    if meta.backend != BackendKind::Dir {
+        return Ok(nix::mount::MsFlags::empty());
+    }
+    mount::bind_flags(&cap.mount_flags).map_err(|option| Error::BindOption {
+        id: meta.id.clone(),
+        option,
+    })
+}
+
+/// Reserves again the blocks of a thick image that discards from inside
+/// gave back to the pool since its last stage (see `image`). A pool that
+/// has no room for them any more does not stop the stage: the volume works,
+/// thin where the holes are, and the log says so.
+fn keep_reserved(meta: &VolumeMeta, img: &Path) {
+    if meta.allocation != Allocation::Thick {
+        return;
+    }
+    if let Err(e) = image::reserve(img) {
+        tracing::warn!(volume.id = %meta.id, error = %e,
+            "a thick volume's image could not be reserved whole again; writes into its holes may fail when the pool is full");
+    }
+}
+
 /// Attaches an image, creates its filesystem on first use only, grows it if
 /// the image grew while it was not staged, and mounts it at `staging`.
 fn stage_filesystem(
@@ -322,6 +371,7 @@ fn stage_filesystem(
     flags: &[String],
 ) -> Result<()> {
     let img = store.data_path(meta)?;
+    keep_reserved(meta, &img);
     let dev = image::attach(&img).map_err(image_err(meta))?;
     let signature = image::probe_signature(&dev).map_err(image_err(meta))?;
     let fs = match (signature.as_deref(), meta.formatted) {
@@ -455,6 +505,8 @@ pub struct Publish {
 /// NodePublishVolume: the staged volume bind-mounted at the target path.
 pub fn publish(store: &Store, paths: &Confinement, meta: &VolumeMeta, req: &Publish) -> Result<()> {
     check_access(meta, &req.cap)?;
+    // Applied at stage; a bind of the staging mount inherits them.
+    dir_bind_flags(meta, &req.cap)?;
     let mut state = store.node_state(meta)?;
     let staged_here = match &state.staged {
         Some(s) if same_path(&s.path, &req.staging) => staged_live(store, meta, s)?,
@@ -677,11 +729,10 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let kubelet = tmp.path().join("kubelet");
         fs::create_dir_all(&kubelet).unwrap();
-        let store = Store::open(&[PoolSpec {
-            name: "d".into(),
-            backend: BackendKind::Dir,
-            path: tmp.path().join("pool"),
-        }])
+        let store = Store::open(&[
+            PoolSpec::new("d", BackendKind::Dir, tmp.path().join("pool"))
+                .with_reserve(crate::storage::Reserve::Bytes(0)),
+        ])
         .unwrap();
         let (meta, _) = store
             .create(&NewVolume {
@@ -692,6 +743,7 @@ mod tests {
                 },
                 required: crate::storage::pool::MIB,
                 limit: 0,
+                allocation: None,
             })
             .unwrap();
         let paths = Confinement::new(&kubelet, &[tmp.path().join("pool")]);
@@ -845,6 +897,45 @@ mod tests {
         let e = stage(&n.store, &n.paths, &n.meta, &n.staging(), &block).unwrap_err();
         assert!(matches!(e, Error::AccessMismatch { .. }), "{e}");
         assert!(e.to_string().contains("volume_capability"), "{e}");
+    }
+
+    #[test]
+    fn mount_options_of_a_dir_volume_apply_to_its_binds_or_are_refused_by_name() {
+        let n = node();
+        let mut with = cap(Sharing::Shared);
+        with.mount_flags = vec!["noexec,nosuid".into()];
+        stage(&n.store, &n.paths, &n.meta, &n.staging(), &with).unwrap();
+        let st = nix::sys::statvfs::statvfs(&n.staging()).unwrap();
+        assert!(st.flags().contains(nix::sys::statvfs::FsFlags::ST_NOEXEC));
+        assert!(st.flags().contains(nix::sys::statvfs::FsFlags::ST_NOSUID));
+        publish(
+            &n.store,
+            &n.paths,
+            &n.meta,
+            &Publish {
+                staging: n.staging(),
+                target: n.target("a"),
+                cap: with.clone(),
+                readonly: false,
+            },
+        )
+        .unwrap();
+        let st = nix::sys::statvfs::statvfs(&n.target("a")).unwrap();
+        assert!(
+            st.flags().contains(nix::sys::statvfs::FsFlags::ST_NOEXEC),
+            "the publication inherits the staging mount's options"
+        );
+        fs::write(n.target("a").join("f"), b"x").unwrap();
+        n.unpublish("a").unwrap();
+        n.unstage().unwrap();
+
+        let mut bad = cap(Sharing::Shared);
+        bad.mount_flags = vec!["noatime".into(), "discard".into()];
+        let e = stage(&n.store, &n.paths, &n.meta, &n.staging(), &bad).unwrap_err();
+        assert!(matches!(e, Error::BindOption { .. }), "{e}");
+        assert!(e.to_string().contains("\"discard\""), "{e}");
+        assert!(!mount::is_mounted(&n.staging()).unwrap());
+        assert_eq!(n.store.node_state(&n.meta).unwrap(), NodeState::default());
     }
 
     #[test]

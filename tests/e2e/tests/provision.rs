@@ -98,9 +98,10 @@ impl Agent {
             .arg("--endpoint")
             .arg(format!("unix://{CSI_SOCKET}"))
             .arg("--pool")
-            .arg(format!("image:image:{}", inside("pools/image")))
+            // No reserve: the nodes' pools share this machine's disk.
+            .arg(format!("image:image:{}:reserve=0", inside("pools/image")))
             .arg("--pool")
-            .arg(format!("dir:dir:{}", inside("pools/dir")))
+            .arg(format!("dir:dir:{}:reserve=0", inside("pools/dir")))
             .arg("--registration=true")
             .arg(format!("--provisioner={provisioner}"))
             .arg("--state-dir")

@@ -109,7 +109,11 @@ impl Agent {
                 &format!("unix://{CSI_SOCKET}"),
             ])
             .arg("--pool")
-            .arg(format!("dir:dir:{}", root.join("pools/dir").display()))
+            // No reserve: the pool shares this machine's disk.
+            .arg(format!(
+                "dir:dir:{}:reserve=0",
+                root.join("pools/dir").display()
+            ))
             .args([
                 "--registration=true",
                 "--provisioner=true",
