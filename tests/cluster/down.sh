@@ -111,7 +111,7 @@ kill_node_processes() {
 
 # remove_node I: everything up.sh made for node I, in reverse.
 remove_node() {
-  local i=$1 name dir mnt h loops=() dev disk_dev
+  local i=$1 name dir mnt h loops=() dev disk_dev img
   name=$(node_name "$i")
   dir=$(node_dir "$i")
   mnt=$(node_mntns "$i")
@@ -143,10 +143,14 @@ remove_node() {
     for dev in "${loops[@]}"; do losetup --detach "$dev" 2>/dev/null || true; done
     umount "$dir/stead" 2>/dev/null || umount -l "$dir/stead" 2>/dev/null || true
   fi
-  if [[ -e $dir/disk.img ]]; then
-    mapfile -t loops < <(losetup --noheadings --output NAME --associated "$dir/disk.img" 2>/dev/null)
-    for dev in "${loops[@]}"; do losetup --detach "$dev" 2>/dev/null || true; done
+  if mountpoint -q "$dir/btrfs"; then
+    umount "$dir/btrfs" 2>/dev/null || umount -l "$dir/btrfs" 2>/dev/null || true
   fi
+  for img in "$dir/disk.img" "$dir/btrfs.img"; do
+    [[ -e $img ]] || continue
+    mapfile -t loops < <(losetup --noheadings --output NAME --associated "$img" 2>/dev/null)
+    for dev in "${loops[@]}"; do losetup --detach "$dev" 2>/dev/null || true; done
+  done
   unmount_below "$dir"
   # Never crosses into a mount that could not be undone.
   rm -rf --one-file-system "$dir"

@@ -38,6 +38,8 @@ ZONES=(zone-a zone-b zone-c)
 # at the node's /var/lib/stead): each node has its own free space, as real
 # nodes do, so capacity differs between nodes.
 NODE_DISK_SIZE=${STEAD_NODE_DISK_SIZE:-8G}
+# Each node's btrfs disk (the dir-btrfs pool of the e2e overlay).
+NODE_BTRFS_SIZE=${STEAD_NODE_BTRFS_SIZE:-1G}
 
 # The standard paths inside a node, and the folders behind them.
 KUBELET_DIR=/var/lib/kubelet

@@ -21,6 +21,7 @@ declare -A wanted=(
   [mount]=mount
   [ip]=iproute2
   [mkfs.xfs]=xfsprogs
+  [mkfs.btrfs]=btrfs-progs
   [nsenter]=util-linux
   [cc]=gcc
 )

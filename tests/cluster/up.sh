@@ -174,6 +174,13 @@ setup_node() {
   truncate -s "$NODE_DISK_SIZE" "$dir/disk.img"
   mkfs.xfs -q -m reflink=1 "$dir/disk.img"
   mount -o loop "$dir/disk.img" "$dir/stead"
+  # A second, small btrfs disk for a dir pool whose volumes are enforced
+  # (a subvolume with a qgroup limit each); the node sees it at
+  # /var/lib/stead/pools/dir-btrfs.
+  mkdir -p "$dir/btrfs" "$dir/stead/pools/dir-btrfs"
+  truncate -s "$NODE_BTRFS_SIZE" "$dir/btrfs.img"
+  mkfs.btrfs -q -f "$dir/btrfs.img" >/dev/null
+  mount -o loop "$dir/btrfs.img" "$dir/btrfs"
 
   # Its network: a veth from the host bridge, its address, its pod subnet,
   # routes to the other nodes' pod subnets; forwarding and bridge netfilter
@@ -201,6 +208,7 @@ setup_node() {
     bind() { mount --bind \"\$1\" \"\$2\"; mount --make-private \"\$2\"; mount --make-shared \"\$2\"; }
     bind '$dir/kubelet' '$KUBELET_DIR'
     bind '$dir/stead' '$STEAD_DIR'
+    bind '$dir/btrfs' '$STEAD_DIR/pools/dir-btrfs'
     bind '$dir/containerd-state' '$CONTAINERD_STATE'
     bind '$CONTAINERD_ROOTS/$name' '$CONTAINERD_ROOT'
     bind '$dir/log' /var/log

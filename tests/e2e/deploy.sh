@@ -26,11 +26,26 @@ digest=$(tar -xOf "$archive" index.json | grep -o 'sha256:[0-9a-f]\{64\}' | head
 # kustomize takes only relative paths to a base: the overlay lives in target/.
 overlay=target/deploy-overlay
 mkdir -p "$overlay"
+# The bundled nodes have a small btrfs disk at /var/lib/stead/pools/dir-btrfs
+# (tests/cluster/up.sh): a dir pool whose volumes are enforced, and its class.
+cat >"$overlay/stead-btrfs.yaml" <<'YAML'
+apiVersion: storage.k8s.io/v1
+kind: StorageClass
+metadata:
+  name: stead-btrfs
+provisioner: stead.csi.dev
+parameters:
+  pool: dir-btrfs
+volumeBindingMode: WaitForFirstConsumer
+reclaimPolicy: Delete
+allowVolumeExpansion: true
+YAML
 cat >"$overlay/kustomization.yaml" <<YAML
 apiVersion: kustomize.config.k8s.io/v1beta1
 kind: Kustomization
 resources:
   - ../../deploy
+  - stead-btrfs.yaml
 patches:
   - patch: |-
       apiVersion: apps/v1
@@ -50,7 +65,7 @@ patches:
               - name: stead
                 env:
                   - name: STEAD_POOLS
-                    value: image:image:/var/lib/stead/pools/image:reserve=0,dir:dir:/var/lib/stead/pools/dir:reserve=0
+                    value: image:image:/var/lib/stead/pools/image:reserve=0,dir:dir:/var/lib/stead/pools/dir:reserve=0,dir-btrfs:dir:/var/lib/stead/pools/dir-btrfs:reserve=0
 YAML
 "$KUBECTL" apply -k "$overlay" >/dev/null
 # The VolumeSnapshotClass only where its CRD is (the bundled cluster has it).

@@ -9,6 +9,8 @@ use kube::{
     Api, ResourceExt,
     api::{Patch, PatchParams},
 };
+use std::time::Duration;
+
 use serde_json::json;
 use stead_e2e::*;
 
@@ -301,4 +303,66 @@ async fn df_kib(pods: &Api<Pod>, pod: &str) -> u64 {
     let size = out.lines().nth(1).and_then(|l| l.split_whitespace().nth(1));
     size.and_then(|s| s.parse().ok())
         .unwrap_or_else(|| panic!("df -k /data in {pod}: {out}"))
+}
+
+/// On a dir pool on btrfs (the bundled nodes' `dir-btrfs` disk, class
+/// `stead-btrfs` of the e2e overlay) a volume is a subvolume limited to its
+/// size: a pod writing past its claim gets EDQUOT or ENOSPC, and a
+/// neighbour's volume on the same pool goes on taking writes.
+#[tokio::test]
+async fn a_dir_volume_on_btrfs_stops_its_pod_at_the_claims_size() {
+    let scn = Scenario::new("btrfs").await;
+    let pods: Api<Pod> = scn.api();
+    let pvcs: Api<PersistentVolumeClaim> = scn.api();
+    create(&pvcs, &claim("limited", "stead-btrfs", "64Mi", json!({}))).await;
+    create(&pvcs, &claim("neighbour", "stead-btrfs", "64Mi", json!({}))).await;
+    create(&pods, &pod_with_claim("filler", "limited")).await;
+    let node = node_of(&wait_ready(&pods, "filler").await);
+    let mut other = pod_with_claim("other", "neighbour");
+    other.spec.as_mut().expect("a pod spec").node_name = Some(node.clone());
+    create(&pods, &other).await;
+    wait_ready(&pods, "other").await;
+    wait_event(
+        &scn.client,
+        "limited",
+        "ProvisioningSucceeded",
+        &["created volume"],
+        Duration::from_secs(60),
+    )
+    .await;
+    let events = events_of(&scn.client, "limited").await;
+    assert!(
+        !events.contains("not enforced"),
+        "a btrfs dir volume is enforced: {events}"
+    );
+
+    step("the pod writes 100 MiB into its 64Mi claim: the write stops at the limit");
+    let out = sh(
+        &pods,
+        "filler",
+        "dd if=/dev/zero of=/data/big bs=1M count=100 conv=fsync 2>&1; echo rc=$?",
+    )
+    .await;
+    assert!(
+        !out.contains("rc=0") && (out.contains("quota exceeded") || out.contains("No space left")),
+        "dd past the claim: {out}"
+    );
+    let size: u64 = sh(&pods, "filler", "stat -c %s /data/big")
+        .await
+        .trim()
+        .parse()
+        .expect("a size");
+    assert!(size <= 65 << 20, "{size} bytes written into a 64Mi claim");
+
+    step("the neighbour's volume on the same pool still takes its writes");
+    let out = sh(
+        &pods,
+        "other",
+        "dd if=/dev/zero of=/data/some bs=1M count=16 conv=fsync 2>&1; echo rc=$?",
+    )
+    .await;
+    assert!(out.contains("rc=0"), "the neighbour's write: {out}");
+    delete_pod(&pods, "filler").await;
+    delete_pod(&pods, "other").await;
+    scn.finish().await;
 }
