@@ -118,6 +118,11 @@ impl Plugin {
     pub fn volume_count(&self) -> usize {
         self.shared.store.len()
     }
+
+    /// What each pool holds now. Blocking (see [`Store::stats`]).
+    pub fn pool_stats(&self) -> Vec<storage::PoolStats> {
+        self.shared.store.stats()
+    }
 }
 
 /// Runs blocking storage or mount work off the async executor, inside the

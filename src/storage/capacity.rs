@@ -3,10 +3,14 @@
 //! [`pool::Reserve`]), less what existing volumes and snapshots were
 //! promised and have not taken yet.
 
+use std::collections::BTreeMap;
+
 use nix::sys::statvfs::statvfs;
 use nix::unistd::{AccessFlags, access};
 
+use super::attach::Attachment;
 use super::kind::{AccessKind, BackendKind};
+use super::meta::VolumeMeta;
 use super::store::{Pool, Store};
 use super::{Error, Result, image, pool};
 
@@ -19,7 +23,53 @@ pub struct PoolCapacity {
     pub minimum: u64,
 }
 
+/// What a pool holds now, in bytes and volumes (the agent's metrics).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolStats {
+    pub pool: String,
+    pub backend: BackendKind,
+    /// The size of the pool's filesystem.
+    pub size: u64,
+    /// What its filesystem has available (see [`filesystem_space`]).
+    pub free: u64,
+    /// What a new volume may still be given (GetCapacity's answer).
+    pub available: u64,
+    /// The sizes of its volumes, summed: what they were promised.
+    pub promised: u64,
+    /// What its volumes occupy on the filesystem (see [`Store::promised`]).
+    pub used: u64,
+    /// Its volumes by what their node records say, every state present.
+    pub volumes: BTreeMap<Attachment, u64>,
+}
+
 impl Store {
+    /// What each pool holds now. Blocking (statvfs, a stat or two per
+    /// volume); a pool whose filesystem does not answer is left out.
+    pub fn stats(&self) -> Vec<PoolStats> {
+        self.pools()
+            .iter()
+            .filter_map(|pool| {
+                let (free, size) = filesystem_space(pool).ok()?;
+                let mut stats = PoolStats {
+                    pool: pool.name.clone(),
+                    backend: pool.backend,
+                    size,
+                    free,
+                    available: self.available(pool).ok()?,
+                    promised: 0,
+                    used: 0,
+                    volumes: Attachment::ALL.iter().map(|&a| (a, 0)).collect(),
+                };
+                for m in self.read_cache().values().filter(|m| m.pool == pool.name) {
+                    stats.promised += m.capacity_bytes;
+                    stats.used += self.occupied(pool, m);
+                    *stats.volumes.entry(self.attachment(m)).or_default() += 1;
+                }
+                Some(stats)
+            })
+            .collect()
+    }
+
     /// Capacity of a pool for volumes of the given access.
     pub fn capacity(&self, pool: &Pool, access: Option<AccessKind>) -> Result<PoolCapacity> {
         Ok(PoolCapacity {
@@ -63,15 +113,20 @@ impl Store {
             .values()
             .filter(|m| m.pool == pool.name)
             .map(|m| {
-                let used = match m.backend {
-                    BackendKind::Dir => self.dir_used(m).unwrap_or(0),
-                    BackendKind::Image => {
-                        image::allocated_bytes(&pool.root.join(&m.folder).join(image::IMAGE_FILE))
-                    }
-                };
-                outstanding(m.capacity_bytes, used).saturating_add(m.shared_bytes)
+                outstanding(m.capacity_bytes, self.occupied(pool, m)).saturating_add(m.shared_bytes)
             })
             .sum()
+    }
+
+    /// What a volume of `pool` occupies on its filesystem now (see
+    /// [`Store::promised`]).
+    fn occupied(&self, pool: &Pool, m: &VolumeMeta) -> u64 {
+        match m.backend {
+            BackendKind::Dir => self.dir_used(m).unwrap_or(0),
+            BackendKind::Image => {
+                image::allocated_bytes(&pool.root.join(&m.folder).join(image::IMAGE_FILE))
+            }
+        }
     }
 
     /// Checks that every pool is usable: a writable directory whose
@@ -161,6 +216,52 @@ mod tests {
         let used = store.usage().measure(&meta.id, data, Duration::ZERO).await;
         assert!(used.bytes >= 8 * pool::MIB, "{used:?}");
         assert_eq!(store.promised(pool), 64 * pool::MIB - used.bytes);
+    }
+
+    #[test]
+    fn pool_stats_sum_the_volumes_sizes_and_count_them_by_their_node_record() {
+        use crate::storage::attach::{NodeState, Staged};
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::open(&[
+            PoolSpec::new("p", BackendKind::Dir, tmp.path().join("pool"))
+                .with_reserve(crate::storage::Reserve::Bytes(0)),
+        ])
+        .unwrap();
+        let new = |id: &str, mib: u64| NewVolume {
+            id: VolumeId::parse(id).unwrap(),
+            pool: None,
+            access: AccessKind::Mount {
+                fs_type: FsType::Ext4,
+            },
+            required: mib * pool::MIB,
+            limit: 0,
+            allocation: None,
+        };
+        let (a, _) = store.create(&new("a", 16)).unwrap();
+        store.create(&new("b", 32)).unwrap();
+        let staged = NodeState {
+            staged: Some(Staged {
+                path: tmp.path().join("staging"),
+            }),
+            published: vec![],
+        };
+        store.save_node_state(&a, &staged).unwrap();
+
+        let stats = store.stats();
+        assert_eq!(stats.len(), 1);
+        let s = &stats[0];
+        assert_eq!((s.pool.as_str(), s.backend), ("p", BackendKind::Dir));
+        assert_eq!(s.promised, 48 * pool::MIB);
+        // The pool lies on the machine's disk, whose free space moves.
+        assert!(
+            s.size > 0 && s.free <= s.size && s.available <= s.free,
+            "{s:?}"
+        );
+        let counts: Vec<(&str, u64)> = s.volumes.iter().map(|(a, n)| (a.as_str(), *n)).collect();
+        assert_eq!(
+            counts,
+            [("idle", 1), ("staged", 1), ("published", 0), ("unknown", 0)]
+        );
     }
 
     #[test]

@@ -49,7 +49,8 @@ pub mod usage;
 use std::io;
 use std::path::{Path, PathBuf};
 
-pub use capacity::PoolCapacity;
+pub use attach::Attachment;
+pub use capacity::{PoolCapacity, PoolStats};
 pub use id::{IdError, VolumeId};
 use image::ImageError;
 pub use kind::{AccessKind, Allocation, BackendKind, Capability, FsType, Sharing};

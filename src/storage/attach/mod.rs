@@ -26,7 +26,7 @@ use super::kind::{AccessKind, Allocation, BackendKind, Capability, FsType, Shari
 use super::meta::VolumeMeta;
 use super::{Store, VolumeId};
 use crate::mount;
-pub use record::{NodeState, Published, Staged};
+pub use record::{Attachment, NodeState, Published, Staged};
 pub use target::{Confinement, Kind, Target};
 
 /// Why an attach step was refused or failed; each names the volume or path.

@@ -47,7 +47,53 @@ pub struct NodeState {
     pub published: Vec<Published>,
 }
 
+/// What a volume's node record says of it, for the metrics: the intent
+/// log as written (see [`NodeState`]), not checked against the kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Attachment {
+    /// Neither staged nor published.
+    Idle,
+    /// Staged, and published nowhere.
+    Staged,
+    /// Published at one target path or more.
+    Published,
+    /// Its record cannot be read.
+    Unknown,
+}
+
+impl Attachment {
+    pub const ALL: [Attachment; 4] = [
+        Attachment::Idle,
+        Attachment::Staged,
+        Attachment::Published,
+        Attachment::Unknown,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Attachment::Idle => "idle",
+            Attachment::Staged => "staged",
+            Attachment::Published => "published",
+            Attachment::Unknown => "unknown",
+        }
+    }
+}
+
 impl Store {
+    /// What a volume's node record says, read as written: no kernel check
+    /// and no log line, since a scrape may read it while an RPC rewrites it.
+    pub fn attachment(&self, meta: &VolumeMeta) -> Attachment {
+        let Ok(dir) = self.volume_dir(meta) else {
+            return Attachment::Unknown;
+        };
+        match meta::read_json::<NodeState>(&dir, NODE_FILE) {
+            Ok(Some(s)) if !s.published.is_empty() => Attachment::Published,
+            Ok(Some(s)) if s.staged.is_some() => Attachment::Staged,
+            Ok(_) => Attachment::Idle,
+            Err(_) => Attachment::Unknown,
+        }
+    }
+
     /// The node-side record of a volume.
     ///
     /// The record is not fsynced (see [`NodeState`]), so a power loss may
