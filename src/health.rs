@@ -6,7 +6,8 @@
 //! - `GET /readyz`: 200 when every pool is usable and, if registration is
 //!   on, kubelet has accepted the plugin, and, if the provisioner runs, it
 //!   is not down after a failure; 503 with the reason otherwise;
-//! - `GET /metrics`: a few counters in the Prometheus text format.
+//! - `GET /metrics`: the agent's metrics in the OpenMetrics text format
+//!   (see [`crate::metrics`]).
 //!
 //! A deliberately small HTTP/1.1 responder: one request per connection,
 //! bounded request size, no keep-alive.
@@ -20,11 +21,11 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
+use crate::metrics::{CONTENT_TYPE, Metrics};
+
 /// Answers readiness: `Ok(())` or the reason for not being ready.
 pub type ReadyCheck =
     Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Result<(), String>> + Send>> + Send + Sync>;
-/// Renders the metrics body.
-pub type Metrics = Arc<dyn Fn() -> String + Send + Sync>;
 
 fn response(status: &str, body: &str, content_type: &str) -> String {
     format!(
@@ -33,7 +34,12 @@ fn response(status: &str, body: &str, content_type: &str) -> String {
     )
 }
 
-async fn answer(path: &str, live: &ReadyCheck, ready: &ReadyCheck, metrics: &Metrics) -> String {
+async fn answer(
+    path: &str,
+    live: &ReadyCheck,
+    ready: &ReadyCheck,
+    metrics: &Arc<Metrics>,
+) -> String {
     match path {
         "/healthz" | "/livez" => match live().await {
             Ok(()) => response("200 OK", "ok\n", "text/plain"),
@@ -43,7 +49,18 @@ async fn answer(path: &str, live: &ReadyCheck, ready: &ReadyCheck, metrics: &Met
             Ok(()) => response("200 OK", "ready\n", "text/plain"),
             Err(why) => response("503 Service Unavailable", &format!("{why}\n"), "text/plain"),
         },
-        "/metrics" => response("200 OK", &metrics(), "text/plain; version=0.0.4"),
+        "/metrics" => {
+            // The pool gauges read the pools' filesystems.
+            let metrics = metrics.clone();
+            match tokio::task::spawn_blocking(move || metrics.encode()).await {
+                Ok(Ok(text)) => response("200 OK", &text, CONTENT_TYPE),
+                _ => response(
+                    "500 Internal Server Error",
+                    "metrics could not be encoded\n",
+                    "text/plain",
+                ),
+            }
+        }
         _ => response("404 Not Found", "not found\n", "text/plain"),
     }
 }
@@ -53,11 +70,12 @@ pub async fn serve(
     addr: SocketAddr,
     live: ReadyCheck,
     ready: ReadyCheck,
-    metrics: Metrics,
+    metrics: Arc<Metrics>,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
     let listener = TcpListener::bind(addr).await?;
-    tracing::info!(%addr, "serving health endpoint");
+    // The bound address: with port 0 (the tests), the one the kernel chose.
+    tracing::info!(addr = %listener.local_addr()?, "serving health endpoint");
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
         let (mut conn, _) = tokio::select! {
@@ -108,7 +126,7 @@ mod tests {
             Arc::new(|| Box::pin(async { Err("pool image: gone".to_string()) }));
         let live: ReadyCheck = Arc::new(|| Box::pin(async { Ok(()) }));
         let dead: ReadyCheck = Arc::new(|| Box::pin(async { Err("CSI socket gone".to_string()) }));
-        let metrics: Metrics = Arc::new(|| "stead_up 1\n".to_string());
+        let metrics = Arc::new(Metrics::new(Vec::new));
         let r = answer("/healthz", &live, &ready, &metrics).await;
         assert!(r.starts_with("HTTP/1.1 200"), "{r}");
         let r = answer("/healthz", &dead, &ready, &metrics).await;
@@ -122,7 +140,12 @@ mod tests {
             "{r}"
         );
         let r = answer("/metrics", &live, &ready, &metrics).await;
-        assert!(r.ends_with("stead_up 1\n"), "{r}");
+        assert!(
+            r.starts_with("HTTP/1.1 200")
+                && r.contains(&format!("Content-Type: {}\r\n", CONTENT_TYPE))
+                && r.ends_with("# EOF\n"),
+            "{r}"
+        );
         let r = answer("/nope", &live, &ready, &metrics).await;
         assert!(r.starts_with("HTTP/1.1 404"), "{r}");
     }

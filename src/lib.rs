@@ -12,6 +12,7 @@
 pub mod cli;
 pub mod csi;
 pub mod health;
+pub mod metrics;
 pub mod mount;
 pub mod provisioner;
 pub mod registration;
@@ -23,6 +24,7 @@ pub mod proto {
         pub mod v1 {
             #![allow(clippy::all, clippy::pedantic)]
             tonic::include_proto!("csi.v1");
+            include!(concat!(env!("OUT_DIR"), "/csi_methods.rs"));
         }
     }
     pub mod pluginregistration {

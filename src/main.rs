@@ -8,12 +8,13 @@ use std::sync::Arc;
 use futures::FutureExt;
 
 use clap::Parser;
-use tonic::transport::Server;
 use tracing_subscriber::EnvFilter;
 
 use stead::cli::{Cli, Command, LogFormat, NodeArgs};
 use stead::csi::{self, Plugin};
 use stead::health;
+use stead::metrics::Metrics;
+use stead::metrics::rpc::ObservedController;
 use stead::registration::{self, RegistrationState};
 
 fn init_tracing(format: LogFormat) {
@@ -68,12 +69,13 @@ async fn run_node(args: NodeArgs) -> stead::Result<()> {
 
     let shutdown = shutdown_signal().shared();
     let registration_state = Arc::new(RegistrationState::default());
+    let metrics = {
+        let plugin = plugin.clone();
+        Arc::new(Metrics::new(move || plugin.pool_stats()))
+    };
 
     let csi_server = async {
-        let router = Server::builder()
-            .add_service(plugin.identity())
-            .add_service(plugin.controller())
-            .add_service(plugin.node());
+        let router = csi::server::router(&plugin, metrics.clone());
         csi::server::serve(router, &socket, shutdown.clone()).await?;
         Ok::<_, stead::Error>(())
     };
@@ -100,23 +102,28 @@ async fn run_node(args: NodeArgs) -> stead::Result<()> {
     // Supervised, never joined with `?`: a provisioner fault (its state dir,
     // the apiserver, a bug) is logged and the provisioner restarted with
     // backoff, while CSI and registration go on serving kubelet.
-    let provisioner_pacing = pacing.clone();
     let provisioner = async {
-        let Some(pacing) = provisioner_pacing else {
+        let Some(pacing) = pacing else {
             return Ok(());
         };
-        let csi = Arc::new(plugin.controller_service());
+        // Its in-process RPCs are timed as the socket's are.
+        let csi = Arc::new(ObservedController::new(
+            plugin.controller_service(),
+            metrics.clone(),
+        ));
         let config = args.provisioner_config();
         let status = provisioner_status.clone();
         let attempt = {
             let shutdown = shutdown.clone();
             let status = status.clone();
+            let metrics = metrics.clone();
             move || {
                 let (pacing, csi, config) = (pacing.clone(), csi.clone(), config.clone());
                 let (status, shutdown) = (status.clone(), shutdown.clone());
+                let metrics = metrics.clone();
                 async move {
-                    let client = stead::provisioner::client::build_paced(&pacing).await?;
-                    stead::provisioner::run(client, csi, config, status, shutdown).await
+                    let client = stead::provisioner::client::build(&pacing, &metrics).await?;
+                    stead::provisioner::run(client, csi, config, metrics, status, shutdown).await
                 }
             }
         };
@@ -153,20 +160,6 @@ async fn run_node(args: NodeArgs) -> stead::Result<()> {
                 Ok(())
             })
         });
-        let volumes = plugin.clone();
-        let metrics: health::Metrics = Arc::new(move || {
-            let mut out = format!(
-                "# TYPE stead_volumes gauge\nstead_volumes {}\n",
-                volumes.volume_count()
-            );
-            if let Some(p) = &pacing {
-                out.push_str(&format!(
-                    "# TYPE stead_kube_requests_total counter\nstead_kube_requests_total {}\n",
-                    p.requests()
-                ));
-            }
-            out
-        });
         let csi_socket = socket.clone();
         let live: health::ReadyCheck = Arc::new(move || {
             use std::os::unix::fs::FileTypeExt;
@@ -175,7 +168,7 @@ async fn run_node(args: NodeArgs) -> stead::Result<()> {
             let why = format!("CSI socket {} is gone", csi_socket.display());
             Box::pin(async move { if ok { Ok(()) } else { Err(why) } })
         });
-        health::serve(addr, live, ready, metrics, shutdown.clone())
+        health::serve(addr, live, ready, metrics.clone(), shutdown.clone())
             .await
             .map_err(stead::Error::Health)
     };

@@ -1,14 +1,22 @@
-//! Serving gRPC on the CSI unix socket, with graceful shutdown.
+//! Serving gRPC on the CSI unix socket, every RPC timed, with graceful
+//! shutdown.
 
 use std::fs;
 use std::future::Future;
 use std::io;
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
+use tonic::transport::Server;
+use tower::layer::util::{Identity, Stack};
+
+use super::Plugin;
+use crate::metrics::Metrics;
+use crate::metrics::rpc::RpcLayer;
 
 /// Errors of setting up or running the socket server.
 #[derive(Debug, thiserror::Error)]
@@ -75,6 +83,20 @@ pub fn bind(path: &Path) -> Result<UnixListener, ServeError> {
     Ok(listener)
 }
 
+/// The gRPC server of the plugin's services.
+pub type Router = tonic::transport::server::Router<Stack<RpcLayer, Identity>>;
+
+/// The Identity, Controller and Node services of `plugin`, each request
+/// timed into `metrics` by a layer around them all, so that no service or
+/// method is left out.
+pub fn router(plugin: &Plugin, metrics: Arc<Metrics>) -> Router {
+    Server::builder()
+        .layer(RpcLayer::new(metrics))
+        .add_service(plugin.identity())
+        .add_service(plugin.controller())
+        .add_service(plugin.node())
+}
+
 /// How long in-flight RPCs may run after a shutdown signal. Clients such as
 /// kubelet keep idle connections open indefinitely, so the server does not
 /// wait for connections to close, only for this long at most.
@@ -84,7 +106,7 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// then stops accepting, lets in-flight RPCs finish (for at most
 /// [`SHUTDOWN_GRACE`]) and removes the socket.
 pub async fn serve(
-    router: tonic::transport::server::Router,
+    router: Router,
     path: &Path,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {

@@ -1,5 +1,6 @@
 //! The agent's Kubernetes client: kube-rs's default stack plus a client-side
-//! token bucket (QPS and burst) and a count of the requests made.
+//! token bucket (QPS and burst) and the count of the requests it sends
+//! ([`crate::metrics::apiserver`]).
 //!
 //! kube-rs sends as fast as it is asked to. Hundreds of agents doing that at
 //! once would hurt the apiserver, so the agent limits itself; the defaults
@@ -9,13 +10,15 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::sync::Mutex;
 use tokio::time::Instant;
 use tower::{Layer, Service};
+
+use crate::metrics::Metrics;
+use crate::metrics::apiserver::ApiserverLayer;
 
 /// A token bucket: `qps` tokens a second, at most `burst` saved up.
 #[derive(Debug)]
@@ -53,24 +56,17 @@ impl TokenBucket {
     }
 }
 
-/// Counts and paces every request the client sends.
+/// Paces every request the client sends.
 #[derive(Clone, Debug)]
 pub struct Pacing {
     bucket: Arc<TokenBucket>,
-    requests: Arc<AtomicU64>,
 }
 
 impl Pacing {
     pub fn new(qps: f64, burst: u32) -> Self {
         Self {
             bucket: Arc::new(TokenBucket::new(qps, burst)),
-            requests: Arc::default(),
         }
-    }
-
-    /// Requests sent to the apiserver since start (watches count once).
-    pub fn requests(&self) -> u64 {
-        self.requests.load(Ordering::Relaxed)
     }
 }
 
@@ -109,26 +105,21 @@ where
         let pacing = self.pacing.clone();
         Box::pin(async move {
             pacing.bucket.acquire().await;
-            pacing.requests.fetch_add(1, Ordering::Relaxed);
             fut.await
         })
     }
 }
 
-/// Builds a client from the environment (in-cluster, or KUBECONFIG), paced.
-pub async fn build(qps: f64, burst: u32) -> Result<(kube::Client, Pacing), kube::Error> {
-    let pacing = Pacing::new(qps, burst);
-    Ok((build_paced(&pacing).await?, pacing))
-}
-
-/// Builds a client from the environment, paced by (and counted in) an
-/// existing `pacing`: a provisioner restarted after a failure keeps the
-/// agent's one budget and request count.
-pub async fn build_paced(pacing: &Pacing) -> Result<kube::Client, kube::Error> {
+/// Builds a client from the environment (in-cluster, or KUBECONFIG), paced
+/// by `pacing` and counted in `metrics`: a provisioner restarted after a
+/// failure keeps the agent's one budget and its counts.
+pub async fn build(pacing: &Pacing, metrics: &Arc<Metrics>) -> Result<kube::Client, kube::Error> {
     let config = kube::Config::infer()
         .await
         .map_err(kube::Error::InferConfig)?;
+    // Counted inside the pacing: what is counted was sent, not queued.
     Ok(kube::client::ClientBuilder::try_from(config)?
+        .with_layer(&ApiserverLayer::new(metrics.clone()))
         .with_layer(pacing)
         .build())
 }

@@ -36,6 +36,7 @@ use kube::runtime::{Controller, WatchStreamExt, controller, watcher};
 use kube::{Api, Client, ResourceExt};
 use tokio::sync::{Notify, mpsc};
 
+use crate::metrics::{Metrics, Outcome};
 use crate::proto::csi::v1::controller_server::Controller as CsiController;
 
 /// How the provisioner runs; every field has a flag in `stead node`.
@@ -84,6 +85,21 @@ pub enum Error {
     WatchEnded(&'static str),
 }
 
+impl Error {
+    /// What failed, in a word: the `reason` of the reconcile error metric.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Error::Kube(kube::Error::Api(_)) => "apiserver_refused",
+            Error::Kube(_) => "apiserver_unreachable",
+            Error::Ledger(_) => "ledger",
+            Error::Csi { .. } => "csi",
+            Error::ForeignPv { .. } => "foreign_pv",
+            Error::PvVanished { .. } => "pv_vanished",
+            Error::WatchEnded(_) => "watch_ended",
+        }
+    }
+}
+
 /// What every reconcile needs.
 pub(crate) struct Ctx<C> {
     client: Client,
@@ -106,6 +122,7 @@ pub(crate) struct Ctx<C> {
     capacity_changed: Arc<Notify>,
     /// Consecutive failures per object uid, for backoff.
     failures: Mutex<backoff::Backoffs>,
+    metrics: Arc<Metrics>,
 }
 
 impl<C> Ctx<C> {
@@ -130,6 +147,13 @@ impl<C> Ctx<C> {
             .unwrap_or_else(|p| p.into_inner())
             .forget(uid);
     }
+
+    /// A reconcile of `controller` failed with `err`: counted, and its
+    /// retry delay returned (see [`Ctx::backoff`]).
+    fn failed(&self, controller: &'static str, uid: Option<String>, err: &Error) -> Duration {
+        self.metrics.reconcile_error(controller, err.reason());
+        self.backoff(&uid.unwrap_or_default())
+    }
 }
 
 /// Runs the provisioner until `shutdown` resolves; tells `status` once its
@@ -139,6 +163,7 @@ pub async fn run<C, F>(
     client: Client,
     csi: Arc<C>,
     config: Config,
+    metrics: Arc<Metrics>,
     status: Arc<supervisor::Status>,
     shutdown: F,
 ) -> Result<(), Error>
@@ -214,7 +239,8 @@ where
                 .unwrap_or_else(|| config.node.clone()),
         ),
     };
-    let (events, record_events) = events::Events::new(Recorder::new(client.clone(), reporter));
+    let (events, record_events) =
+        events::Events::new(Recorder::new(client.clone(), reporter), metrics.clone());
     let ctx = Arc::new(Ctx {
         events,
         client,
@@ -228,6 +254,7 @@ where
         ledger,
         capacity_changed: Arc::new(Notify::new()),
         failures: Mutex::default(),
+        metrics,
     });
 
     tracing::info!(
@@ -315,7 +342,8 @@ where
 }
 
 /// A retry came due for an object that is gone from the store (deleted
-/// while it waited for its backoff): its backoff entry goes with it.
+/// while it waited for its backoff): its backoff entry goes with it, and
+/// its clock: a claim gone before its PV was made was abandoned.
 fn forget_if_gone<C, T, E1, E2>(ctx: &Ctx<C>, r: &Result<T, controller::Error<E1, E2>>)
 where
     E1: std::error::Error + 'static,
@@ -325,6 +353,8 @@ where
         && let Some(uid) = &obj.extra.uid
     {
         ctx.succeeded(uid);
+        ctx.metrics.provisioning.finish(uid, Outcome::Abandoned);
+        ctx.metrics.deletion.forget(uid);
     }
 }
 

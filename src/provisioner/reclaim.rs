@@ -16,6 +16,7 @@ use serde_json::json;
 use tonic::Code;
 
 use super::{Ctx, Error, claim, csi_error, pv};
+use crate::metrics::Outcome;
 use crate::proto::csi::v1::DeleteVolumeRequest;
 use crate::proto::csi::v1::controller_server::Controller as CsiController;
 
@@ -33,7 +34,9 @@ impl<C: CsiController> Ctx<C> {
         }
     }
 
-    async fn drop_finalizer(&self, pv: &PersistentVolume) -> Result<(), Error> {
+    /// Removes our finalizer; `false` when the PV changed meanwhile (and
+    /// comes back to the reconcile).
+    async fn drop_finalizer(&self, pv: &PersistentVolume) -> Result<bool, Error> {
         let remaining: Vec<&String> = pv
             .finalizers()
             .iter()
@@ -53,10 +56,11 @@ impl<C: CsiController> Ctx<C> {
             )
             .await
         {
-            Ok(_) => Ok(()),
             // Gone already; or changed meanwhile, and the change brings the
             // PV back to this reconcile with its new resourceVersion.
-            Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => Ok(()),
+            Ok(_) => Ok(true),
+            Err(kube::Error::Api(s)) if s.code == 404 => Ok(true),
+            Err(kube::Error::Api(s)) if s.code == 409 => Ok(false),
             Err(e) => Err(e.into()),
         }
     }
@@ -93,11 +97,18 @@ pub(crate) async fn reconcile<C: CsiController>(
         == Some("Delete");
     let ours = pv.finalizers().iter().any(|f| f == pv::FINALIZER);
     let released = matches!(phase(&pv), "Released" | "Failed");
+    let uid = pv.uid().unwrap_or_default();
+    let class = pv
+        .spec
+        .as_ref()
+        .and_then(|s| s.storage_class_name.as_deref())
+        .unwrap_or_default();
 
     if pv.meta().deletion_timestamp.is_some() {
         if !ours {
             return Ok(Action::await_change());
         }
+        ctx.metrics.deletion.start(&uid, class);
         if delete_policy {
             // A PV deleted while still bound waits for its claim to go
             // (kubernetes.io/pv-protection holds it); only then is the data
@@ -109,12 +120,20 @@ pub(crate) async fn reconcile<C: CsiController>(
             tracing::info!(pv = %name, volume.id = %handle, "deleted volume of deleted PV");
             ctx.capacity_changed.notify_one();
         }
-        ctx.drop_finalizer(&pv).await?;
-        ctx.succeeded(&pv.uid().unwrap_or_default());
+        if ctx.drop_finalizer(&pv).await? {
+            let outcome = if delete_policy {
+                Outcome::Success
+            } else {
+                Outcome::Retained
+            };
+            ctx.metrics.deletion.finish(&uid, outcome);
+        }
+        ctx.succeeded(&uid);
         return Ok(Action::await_change());
     }
 
     if released && delete_policy {
+        ctx.metrics.deletion.start(&uid, class);
         if let Err(e) = ctx.delete_volume(handle).await {
             ctx.events.post(
                 pv.object_ref(&()),
@@ -130,12 +149,15 @@ pub(crate) async fn reconcile<C: CsiController>(
         let api: Api<PersistentVolume> = Api::all(ctx.client.clone());
         match api.delete(&name, &DeleteParams::default()).await {
             Ok(_) => {}
-            Err(kube::Error::Api(s)) if s.code == 404 => return Ok(Action::await_change()),
+            Err(kube::Error::Api(s)) if s.code == 404 => {
+                ctx.metrics.deletion.finish(&uid, Outcome::Success);
+                return Ok(Action::await_change());
+            }
             Err(e) => return Err(e.into()),
         }
         // The deletion shows up as an update with deletionTimestamp, which
         // takes the branch above and drops the finalizer.
-        ctx.succeeded(&pv.uid().unwrap_or_default());
+        ctx.succeeded(&uid);
     }
     Ok(Action::await_change())
 }
@@ -145,7 +167,7 @@ pub(crate) fn error_policy<C: CsiController>(
     err: &Error,
     ctx: Arc<Ctx<C>>,
 ) -> Action {
-    let wait = ctx.backoff(&pv.uid().unwrap_or_default());
+    let wait = ctx.failed("volume", pv.uid(), err);
     tracing::warn!(
         pv = %pv.name_any(),
         volume.id = %pv::stead_volume_handle(&pv).unwrap_or_default(),

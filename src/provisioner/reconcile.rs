@@ -17,6 +17,7 @@ use super::claim::{self, Allowed, Decision};
 use super::class::{self, ClassSpec};
 use super::source::{self, Resolution};
 use super::{Ctx, Error, csi_error, pv, quantity, schedulable};
+use crate::metrics::Outcome;
 use crate::proto::csi::v1::controller_server::Controller as CsiController;
 use crate::proto::csi::v1::{
     CapacityRange, ControllerExpandVolumeRequest, GetCapacityRequest, Volume, VolumeContentSource,
@@ -78,7 +79,9 @@ pub(crate) async fn reconcile<C: CsiController>(
     // A claim being deleted needs nothing more from us, and its backoff
     // entry must not outlive it.
     if pvc.meta().deletion_timestamp.is_some() {
-        ctx.succeeded(&pvc.uid().unwrap_or_default());
+        let uid = pvc.uid().unwrap_or_default();
+        ctx.succeeded(&uid);
+        ctx.metrics.provisioning.finish(&uid, Outcome::Abandoned);
         return Ok(Action::await_change());
     }
     let Some(class_name) = claim::class_name(&pvc) else {
@@ -140,6 +143,10 @@ pub(crate) async fn reconcile<C: CsiController>(
             return Ok(Action::await_change());
         }
     }
+    // The claim is this node's from here (an Immediate one once taken).
+    if decision == Decision::Provision {
+        ctx.metrics.provisioning.start(&uid, class_name);
+    }
     let parsed = class::parse(&sc)
         .map_err(|e| e.to_string())
         .and_then(|class| {
@@ -172,6 +179,8 @@ pub(crate) async fn reconcile<C: CsiController>(
         .get(&ObjectRef::<PersistentVolume>::new(&volume_name))
         .is_some()
     {
+        // Made by an earlier attempt that failed after it.
+        ctx.metrics.provisioning.finish(&uid, Outcome::Success);
         return Ok(Action::await_change());
     }
 
@@ -253,6 +262,7 @@ pub(crate) async fn reconcile<C: CsiController>(
         Err(status) => return create_failed(&ctx, &pvc, &volume_name, status).await,
     };
     create_pv(&ctx, &pvc, &class, &volume).await?;
+    ctx.metrics.provisioning.finish(&uid, Outcome::Success);
     ctx.ledger.remove(&volume_name).await?;
     ctx.succeeded(&uid);
     ctx.capacity_changed.notify_one();
@@ -347,7 +357,7 @@ async fn fill_from<C: CsiController>(
 }
 
 /// Removes `selected-node` from a claim, so that the scheduler picks a
-/// node again.
+/// node again: this node's part in it ends.
 async fn release_node<C>(ctx: &Ctx<C>, pvc: &PersistentVolumeClaim) -> Result<(), Error> {
     let api: Api<PersistentVolumeClaim> =
         Api::namespaced(ctx.client.clone(), &pvc.namespace().unwrap_or_default());
@@ -358,6 +368,9 @@ async fn release_node<C>(ctx: &Ctx<C>, pvc: &PersistentVolumeClaim) -> Result<()
         &Patch::Merge(&patch),
     )
     .await?;
+    ctx.metrics
+        .provisioning
+        .finish(&pvc.uid().unwrap_or_default(), Outcome::Released);
     Ok(())
 }
 
@@ -387,6 +400,10 @@ async fn take<C: CsiController>(
     {
         Ok(updated) => {
             tracing::info!(pvc = %key, node = %node, "took Immediate claim");
+            ctx.metrics.provisioning.start(
+                &pvc.uid().unwrap_or_default(),
+                claim::class_name(pvc).unwrap_or_default(),
+            );
             Ok(Some(Arc::new(updated)))
         }
         Err(kube::Error::Api(s)) if s.code == 409 => {
@@ -506,7 +523,7 @@ pub(crate) fn error_policy<C: CsiController>(
     err: &Error,
     ctx: Arc<Ctx<C>>,
 ) -> Action {
-    let wait = ctx.backoff(&pvc.uid().unwrap_or_default());
+    let wait = ctx.failed("claim", pvc.uid(), err);
     tracing::warn!(
         pvc = %claim::claim_key(&pvc),
         volume.id = %claim::volume_name(&pvc).unwrap_or_default(),
@@ -517,12 +534,26 @@ pub(crate) fn error_policy<C: CsiController>(
     Action::requeue(wait)
 }
 
+/// [`expand`], counted by outcome.
+async fn expand_if_grown<C: CsiController>(
+    ctx: &Ctx<C>,
+    pvc: &PersistentVolumeClaim,
+) -> Result<Option<Action>, Error> {
+    let res = expand(ctx, pvc).await;
+    match &res {
+        Ok(None) => {}
+        Ok(Some(_)) => ctx.metrics.expansion(Outcome::Success),
+        Err(_) => ctx.metrics.expansion(Outcome::Failure),
+    }
+    res
+}
+
 /// The external-resizer's job, done in the agent: a bound claim of this
 /// node whose request grew beyond its PV gets ControllerExpandVolume, the PV
 /// its new capacity, and the claim the status that tells kubelet to finish
 /// with NodeExpandVolume (or its new capacity, when no node step is needed).
 /// `None` when the claim is not a grown claim of this node.
-async fn expand_if_grown<C: CsiController>(
+async fn expand<C: CsiController>(
     ctx: &Ctx<C>,
     pvc: &PersistentVolumeClaim,
 ) -> Result<Option<Action>, Error> {

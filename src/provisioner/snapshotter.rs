@@ -455,7 +455,7 @@ fn error_policy<C: CsiController>(
     err: &Error,
     ctx: Arc<Ctx<C>>,
 ) -> Action {
-    let wait = ctx.backoff(&content.uid().unwrap_or_default());
+    let wait = ctx.failed("snapshot", content.uid(), err);
     tracing::warn!(content = %content.name_any(), error = %err, retry_in = ?wait, "snapshot content failed");
     Action::requeue(wait)
 }

@@ -73,7 +73,8 @@ fn proc_stats(pid: u32) -> (u64, f64) {
     (rss, ticks / 100.0)
 }
 
-/// Requests the agent sent to the apiserver, from its /metrics.
+/// Requests the agent sent to the apiserver, from its /metrics: the sum of
+/// its `stead_apiserver_requests_total` series.
 fn agent_requests() -> u64 {
     use std::io::{Read, Write};
     let Ok(mut conn) = std::net::TcpStream::connect(health()) else {
@@ -83,9 +84,9 @@ fn agent_requests() -> u64 {
     let mut body = String::new();
     let _ = conn.read_to_string(&mut body);
     body.lines()
-        .find_map(|l| l.strip_prefix("stead_kube_requests_total "))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0)
+        .filter(|l| l.starts_with("stead_apiserver_requests_total{"))
+        .filter_map(|l| l.rsplit_once(' ')?.1.trim().parse::<u64>().ok())
+        .sum()
 }
 
 struct Agent {
@@ -480,7 +481,7 @@ async fn main() -> Result<(), Error> {
 - Machine: {machine}
 - Command: `make bench-provision` (release agent as a host process on the bundled local cluster, Kubernetes v1.34.4 from tests/cluster; `dir` pool; default agent settings: {settings})
 - Date: {date}
-- Claims are created by 32 concurrent clients. Per-claim latency: from the return of the claim's create call to the moment a watch sees its PV (the agent's work) and to the moment a watch sees the claim Bound (the agent, then kube-controller-manager's PV binder, which binds one claim at a time). Requests: what the agent itself sent to the apiserver (its `stead_kube_requests_total`), including events, capacity updates and the deletes of the teardown that overlap the run.
+- Claims are created by 32 concurrent clients. Per-claim latency: from the return of the claim's create call to the moment a watch sees its PV (the agent's work) and to the moment a watch sees the claim Bound (the agent, then kube-controller-manager's PV binder, which binds one claim at a time). Requests: what the agent itself sent to the apiserver (the sum of its `stead_apiserver_requests_total`), including events, capacity updates and the deletes of the teardown that overlap the run.
 
 | run | claims | all created after | all PVs after | all Bound after | claim→PV p50 | p99 | claim→Bound p50 | p99 | agent requests per claim |
 |---|---|---|---|---|---|---|---|---|---|
