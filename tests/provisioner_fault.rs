@@ -15,7 +15,6 @@ use common::*;
 use stead::proto::csi::v1::controller_client::ControllerClient;
 use stead::proto::csi::v1::identity_client::IdentityClient;
 use stead::proto::csi::v1::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::transport::Endpoint;
 
 /// A loopback port nothing listens on (bound, then released).
@@ -98,32 +97,6 @@ impl Drop for Broken {
     }
 }
 
-/// GET `path` on the health endpoint: (status line, body).
-async fn get(addr: SocketAddr, path: &str) -> (String, String) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut conn = loop {
-        match tokio::net::TcpStream::connect(addr).await {
-            Ok(c) => break c,
-            Err(e) => {
-                assert!(Instant::now() < deadline, "health endpoint {addr}: {e}");
-                // Until the agent listens: the connect is the condition.
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    };
-    conn.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut reply = String::new();
-    conn.read_to_string(&mut reply).await.unwrap();
-    let status = reply.lines().next().unwrap_or_default().to_string();
-    let body = reply
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (status, body)
-}
-
 #[tokio::test]
 async fn csi_keeps_serving_while_the_provisioner_fails_and_restarts() {
     let root = std::env::temp_dir().join(format!("stead-it-provfault-{}", std::process::id()));
@@ -204,12 +177,14 @@ async fn csi_keeps_serving_while_the_provisioner_fails_and_restarts() {
         .expect("DeleteVolume");
 
     // Liveness holds; readiness tells why the provisioner is not working.
-    let (status, body) = get(health, "/healthz").await;
-    assert!(status.contains("200"), "{status}: {body}");
-    let (status, body) = get(health, "/readyz").await;
+    let r = http_get(health, "/healthz").await;
+    assert!(r.status.contains("200"), "{}: {}", r.status, r.body);
+    let r = http_get(health, "/readyz").await;
     assert!(
-        status.contains("503") && body.contains("provisioner"),
-        "{status}: {body}"
+        r.status.contains("503") && r.body.contains("provisioner"),
+        "{}: {}",
+        r.status,
+        r.body
     );
 
     assert!(

@@ -29,25 +29,27 @@ impl std::fmt::Debug for Pools {
 type ByteGauge = (&'static str, &'static str, fn(&PoolStats) -> u64);
 
 const BYTES: [ByteGauge; 5] = [
-    ("pool_capacity", "Size of the pool's filesystem", |s| s.size),
+    ("pool_capacity", "Size of the pool's filesystem.", |s| {
+        s.size
+    }),
     (
         "pool_free",
-        "Available space of the pool's filesystem (what an unprivileged writer may use)",
+        "Available space of the pool's filesystem (what an unprivileged writer may use).",
         |s| s.free,
     ),
     (
         "pool_available",
-        "What a new volume may still be given: free space less the pool's reserve and what volumes and snapshots were promised and have not taken (GetCapacity's answer)",
+        "What a new volume may still be given: free space less the pool's reserve and what volumes and snapshots were promised and have not taken (GetCapacity's answer).",
         |s| s.available,
     ),
     (
         "pool_promised",
-        "The sizes of the pool's volumes, summed",
+        "The sizes of the pool's volumes, summed.",
         |s| s.promised,
     ),
     (
         "pool_used",
-        "What the pool's volumes occupy on its filesystem",
+        "What the pool's volumes occupy on its filesystem.",
         |s| s.used,
     ),
 ];
@@ -65,7 +67,7 @@ impl Collector for Pools {
         }
         let mut family = encoder.encode_descriptor(
             "pool_volumes",
-            "Volumes of the pool by state, as their node records say: idle, staged, published (unknown: unreadable record)",
+            "Volumes of the pool by state, as their node records say: idle, staged, published (unknown: unreadable record).",
             None,
             MetricType::Gauge,
         )?;

@@ -7,6 +7,7 @@
 
 use std::collections::HashMap;
 use std::fs;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -18,6 +19,7 @@ use stead::proto::csi::v1::volume_capability::access_mode::Mode;
 use stead::proto::csi::v1::volume_capability::{AccessMode, AccessType, BlockVolume, MountVolume};
 use stead::proto::csi::v1::volume_content_source::{SnapshotSource, Type, VolumeSource};
 use stead::proto::csi::v1::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::transport::{Channel, Endpoint};
 
 pub const NODE: &str = "it-node";
@@ -39,6 +41,9 @@ pub struct Agent {
     /// Where its output goes: in `root`, or beside the image of a root of
     /// its own, so that a test that fills that filesystem keeps the log.
     log: PathBuf,
+    /// The length of the log when the running agent was started (the log
+    /// is appended to across restarts).
+    log_start: usize,
 }
 
 /// The pools of [`Agent::start`]: one `dir`, one `image`, under `root`.
@@ -143,6 +148,7 @@ impl Agent {
         log: PathBuf,
     ) -> Agent {
         let socket = root.join("csi.sock");
+        let log_start = log_len(&log);
         let child = spawn(&root, &socket, &pools, &log);
         let (controller, node, identity) = connect(&socket).await;
         Agent {
@@ -155,6 +161,7 @@ impl Agent {
             backing,
             pools,
             log,
+            log_start,
         }
     }
 
@@ -209,6 +216,7 @@ impl Agent {
     /// Kills the agent and starts it again on the same root.
     pub async fn restart(&mut self) {
         self.kill();
+        self.log_start = log_len(&self.log);
         self.child = Some(spawn(&self.root, &self.socket, &self.pools, &self.log));
         let (c, n, i) = connect(&self.socket).await;
         self.controller = c;
@@ -218,6 +226,44 @@ impl Agent {
 
     pub fn log(&self) -> String {
         fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The address of the running agent's health endpoint: the harness
+    /// asks for port 0, and the agent logs the port it got.
+    pub async fn health_addr(&self) -> SocketAddr {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let log = self.log();
+            let found = log
+                .get(self.log_start..)
+                .unwrap_or_default()
+                .lines()
+                .filter(|l| l.contains("serving health endpoint"))
+                .find_map(|l| {
+                    let addr = l.split_whitespace().find_map(|w| w.strip_prefix("addr="))?;
+                    addr.parse().ok()
+                });
+            if let Some(addr) = found {
+                return addr;
+            }
+            assert!(Instant::now() < deadline, "no health endpoint in the log");
+            // A log file has no watch: the line is the condition.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// One scrape of the agent's `/metrics`, checked to be OpenMetrics.
+    pub async fn metrics(&self) -> String {
+        let reply = http_get(self.health_addr().await, "/metrics").await;
+        assert!(reply.status.contains("200"), "{}", reply.status);
+        assert!(
+            reply.head.contains(
+                "Content-Type: application/openmetrics-text; version=1.0.0; charset=utf-8\r\n"
+            ),
+            "{}",
+            reply.head
+        );
+        reply.body
     }
 
     pub async fn create(
@@ -374,6 +420,44 @@ impl Drop for Agent {
     }
 }
 
+fn log_len(log: &Path) -> usize {
+    fs::metadata(log).map_or(0, |m| m.len() as usize)
+}
+
+/// A reply of the health endpoint.
+pub struct Reply {
+    pub status: String,
+    /// The status line and the headers.
+    pub head: String,
+    pub body: String,
+}
+
+/// GET `path` on a health endpoint (waiting for it to listen).
+pub async fn http_get(addr: SocketAddr, path: &str) -> Reply {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut conn = loop {
+        match tokio::net::TcpStream::connect(addr).await {
+            Ok(c) => break c,
+            Err(e) => {
+                assert!(Instant::now() < deadline, "health endpoint {addr}: {e}");
+                // Until the agent listens: the connect is the condition.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    conn.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut reply = String::new();
+    conn.read_to_string(&mut reply).await.unwrap();
+    let (head, body) = reply.split_once("\r\n\r\n").unwrap_or((&reply, ""));
+    Reply {
+        status: head.lines().next().unwrap_or_default().to_string(),
+        head: head.to_string(),
+        body: body.to_string(),
+    }
+}
+
 fn temp_root(name: &str) -> PathBuf {
     std::env::temp_dir().join(format!(
         "stead-it-{name}-{}-{}",
@@ -402,6 +486,8 @@ fn spawn(root: &Path, socket: &Path, pools: &str, log: &Path) -> Child {
         // Staging and target paths of the tests lie under their root.
         .env("STEAD_KUBELET_DIR", root)
         .env("STEAD_POOLS", pools)
+        // Port 0: the agent logs the port it got (see Agent::health_addr).
+        .args(["--health-addr", "127.0.0.1:0"])
         .env("RUST_LOG", "debug")
         .stdin(Stdio::null())
         .stdout(log.try_clone().unwrap())
