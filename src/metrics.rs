@@ -13,10 +13,12 @@
 //!
 //! Rooms: [`rpc`] (the CSI RPC histogram: a tower layer on the socket's
 //! server and a wrapper of the provisioner's in-process controller),
-//! [`apiserver`] (a tower layer on the kube client), [`pools`] (the pool
-//! gauges, read from the store at each scrape).
+//! [`apiserver`] (a tower layer on the kube client), both through
+//! [`layer`], and [`pools`] (the pool gauges, read from the store at each
+//! scrape).
 
 pub mod apiserver;
+pub mod layer;
 pub mod pools;
 pub mod rpc;
 
@@ -145,6 +147,16 @@ impl Latency {
     }
 }
 
+/// A counter family registered as `name`.
+fn counters<L>(registry: &mut Registry, name: &str, help: &str) -> Family<L, Counter>
+where
+    Family<L, Counter>: prometheus_client::registry::Metric + Clone + Default,
+{
+    let family = Family::default();
+    registry.register(name, help, family.clone());
+    family
+}
+
 fn rpc_histogram() -> Histogram {
     Histogram::new(RPC_BUCKETS)
 }
@@ -196,29 +208,25 @@ impl Metrics {
             "deletion_duration",
             "PVs of this node, from Released or deleted seen to volume deleted and finalizer removed (success), or finalizer removed with the data kept (retained)",
         );
-        let reconcile_errors = Family::default();
-        registry.register(
+        let reconcile_errors = counters(
+            &mut registry,
             "reconcile_errors",
             "Reconciles that failed and are retried with backoff, by controller and reason",
-            reconcile_errors.clone(),
         );
-        let apiserver = Family::default();
-        registry.register(
+        let apiserver = counters(
+            &mut registry,
             "apiserver_requests",
             "Requests to the Kubernetes apiserver, by verb, resource and HTTP status (error: no response)",
-            apiserver.clone(),
         );
-        let events_dropped = Family::default();
-        registry.register(
+        let events_dropped = counters(
+            &mut registry,
             "events_dropped",
             "Kubernetes Events not recorded: the queue was full, or the apiserver did not take them",
-            events_dropped.clone(),
         );
-        let expansions = Family::default();
-        registry.register(
+        let expansions = counters(
+            &mut registry,
             "volume_expansions",
             "Claims grown by the provisioner (ControllerExpandVolume and the PV and claim updates), by outcome",
-            expansions.clone(),
         );
         registry.register_collector(Box::new(pools::Pools::new(pools)));
         Metrics {

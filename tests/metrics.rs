@@ -14,23 +14,27 @@ fn value(text: &str, series: &str) -> Option<u64> {
         .map(|v| v.parse().unwrap_or_else(|e| panic!("{series}: {v}: {e}")))
 }
 
-fn rpc_count(text: &str, method: &str, code: &str) -> Option<u64> {
-    value(
-        text,
-        &format!(r#"stead_csi_rpc_duration_seconds_count{{method="{method}",code="{code}"}}"#),
-    )
+/// The series of the count of `method`'s RPCs that ended with `code`.
+fn rpcs(method: &str, code: &str) -> String {
+    format!(r#"stead_csi_rpc_duration_seconds_count{{method="{method}",code="{code}"}}"#)
+}
+
+/// The series of the volumes of `pool` (a pool named as its backend) in
+/// `state`.
+fn volumes(pool: &str, state: &str) -> String {
+    format!(r#"stead_pool_volumes{{pool="{pool}",backend="{pool}",state="{state}"}}"#)
+}
+
+/// Each series of `expected` has its value in `text`.
+fn assert_values(text: &str, expected: &[(String, u64)]) {
+    for (series, n) in expected {
+        assert_eq!(value(text, series), Some(*n), "{series} in:\n{text}");
+    }
 }
 
 fn pool_bytes(text: &str, gauge: &str, pool: &str) -> u64 {
     let series = format!(r#"stead_pool_{gauge}_bytes{{pool="{pool}",backend="{pool}"}}"#);
     value(text, &series).unwrap_or_else(|| panic!("no {series} in:\n{text}"))
-}
-
-fn volumes(text: &str, pool: &str, state: &str) -> Option<u64> {
-    value(
-        text,
-        &format!(r#"stead_pool_volumes{{pool="{pool}",backend="{pool}",state="{state}"}}"#),
-    )
 }
 
 #[tokio::test]
@@ -58,22 +62,24 @@ async fn metrics_count_the_rpcs_served_and_what_the_pools_promised() {
     a.stage("pvc-dir", &staging, mount_cap("")).await;
 
     let text = a.metrics().await;
-    for (method, code, n) in [
-        ("CreateVolume", "OK", 3),
-        ("CreateVolume", "InvalidArgument", 1),
-        ("DeleteVolume", "OK", 1),
-        ("NodeGetCapabilities", "OK", 1),
-        ("NodeStageVolume", "OK", 1),
-    ] {
-        assert_eq!(
-            rpc_count(&text, method, code),
-            Some(n),
-            "{method} {code} in:\n{text}"
-        );
-    }
+    assert_values(
+        &text,
+        &[
+            (rpcs("CreateVolume", "OK"), 3),
+            (rpcs("CreateVolume", "InvalidArgument"), 1),
+            (rpcs("DeleteVolume", "OK"), 1),
+            (rpcs("NodeGetCapabilities", "OK"), 1),
+            (rpcs("NodeStageVolume", "OK"), 1),
+            (volumes("dir", "staged"), 1),
+            (volumes("dir", "idle"), 0),
+            (volumes("image", "idle"), 1),
+            (volumes("image", "staged"), 0),
+            (volumes("image", "published"), 0),
+        ],
+    );
     // Only what happened has a series: no failed delete, no ListVolumes.
-    assert_eq!(rpc_count(&text, "DeleteVolume", "NotFound"), None);
-    assert_eq!(rpc_count(&text, "ListVolumes", "OK"), None);
+    assert_eq!(value(&text, &rpcs("DeleteVolume", "NotFound")), None);
+    assert_eq!(value(&text, &rpcs("ListVolumes", "OK")), None);
 
     // What the pools were promised is the sizes of the volumes they keep.
     assert_eq!(pool_bytes(&text, "promised", "dir"), 16 * MIB as u64);
@@ -93,32 +99,21 @@ async fn metrics_count_the_rpcs_served_and_what_the_pools_promised() {
         "{text}"
     );
     assert!(pool_bytes(&text, "used", "dir") < MIB as u64, "{text}");
-    for (pool, state, n) in [
-        ("dir", "staged", 1),
-        ("dir", "idle", 0),
-        ("image", "idle", 1),
-        ("image", "staged", 0),
-        ("image", "published", 0),
-    ] {
-        assert_eq!(
-            volumes(&text, pool, state),
-            Some(n),
-            "{pool} {state}: {text}"
-        );
-    }
     assert!(text.ends_with("# EOF\n"), "{text}");
 
     // A second scrape counts the RPCs since, and reads the pools again.
     a.unstage("pvc-dir", &staging).await;
     a.delete("pvc-img").await;
     let text = a.metrics().await;
-    assert_eq!(rpc_count(&text, "DeleteVolume", "OK"), Some(2), "{text}");
-    assert_eq!(
-        rpc_count(&text, "NodeUnstageVolume", "OK"),
-        Some(1),
-        "{text}"
+    assert_values(
+        &text,
+        &[
+            (rpcs("DeleteVolume", "OK"), 2),
+            (rpcs("NodeUnstageVolume", "OK"), 1),
+            (volumes("image", "idle"), 0),
+            (volumes("dir", "idle"), 1),
+            (volumes("dir", "staged"), 0),
+        ],
     );
     assert_eq!(pool_bytes(&text, "promised", "image"), 0, "{text}");
-    assert_eq!(volumes(&text, "image", "idle"), Some(0), "{text}");
-    assert_eq!(volumes(&text, "dir", "idle"), Some(1), "{text}");
 }

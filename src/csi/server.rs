@@ -16,7 +16,7 @@ use tower::layer::util::{Identity, Stack};
 
 use super::Plugin;
 use crate::metrics::Metrics;
-use crate::metrics::rpc::RpcLayer;
+use crate::metrics::rpc::{self, RpcLayer};
 
 /// Errors of setting up or running the socket server.
 #[derive(Debug, thiserror::Error)]
@@ -91,7 +91,7 @@ pub type Router = tonic::transport::server::Router<Stack<RpcLayer, Identity>>;
 /// method is left out.
 pub fn router(plugin: &Plugin, metrics: Arc<Metrics>) -> Router {
     Server::builder()
-        .layer(RpcLayer::new(metrics))
+        .layer(rpc::layer(metrics))
         .add_service(plugin.identity())
         .add_service(plugin.controller())
         .add_service(plugin.node())

@@ -3,14 +3,12 @@
 //! request of every part of the provisioner, Events included, by verb,
 //! resource and HTTP status.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
 use prometheus_client::encoding::EncodeLabelSet;
 
 use super::Metrics;
+use super::layer::{ObserveLayer, Observer};
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub(super) struct Labels {
@@ -73,64 +71,34 @@ fn classify(method: &http::Method, uri: &http::Uri) -> (&'static str, String) {
 
 /// Counts every request of the client it wraps; a request that got no
 /// response (a connection refused, a timeout) is counted with code `error`.
-#[derive(Clone)]
-pub struct ApiserverLayer(Arc<Metrics>);
+pub type ApiserverLayer = ObserveLayer<Apiserver>;
 
-impl ApiserverLayer {
-    pub fn new(metrics: Arc<Metrics>) -> ApiserverLayer {
-        ApiserverLayer(metrics)
-    }
-}
-
-impl<S> tower::Layer<S> for ApiserverLayer {
-    type Service = ApiserverService<S>;
-    fn layer(&self, inner: S) -> ApiserverService<S> {
-        ApiserverService {
-            inner,
-            metrics: self.0.clone(),
-        }
-    }
+pub fn layer(metrics: Arc<Metrics>) -> ApiserverLayer {
+    ObserveLayer(Apiserver(metrics))
 }
 
 #[derive(Clone)]
-pub struct ApiserverService<S> {
-    inner: S,
-    metrics: Arc<Metrics>,
-}
+pub struct Apiserver(Arc<Metrics>);
 
-impl<S, B, R> tower::Service<http::Request<B>> for ApiserverService<S>
-where
-    S: tower::Service<http::Request<B>, Response = http::Response<R>>,
-    S::Future: Send + 'static,
-{
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<S::Response, S::Error>> + Send>>;
+impl Observer for Apiserver {
+    type Started = (&'static str, String);
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
-        self.inner.poll_ready(cx)
+    fn start(&self, method: &http::Method, uri: &http::Uri) -> Self::Started {
+        classify(method, uri)
     }
 
-    fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        let (verb, resource) = classify(req.method(), req.uri());
-        let fut = self.inner.call(req);
-        let metrics = self.metrics.clone();
-        Box::pin(async move {
-            let res = fut.await;
-            let code = match &res {
-                Ok(r) => r.status().as_u16().to_string(),
-                Err(_) => "error".to_string(),
-            };
-            metrics
-                .apiserver
-                .get_or_create(&Labels {
-                    verb,
-                    resource,
-                    code,
-                })
-                .inc();
-            res
-        })
+    fn end(
+        &self,
+        (verb, resource): Self::Started,
+        response: Option<(http::StatusCode, &http::HeaderMap)>,
+    ) {
+        let code = response.map_or_else(|| "error".to_string(), |(s, _)| s.as_str().to_string());
+        let labels = Labels {
+            verb,
+            resource,
+            code,
+        };
+        self.0.apiserver.get_or_create(&labels).inc();
     }
 }
 
@@ -212,8 +180,8 @@ mod tests {
     async fn responses_count_by_status_and_failures_as_error() {
         use tower::{Layer, ServiceExt};
         let metrics = Arc::new(Metrics::new(Vec::new));
-        let svc = ApiserverLayer::new(metrics.clone()).layer(tower::service_fn(
-            |req: http::Request<()>| async move {
+        let svc =
+            layer(metrics.clone()).layer(tower::service_fn(|req: http::Request<()>| async move {
                 match req.uri().path() {
                     "/api/v1/nodes/gone" => {
                         Ok(http::Response::builder().status(404).body(()).unwrap())
@@ -221,8 +189,7 @@ mod tests {
                     "/api/v1/nodes/n1" => Ok(http::Response::new(())),
                     _ => Err("connection refused"),
                 }
-            },
-        ));
+            }));
         for path in [
             "/api/v1/nodes/n1",
             "/api/v1/nodes/n1",

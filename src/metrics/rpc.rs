@@ -5,15 +5,14 @@
 
 use std::fmt::Write;
 use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Instant;
 
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use tonic::{Code, Request, Response, Status};
 
 use super::Metrics;
+use super::layer::{ObserveLayer, Observer};
 use crate::proto::csi::v1::controller_server::Controller;
 use crate::proto::csi::v1::*;
 
@@ -73,56 +72,30 @@ fn code_of(headers: &http::HeaderMap) -> Code {
 }
 
 /// Times every request of the server it wraps (`Server::builder().layer`).
-#[derive(Clone)]
-pub struct RpcLayer(Arc<Metrics>);
+pub type RpcLayer = ObserveLayer<Rpc>;
 
-impl RpcLayer {
-    pub fn new(metrics: Arc<Metrics>) -> RpcLayer {
-        RpcLayer(metrics)
-    }
-}
-
-impl<S> tower::Layer<S> for RpcLayer {
-    type Service = RpcService<S>;
-    fn layer(&self, inner: S) -> RpcService<S> {
-        RpcService {
-            inner,
-            metrics: self.0.clone(),
-        }
-    }
+pub fn layer(metrics: Arc<Metrics>) -> RpcLayer {
+    ObserveLayer(Rpc(metrics))
 }
 
 #[derive(Clone)]
-pub struct RpcService<S> {
-    inner: S,
-    metrics: Arc<Metrics>,
-}
+pub struct Rpc(Arc<Metrics>);
 
-impl<S, B, R> tower::Service<http::Request<B>> for RpcService<S>
-where
-    S: tower::Service<http::Request<B>, Response = http::Response<R>>,
-    S::Future: Send + 'static,
-{
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<S::Response, S::Error>> + Send>>;
+impl Observer for Rpc {
+    type Started = (&'static str, Instant);
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
-        self.inner.poll_ready(cx)
+    fn start(&self, _: &http::Method, uri: &http::Uri) -> Self::Started {
+        (method_of(uri.path()), Instant::now())
     }
 
-    fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        let method = method_of(req.uri().path());
-        let start = Instant::now();
-        let fut = self.inner.call(req);
-        let metrics = self.metrics.clone();
-        Box::pin(async move {
-            let res = fut.await;
-            // A unary RPC's handler has returned once its response is.
-            let code = res.as_ref().map_or(Code::Unknown, |r| code_of(r.headers()));
-            metrics.observe_rpc(method, code, start.elapsed());
-            res
-        })
+    fn end(
+        &self,
+        (method, start): Self::Started,
+        response: Option<(http::StatusCode, &http::HeaderMap)>,
+    ) {
+        // A unary RPC's handler has returned once its response is.
+        let code = response.map_or(Code::Unknown, |(_, headers)| code_of(headers));
+        self.0.observe_rpc(method, code, start.elapsed());
     }
 }
 
@@ -222,16 +195,15 @@ mod tests {
     async fn the_layer_times_each_request_by_method_and_code() {
         use tower::{Layer, ServiceExt};
         let metrics = Arc::new(Metrics::new(Vec::new));
-        let svc = RpcLayer::new(metrics.clone()).layer(tower::service_fn(
-            |req: http::Request<()>| async move {
+        let svc =
+            layer(metrics.clone()).layer(tower::service_fn(|req: http::Request<()>| async move {
                 let mut resp = http::Response::new(());
                 if req.uri().path().ends_with("DeleteVolume") {
                     resp.headers_mut()
                         .insert("grpc-status", "5".parse().unwrap());
                 }
                 Ok::<_, std::convert::Infallible>(resp)
-            },
-        ));
+            }));
         for path in [
             "/csi.v1.Controller/CreateVolume",
             "/csi.v1.Controller/DeleteVolume",

@@ -17,8 +17,7 @@ use tokio::sync::Mutex;
 use tokio::time::Instant;
 use tower::{Layer, Service};
 
-use crate::metrics::Metrics;
-use crate::metrics::apiserver::ApiserverLayer;
+use crate::metrics::{Metrics, apiserver};
 
 /// A token bucket: `qps` tokens a second, at most `burst` saved up.
 #[derive(Debug)]
@@ -119,7 +118,7 @@ pub async fn build(pacing: &Pacing, metrics: &Arc<Metrics>) -> Result<kube::Clie
         .map_err(kube::Error::InferConfig)?;
     // Counted inside the pacing: what is counted was sent, not queued.
     Ok(kube::client::ClientBuilder::try_from(config)?
-        .with_layer(&ApiserverLayer::new(metrics.clone()))
+        .with_layer(&apiserver::layer(metrics.clone()))
         .with_layer(pacing)
         .build())
 }

@@ -177,6 +177,28 @@ mod tests {
     use crate::storage::kind::FsType;
     use crate::storage::{NewVolume, PoolSpec, VolumeId, dir};
 
+    /// A store of one pool without reserve in `tmp`.
+    fn one_pool(tmp: &tempfile::TempDir, name: &str, backend: BackendKind) -> Store {
+        Store::open(&[PoolSpec::new(name, backend, tmp.path().join("pool"))
+            .with_reserve(crate::storage::Reserve::Bytes(0))])
+        .unwrap()
+    }
+
+    fn volume(id: &str, access: AccessKind, mib: u64) -> NewVolume {
+        NewVolume {
+            id: VolumeId::parse(id).unwrap(),
+            pool: None,
+            access,
+            required: mib * pool::MIB,
+            limit: 0,
+            allocation: None,
+        }
+    }
+
+    const EXT4: AccessKind = AccessKind::Mount {
+        fs_type: FsType::Ext4,
+    };
+
     #[test]
     fn a_volume_promises_what_it_has_not_written_yet() {
         assert_eq!(outstanding(100, 0), 100);
@@ -188,23 +210,8 @@ mod tests {
     #[tokio::test]
     async fn what_a_dir_volume_holds_is_not_counted_twice() {
         let tmp = tempfile::tempdir().unwrap();
-        let store = Store::open(&[
-            PoolSpec::new("p", BackendKind::Dir, tmp.path().join("pool"))
-                .with_reserve(crate::storage::Reserve::Bytes(0)),
-        ])
-        .unwrap();
-        let (meta, _) = store
-            .create(&NewVolume {
-                id: VolumeId::parse("v").unwrap(),
-                pool: None,
-                access: AccessKind::Mount {
-                    fs_type: FsType::Ext4,
-                },
-                required: 64 * pool::MIB,
-                limit: 0,
-                allocation: None,
-            })
-            .unwrap();
+        let store = one_pool(&tmp, "p", BackendKind::Dir);
+        let (meta, _) = store.create(&volume("v", EXT4, 64)).unwrap();
         let pool = store.pool(None).unwrap();
         assert_eq!(store.promised(pool), 64 * pool::MIB);
         let data = store.volume_dir(&meta).unwrap().join(dir::DATA_DIR);
@@ -222,23 +229,9 @@ mod tests {
     fn pool_stats_sum_the_volumes_sizes_and_count_them_by_their_node_record() {
         use crate::storage::attach::{NodeState, Staged};
         let tmp = tempfile::tempdir().unwrap();
-        let store = Store::open(&[
-            PoolSpec::new("p", BackendKind::Dir, tmp.path().join("pool"))
-                .with_reserve(crate::storage::Reserve::Bytes(0)),
-        ])
-        .unwrap();
-        let new = |id: &str, mib: u64| NewVolume {
-            id: VolumeId::parse(id).unwrap(),
-            pool: None,
-            access: AccessKind::Mount {
-                fs_type: FsType::Ext4,
-            },
-            required: mib * pool::MIB,
-            limit: 0,
-            allocation: None,
-        };
-        let (a, _) = store.create(&new("a", 16)).unwrap();
-        store.create(&new("b", 32)).unwrap();
+        let store = one_pool(&tmp, "p", BackendKind::Dir);
+        let (a, _) = store.create(&volume("a", EXT4, 16)).unwrap();
+        store.create(&volume("b", EXT4, 32)).unwrap();
         let staged = NodeState {
             staged: Some(Staged {
                 path: tmp.path().join("staging"),
@@ -267,18 +260,10 @@ mod tests {
     #[test]
     fn a_thick_image_promises_nothing_more_and_a_thin_one_its_size() {
         let tmp = tempfile::tempdir().unwrap();
-        let store = Store::open(&[
-            PoolSpec::new("i", BackendKind::Image, tmp.path().join("pool"))
-                .with_reserve(crate::storage::Reserve::Bytes(0)),
-        ])
-        .unwrap();
+        let store = one_pool(&tmp, "i", BackendKind::Image);
         let new = |id: &str, allocation| NewVolume {
-            id: VolumeId::parse(id).unwrap(),
-            pool: None,
-            access: AccessKind::Block,
-            required: 8 * pool::MIB,
-            limit: 0,
             allocation,
+            ..volume(id, AccessKind::Block, 8)
         };
         let pool = store.pool(None).unwrap();
         let (thick, _) = store.create(&new("thick", None)).unwrap();
