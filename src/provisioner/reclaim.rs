@@ -56,9 +56,9 @@ impl<C: CsiController> Ctx<C> {
             )
             .await
         {
+            Ok(_) => Ok(true),
             // Gone already; or changed meanwhile, and the change brings the
             // PV back to this reconcile with its new resourceVersion.
-            Ok(_) => Ok(true),
             Err(kube::Error::Api(s)) if s.code == 404 => Ok(true),
             Err(kube::Error::Api(s)) if s.code == 409 => Ok(false),
             Err(e) => Err(e.into()),

@@ -179,8 +179,10 @@ pub(crate) async fn reconcile<C: CsiController>(
         .get(&ObjectRef::<PersistentVolume>::new(&volume_name))
         .is_some()
     {
-        // Made by an earlier attempt that failed after it.
-        ctx.metrics.provisioning.finish(&uid, Outcome::Success);
+        // Observed by the attempt that made it; a clock started since (a
+        // reconcile before the claim is bound, a restarted agent) is not
+        // the claim's wait.
+        ctx.metrics.provisioning.forget(&uid);
         return Ok(Action::await_change());
     }
 
