@@ -368,3 +368,148 @@ pub(crate) fn csi_error(op: &'static str, volume: &str, node: &str, s: tonic::St
         message: s.message().to_string(),
     }
 }
+
+#[cfg(test)]
+pub(crate) mod tests {
+    //! A provisioner context for reconcile tests: the real plugin on one
+    //! `dir` pool in a temp dir, and a fake apiserver that says yes.
+
+    use std::sync::Mutex as StdMutex;
+
+    use kube::runtime::reflector::store::Writer;
+
+    use super::*;
+    use crate::csi::{self, ControllerService, Plugin};
+    use crate::metrics::rpc::ObservedController;
+    use crate::metrics::{self, apiserver};
+    use crate::storage::{BackendKind, PoolSpec, Reserve};
+
+    pub const NODE: &str = "node-a";
+
+    pub(crate) type TestCtx = Ctx<ObservedController<ControllerService>>;
+
+    /// The context, with the writer of its PV store and the requests the
+    /// fake apiserver got ("METHOD path").
+    pub(crate) struct Fake {
+        pub ctx: Arc<TestCtx>,
+        pub volumes: Writer<PersistentVolume>,
+        pub requests: Arc<StdMutex<Vec<String>>>,
+        _tmp: tempfile::TempDir,
+    }
+
+    impl Fake {
+        /// The metrics' text, checked to hold each of `lines`.
+        pub fn metrics(&self, lines: &[&str]) -> String {
+            let text = self.ctx.metrics.encode().unwrap();
+            for line in lines {
+                assert!(text.lines().any(|l| l == *line), "{line} in:\n{text}");
+            }
+            text
+        }
+
+        pub fn requested(&self, request: &str) -> bool {
+            self.requests.lock().unwrap().iter().any(|r| r == request)
+        }
+    }
+
+    /// Answers every request with 200 (201 for a create) and an object of
+    /// the kind its path names, as an apiserver that takes everything.
+    fn apiserver(
+        requests: Arc<StdMutex<Vec<String>>>,
+    ) -> impl tower::Service<
+        http::Request<kube::client::Body>,
+        Response = http::Response<String>,
+        Error = std::convert::Infallible,
+        Future = impl Future + Send,
+    > + Send
+    + Clone {
+        tower::service_fn(move |req: http::Request<kube::client::Body>| {
+            let path = req.uri().path().to_string();
+            requests
+                .lock()
+                .unwrap()
+                .push(format!("{} {path}", req.method()));
+            let kind = if path.contains("persistentvolumeclaims") {
+                "PersistentVolumeClaim"
+            } else {
+                "PersistentVolume"
+            };
+            let status = if req.method() == http::Method::POST {
+                201
+            } else {
+                200
+            };
+            let body =
+                format!(r#"{{"apiVersion":"v1","kind":"{kind}","metadata":{{"name":"x"}}}}"#);
+            async move { Ok(http::Response::builder().status(status).body(body).unwrap()) }
+        })
+    }
+
+    /// A fresh context whose class store holds `classes`.
+    pub(crate) async fn fake(classes: &[StorageClass]) -> Fake {
+        let tmp = tempfile::tempdir().unwrap();
+        let plugin = Plugin::new(csi::Config {
+            node_id: NODE.into(),
+            pools: vec![
+                PoolSpec::new("dir", BackendKind::Dir, tmp.path().join("pool"))
+                    .with_reserve(Reserve::Bytes(0)),
+            ],
+            max_volumes_per_node: None,
+            kubelet_dir: tmp.path().join("kubelet"),
+        })
+        .unwrap();
+        let metrics = Arc::new(metrics::Metrics::new(Vec::new));
+        let requests = Arc::default();
+        let service = tower::Layer::layer(
+            &apiserver::layer(metrics.clone()),
+            apiserver(Arc::clone(&requests)),
+        );
+        let client = Client::new(service, "default");
+        let (class_store, mut class_writer) = reflector::store();
+        for sc in classes {
+            class_writer.apply_watcher_event(&watcher::Event::Apply(sc.clone()));
+        }
+        let (volume_store, volumes) = reflector::store();
+        let reporter = Reporter {
+            controller: crate::DRIVER_NAME.into(),
+            instance: None,
+        };
+        // The events' drain is not run: they stay queued.
+        let (events, _drain) =
+            events::Events::new(Recorder::new(client.clone(), reporter), metrics.clone());
+        let config = Config {
+            node: NODE.into(),
+            workers: 1,
+            state_dir: tmp.path().join("state"),
+            capacity_namespace: "stead-system".into(),
+            capacity_interval: Duration::from_secs(60),
+            leak_grace: Duration::from_secs(60),
+            pod_name: None,
+            pod_namespace: None,
+        };
+        let ctx = Ctx {
+            client,
+            csi: Arc::new(ObservedController::new(
+                plugin.controller_service(),
+                metrics.clone(),
+            )),
+            ledger: ledger::AsyncLedger::open(&config.state_dir).await.unwrap(),
+            config,
+            classes: class_store,
+            claims: reflector::store().0,
+            volumes: volume_store,
+            nodes: reflector::store().0,
+            immediate_waiting: AtomicBool::new(false),
+            events,
+            capacity_changed: Arc::new(Notify::new()),
+            failures: Mutex::default(),
+            metrics,
+        };
+        Fake {
+            ctx: Arc::new(ctx),
+            volumes,
+            requests,
+            _tmp: tmp,
+        }
+    }
+}

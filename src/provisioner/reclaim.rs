@@ -269,6 +269,71 @@ mod tests {
     use crate::provisioner::claim::tests::pvc;
     use crate::provisioner::class::{self, tests::class as sc};
     use crate::provisioner::ledger::Intent;
+    use crate::provisioner::tests::{NODE, fake};
+
+    /// The PV of a 16 MiB claim of class `stead` (reclaim Delete) on this
+    /// node, in `phase`.
+    fn released_pv(phase: &str) -> PersistentVolume {
+        let class = class::parse(&sc("stead", &[], "WaitForFirstConsumer", "Delete")).unwrap();
+        let claim = pvc("data-0", "16Mi", Some(NODE));
+        let volume = Volume {
+            volume_id: format!("pvc-{}", claim.metadata.uid.clone().unwrap()),
+            capacity_bytes: 16 << 20,
+            ..Default::default()
+        };
+        let mut pv = pv::build_pv(&claim, &class, &volume, NODE);
+        pv.metadata.uid = Some("pv-uid".into());
+        pv.status = Some(k8s_openapi::api::core::v1::PersistentVolumeStatus {
+            phase: Some(phase.into()),
+            ..Default::default()
+        });
+        pv
+    }
+
+    fn deleted(mut pv: PersistentVolume) -> Arc<PersistentVolume> {
+        pv.metadata.deletion_timestamp = Some(
+            k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(Default::default()),
+        );
+        Arc::new(pv)
+    }
+
+    #[tokio::test]
+    async fn a_released_pv_is_timed_until_its_finalizer_goes() {
+        let f = fake(&[]).await;
+        let pv = released_pv("Released");
+        reconcile(Arc::new(pv.clone()), f.ctx.clone())
+            .await
+            .unwrap();
+        assert!(f.requested(&format!(
+            "DELETE /api/v1/persistentvolumes/{}",
+            pv.name_any()
+        )));
+        let text = f.metrics(&[]);
+        assert!(
+            !text.contains("stead_deletion_duration_seconds_count"),
+            "{text}"
+        );
+        // The apiserver's deletion comes back as an update.
+        reconcile(deleted(pv.clone()), f.ctx.clone()).await.unwrap();
+        f.metrics(&[
+            r#"stead_deletion_duration_seconds_count{class="stead",outcome="success"} 1"#,
+            r#"stead_csi_rpc_duration_seconds_count{method="DeleteVolume",code="OK"} 2"#,
+            r#"stead_apiserver_requests_total{verb="delete",resource="persistentvolumes",code="200"} 1"#,
+            r#"stead_apiserver_requests_total{verb="patch",resource="persistentvolumes",code="200"} 1"#,
+        ]);
+    }
+
+    #[tokio::test]
+    async fn a_deleted_pv_whose_policy_keeps_the_data_is_timed_as_retained() {
+        let f = fake(&[]).await;
+        let mut pv = released_pv("Bound");
+        pv.spec.as_mut().unwrap().persistent_volume_reclaim_policy = Some("Retain".into());
+        reconcile(deleted(pv), f.ctx.clone()).await.unwrap();
+        let text = f.metrics(&[
+            r#"stead_deletion_duration_seconds_count{class="stead",outcome="retained"} 1"#,
+        ]);
+        assert!(!text.contains("DeleteVolume"), "the data is kept: {text}");
+    }
 
     #[test]
     fn only_the_volumes_own_pv_ends_its_intent() {

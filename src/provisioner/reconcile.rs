@@ -673,7 +673,142 @@ async fn expand<C: CsiController>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::provisioner::claim::tests::pvc;
+    use crate::provisioner::class::tests::class as sc;
+    use crate::provisioner::tests::{Fake, NODE, fake};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+    use kube::runtime::watcher;
     use std::collections::HashMap;
+
+    fn stead() -> k8s_openapi::api::storage::v1::StorageClass {
+        sc("stead", &[], "WaitForFirstConsumer", "Delete")
+    }
+
+    /// A context knowing class `stead`, after one reconcile of its claim
+    /// `db/data-0` of `size` on this node.
+    async fn reconciled(size: &str) -> (Fake, Arc<PersistentVolumeClaim>) {
+        let f = fake(&[stead()]).await;
+        let claim = Arc::new(pvc("data-0", size, Some(NODE)));
+        reconcile(claim.clone(), f.ctx.clone()).await.unwrap();
+        (f, claim)
+    }
+
+    #[tokio::test]
+    async fn a_claim_of_this_node_is_timed_once_from_first_seen_to_its_pv() {
+        let (mut f, claim) = reconciled("16Mi").await;
+        assert!(
+            f.requested("POST /api/v1/persistentvolumes"),
+            "{:?}",
+            f.requests
+        );
+        f.metrics(&[
+            r#"stead_provision_duration_seconds_count{class="stead",outcome="success"} 1"#,
+            // The provisioner's in-process RPC, and its request.
+            r#"stead_csi_rpc_duration_seconds_count{method="CreateVolume",code="OK"} 1"#,
+            r#"stead_apiserver_requests_total{verb="create",resource="persistentvolumes",code="201"} 1"#,
+        ]);
+
+        // Looked at again before it is bound, with its PV made: no second
+        // observation, and no clock left running (its deletion would be
+        // observed as abandoned).
+        let class = class::parse(&stead()).unwrap();
+        let volume = Volume {
+            volume_id: claim::volume_name(&claim).unwrap(),
+            capacity_bytes: 16 << 20,
+            ..Default::default()
+        };
+        let made = pv::build_pv(&claim, &class, &volume, NODE);
+        f.volumes.apply_watcher_event(&watcher::Event::Apply(made));
+        reconcile(claim.clone(), f.ctx.clone()).await.unwrap();
+        let mut deleted = (*claim).clone();
+        deleted.metadata.deletion_timestamp = Some(Time(Default::default()));
+        reconcile(Arc::new(deleted), f.ctx.clone()).await.unwrap();
+        let text = f.metrics(&[
+            r#"stead_provision_duration_seconds_count{class="stead",outcome="success"} 1"#,
+        ]);
+        assert!(!text.contains(r#"outcome="abandoned""#), "{text}");
+    }
+
+    #[tokio::test]
+    async fn expansions_are_counted_by_outcome_and_failed_reconciles_by_reason() {
+        let mut f = fake(&[stead()]).await;
+        let class = class::parse(&stead()).unwrap();
+        let small = pvc("data-0", "16Mi", Some(NODE));
+        let req = claim::create_request(&small, &class, NODE).unwrap();
+        let volume = f
+            .ctx
+            .csi
+            .create_volume(tonic::Request::new(req))
+            .await
+            .unwrap()
+            .into_inner()
+            .volume
+            .unwrap();
+        let made = pv::build_pv(&small, &class, &volume, NODE);
+        f.volumes
+            .apply_watcher_event(&watcher::Event::Apply(made.clone()));
+        let grown = |size: &str, pv: &str| {
+            let mut c = pvc("data-0", size, Some(NODE));
+            c.spec.as_mut().unwrap().volume_name = Some(pv.into());
+            c.status = Some(k8s_openapi::api::core::v1::PersistentVolumeClaimStatus {
+                phase: Some("Bound".into()),
+                ..Default::default()
+            });
+            Arc::new(c)
+        };
+        reconcile(grown("32Mi", &volume.volume_id), f.ctx.clone())
+            .await
+            .unwrap();
+
+        // A PV whose volume is not on the node: ControllerExpandVolume fails.
+        let mut lost = made.clone();
+        lost.metadata.name = Some("pv-lost".into());
+        lost.spec
+            .as_mut()
+            .unwrap()
+            .csi
+            .as_mut()
+            .unwrap()
+            .volume_handle = "pvc-lost".into();
+        f.volumes.apply_watcher_event(&watcher::Event::Apply(lost));
+        let claim = grown("32Mi", "pv-lost");
+        let err = reconcile(claim.clone(), f.ctx.clone()).await.unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::Csi {
+                    code: Code::NotFound,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        error_policy(claim, &err, f.ctx.clone());
+
+        f.metrics(&[
+            r#"stead_volume_expansions_total{outcome="success"} 1"#,
+            r#"stead_volume_expansions_total{outcome="failure"} 1"#,
+            r#"stead_csi_rpc_duration_seconds_count{method="ControllerExpandVolume",code="OK"} 1"#,
+            r#"stead_csi_rpc_duration_seconds_count{method="ControllerExpandVolume",code="NotFound"} 1"#,
+            r#"stead_apiserver_requests_total{verb="patch",resource="persistentvolumeclaims/status",code="200"} 1"#,
+            r#"stead_reconcile_errors_total{controller="claim",reason="csi"} 1"#,
+        ]);
+    }
+
+    #[tokio::test]
+    async fn a_claim_without_room_is_given_back_and_timed_as_released() {
+        let (f, _) = reconciled("1000Ti").await;
+        assert!(
+            f.requested("PATCH /api/v1/namespaces/db/persistentvolumeclaims/data-0"),
+            "the node choice is released: {:?}",
+            f.requests
+        );
+        let text = f.metrics(&[
+            r#"stead_provision_duration_seconds_count{class="stead",outcome="released"} 1"#,
+            r#"stead_csi_rpc_duration_seconds_count{method="CreateVolume",code="ResourceExhausted"} 1"#,
+        ]);
+        assert!(!text.contains(r#"outcome="success""#), "{text}");
+    }
 
     #[test]
     fn a_volume_not_held_to_its_size_is_said_so_on_its_event() {
