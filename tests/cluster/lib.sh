@@ -112,9 +112,15 @@ NODE_COMPONENTS=(containerd kubelet kube-proxy)
 log() { printf '[cluster] %s\n' "$*" >&2; }
 die() { printf '[cluster] error: %s\n' "$*" >&2; exit 1; }
 
-# sha256 of the given files' contents, names included: the key of a cached build.
+# sha256 of the given files' contents, names included (relative to
+# tests/cluster, so that every checkout of the same sources finds the same
+# key): the key of a cached build.
 content_key() {
-  sha256sum "$@" | sha256sum | cut -c1-16
+  local f
+  for f in "$@"; do
+    printf '%s ' "${f#"$CLUSTER_SRC"/}"
+    sha256sum <"$f"
+  done | sha256sum | cut -c1-16
 }
 
 kubectl_admin() {
