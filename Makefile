@@ -42,3 +42,4 @@ test: lint unit sanity cluster-smoke provision-test e2e
 -include tests/cluster/cluster.mk
 -include tests/e2e/e2e.mk
 -include tests/provision/provision.mk
+-include tests/upstream/upstream.mk
