@@ -82,6 +82,14 @@ fn from_snapshot(mut req: CreateVolumeRequest, snap: &str) -> CreateVolumeReques
     req
 }
 
+/// The same request for exactly its required size (limit_bytes = required_bytes).
+fn exact(mut req: CreateVolumeRequest) -> CreateVolumeRequest {
+    if let Some(range) = req.capacity_range.as_mut() {
+        range.limit_bytes = range.required_bytes;
+    }
+    req
+}
+
 fn from_volume(mut req: CreateVolumeRequest, vol: &str) -> CreateVolumeRequest {
     req.volume_content_source = Some(VolumeContentSource {
         r#type: Some(Type::Volume(VolumeSource {
@@ -308,6 +316,46 @@ async fn a_clone_is_a_copy_of_the_live_volume() {
     }
 }
 
+/// A request whose range only asks for less than its source (required
+/// below it, no limit) gets a copy of the source's size, as Kubernetes asks
+/// when the source claim's volume was rounded up: here a 1 MiB claim whose
+/// ext4 volume holds 16 MiB, then a restore and a clone asking 1 MiB.
+#[tokio::test]
+async fn a_copy_asking_less_than_its_source_gets_the_sources_size() {
+    let mut a = Agent::start("copy-size").await;
+    let cap = mount_cap("ext4");
+    let src = a.create("pvc-src", "image", cap.clone(), MIB).await;
+    assert_eq!(src.capacity_bytes, 16 * MIB, "ext4's floor");
+    let target = a.mount("pvc-src", &cap).await;
+    write_tree(&target, 3);
+    let want = checksums(&target);
+    a.unmount("pvc-src").await;
+    a.snapshot("snap", "pvc-src").await;
+
+    for (id, req) in [
+        (
+            "pvc-restore",
+            from_snapshot(create_req("pvc-restore", "image", cap.clone(), MIB), "snap"),
+        ),
+        (
+            "pvc-clone",
+            from_volume(
+                create_req("pvc-clone", "image", cap.clone(), MIB),
+                "pvc-src",
+            ),
+        ),
+    ] {
+        let vol = a.create_with(req).await;
+        assert_eq!(vol.capacity_bytes, 16 * MIB, "{id}: the source's size");
+        let copy = a.mount(id, &cap).await;
+        assert_eq!(checksums(&copy), want, "{id}: the source's data");
+        a.unmount(id).await;
+        a.delete(id).await;
+    }
+    a.delete_snapshot("snap").await;
+    a.delete("pvc-src").await;
+}
+
 /// A snapshot taken while a writer appends and fsyncs restores to a
 /// filesystem that fsck finds clean, holding a prefix of what was written.
 #[tokio::test]
@@ -452,7 +500,11 @@ async fn impossible_restores_and_snapshots_are_refused_by_name() {
 
     let cases = [
         (
-            from_snapshot(create_req("r1", "image", ext4.clone(), 32 * MIB), "snap"),
+            // An exact 32 MiB: no size in range holds the 64 MiB snapshot.
+            from_snapshot(
+                exact(create_req("r1", "image", ext4.clone(), 32 * MIB)),
+                "snap",
+            ),
             Code::OutOfRange,
             "smaller",
         ),

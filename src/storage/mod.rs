@@ -99,13 +99,13 @@ pub enum Error {
         reason: String,
     },
     #[error(
-        "volume {id} cannot be made from {from}: it holds {size} bytes and the request asks for {asked}; a restore or clone is never smaller than its source"
+        "volume {id} cannot be made from {from}: it holds {size} bytes and limit_bytes is {limit}; a restore or clone is never smaller than its source"
     )]
     SmallerThanSource {
         id: VolumeId,
         from: ContentSource,
         size: u64,
-        asked: u64,
+        limit: u64,
     },
     #[error("volume {id}: {reason}")]
     Busy { id: VolumeId, reason: String },

@@ -513,17 +513,21 @@ impl Store {
                 req.access
             )));
         }
-        let asked = if req.required != 0 {
-            req.required
-        } else {
-            req.limit
-        };
-        if asked != 0 && asked < size {
+        // A copy is never smaller than its source. A range that only asks
+        // for less (required_bytes below the source's size, and no limit or
+        // one at least that size) is met by the source's size, as any create
+        // is met by the next size the backend can hold: CSI's CapacityRange
+        // is "at least" required_bytes and "not bigger than" limit_bytes.
+        // Kubernetes asks that way: a clone's claim need only request what
+        // its source's claim requested, and the source's volume may be
+        // larger than that (rounded up to its filesystem's floor). Only a
+        // limit below the source's size leaves no size to choose.
+        if req.limit != 0 && req.limit < size {
             return Err(Error::SmallerThanSource {
                 id: req.id.clone(),
                 from: source.clone(),
                 size,
-                asked,
+                limit: req.limit,
             });
         }
         Ok(SourcePlan {
