@@ -417,9 +417,10 @@ impl Controller for ControllerService {
     ) -> Result<Response<CreateSnapshotResponse>, Status> {
         let req = request.into_inner();
         let name = req.name.clone();
+        let source = req.source_volume_id.clone();
         outcome(
             "CreateSnapshot",
-            &req.source_volume_id.clone(),
+            &source,
             snapshot::create(self.shared.clone(), req)
                 .instrument(super::span("CreateSnapshot", &name))
                 .await,
