@@ -302,8 +302,8 @@ fn succeeded_note(volume: &Volume, node: &str, from: Option<&str>) -> String {
 /// The content source of a claim filled from `src`, when this node holds
 /// the data; otherwise what to do instead (`Err`): wait for the source, let
 /// the holder take an Immediate claim, or, for a claim whose pod the
-/// scheduler put on this node, say where the data is and release the node
-/// choice.
+/// scheduler put on this node, say where the data is and move the node
+/// choice there (release it when no node is known to hold the data).
 async fn fill_from<C: CsiController>(
     ctx: &Ctx<C>,
     pvc: &PersistentVolumeClaim,
@@ -342,18 +342,29 @@ async fn fill_from<C: CsiController>(
                     "skipped: the data of its source is on another node");
                 return Ok(Err(Action::await_change()));
             }
-            let holder = r
-                .node
-                .map(|n| format!("node {n}"))
-                .unwrap_or_else(|| "no node known to Stead".into());
+            let Some(holder) = r.node else {
+                ctx.fail(
+                    pvc,
+                    format!(
+                        "the data of {src} is on no node known to Stead, but the scheduler chose node {node} for claim {key}; Stead does not move data between nodes, so the node choice is released"
+                    ),
+                );
+                release_node(ctx, pvc).await?;
+                return Ok(Err(Action::requeue(Duration::from_secs(30))));
+            };
+            // The scheduler keeps a claim's selected node once set: its next
+            // attempt places the pod on the holder, or leaves it Pending if
+            // the pod cannot run there; meanwhile the holder's agent makes
+            // the volume. Released instead, the choice could fall on another
+            // node that lacks the data, again and again.
             ctx.fail(
                 pvc,
                 format!(
-                    "the data of {src} is on {holder}, but the scheduler chose node {node} for claim {key}; Stead does not move data between nodes, so the node choice is released: run the claim's pod on the node that holds the data (for example with a nodeSelector on kubernetes.io/hostname)"
+                    "the data of {src} is on node {holder}, but the scheduler chose node {node} for claim {key}; Stead does not move data between nodes, so the claim's node choice is moved to {holder}: its pod runs there, or stays Pending if it cannot (a nodeSelector or affinity that excludes {holder})"
                 ),
             );
-            release_node(ctx, pvc).await?;
-            Ok(Err(Action::requeue(Duration::from_secs(30))))
+            move_node(ctx, pvc, &holder).await?;
+            Ok(Err(Action::await_change()))
         }
     }
 }
@@ -374,6 +385,41 @@ async fn release_node<C>(ctx: &Ctx<C>, pvc: &PersistentVolumeClaim) -> Result<()
         .provisioning
         .finish(&pvc.uid().unwrap_or_default(), Outcome::Released);
     Ok(())
+}
+
+/// Sets a claim's `selected-node` to `holder` in place of this node's, with
+/// an optimistic-concurrency patch: a claim changed meanwhile (released by
+/// the scheduler, moved by another agent) is left as it now is.
+async fn move_node<C>(
+    ctx: &Ctx<C>,
+    pvc: &PersistentVolumeClaim,
+    holder: &str,
+) -> Result<(), Error> {
+    let key = claim::claim_key(pvc);
+    let patch = json!({"metadata": {
+        "resourceVersion": pvc.resource_version(),
+        "annotations": {claim::ANN_SELECTED_NODE: holder},
+    }});
+    let api: Api<PersistentVolumeClaim> =
+        Api::namespaced(ctx.client.clone(), &pvc.namespace().unwrap_or_default());
+    match api
+        .patch(
+            &pvc.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await
+    {
+        Ok(_) => {
+            tracing::info!(pvc = %key, node = %ctx.config.node, holder = %holder, "moved the claim's node choice to the node that holds its data");
+            Ok(())
+        }
+        Err(kube::Error::Api(s)) if s.code == 409 => {
+            tracing::debug!(pvc = %key, "claim changed meanwhile; looked at again");
+            Ok(())
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Takes an Immediate claim for this node: sets `selected-node` with an

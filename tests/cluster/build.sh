@@ -27,21 +27,11 @@ build_kubernetes() {
     log "Kubernetes $STEAD_K8S_VERSION: cached in $BIN"
     return
   fi
-  # The release's version, as the upstream build stamps it (hack/lib/version.sh),
-  # so that every --version and the apiserver's /version report it.
   need_go
-  local v=${STEAD_K8S_VERSION#v} date
-  # buildDate: the release's commit time, from the module's .info, so that
-  # the same inputs give the same binaries.
-  date=$(cd "$mod" && go mod download -json "k8s.io/kubernetes@$STEAD_K8S_VERSION" |
-    sed -n 's/.*"Info": "\(.*\)".*/\1/p' | xargs -r sed -n 's/.*"Time":"\([^"]*\)".*/\1/p')
-  local ldflags=(-s -w)
+  local ldflags
+  read -ra ldflags < <(k8s_version_ldflags "$mod")
+  ldflags=(-s -w "${ldflags[@]}")
   local pkg
-  for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
-    ldflags+=(-X "$pkg.gitVersion=$STEAD_K8S_VERSION"
-      -X "$pkg.gitMajor=${v%%.*}" -X "$pkg.gitMinor=$(cut -d. -f2 <<<"$v")"
-      -X "$pkg.gitTreeState=clean" -X "$pkg.buildDate=${date:-1970-01-01T00:00:00Z}")
-  done
   local targets=()
   for pkg in "${K8S_BINARIES[@]}"; do targets+=("k8s.io/kubernetes/cmd/$pkg"); done
   log "building Kubernetes $STEAD_K8S_VERSION (${K8S_BINARIES[*]}) into $BIN; a cold build takes a while"

@@ -114,9 +114,15 @@ NODE_COMPONENTS=(containerd kubelet kube-proxy)
 log() { printf '[cluster] %s\n' "$*" >&2; }
 die() { printf '[cluster] error: %s\n' "$*" >&2; exit 1; }
 
-# sha256 of the given files' contents, names included: the key of a cached build.
+# sha256 of the given files' contents, names included (relative to
+# tests/cluster, so that every checkout of the same sources finds the same
+# key): the key of a cached build.
 content_key() {
-  sha256sum "$@" | sha256sum | cut -c1-16
+  local f
+  for f in "$@"; do
+    printf '%s ' "${f#"$CLUSTER_SRC"/}"
+    sha256sum <"$f"
+  done | sha256sum | cut -c1-16
 }
 
 kubectl_admin() {
@@ -259,4 +265,21 @@ take_cluster_lock() {
     flock --timeout 300 9 || die "still locked after 5 min: /run/lock/stead-cluster.lock"
   fi
   export STEAD_CLUSTER_LOCKED=1
+}
+
+# k8s_version_ldflags MODULE_DIR: the -X flags that stamp STEAD_K8S_VERSION
+# into a Kubernetes binary as the upstream build does (hack/lib/version.sh),
+# so that every --version and the apiserver's /version report it. buildDate
+# is the release's commit time, from the module's .info in MODULE_DIR's
+# module cache, so that the same inputs give the same binaries.
+k8s_version_ldflags() {
+  local mod=$1 v=${STEAD_K8S_VERSION#v} date pkg flags=()
+  date=$(cd "$mod" && go mod download -json "k8s.io/kubernetes@$STEAD_K8S_VERSION" |
+    sed -n 's/.*"Info": "\(.*\)".*/\1/p' | xargs -r sed -n 's/.*"Time":"\([^"]*\)".*/\1/p')
+  for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+    flags+=(-X "$pkg.gitVersion=$STEAD_K8S_VERSION"
+      -X "$pkg.gitMajor=${v%%.*}" -X "$pkg.gitMinor=$(cut -d. -f2 <<<"$v")"
+      -X "$pkg.gitTreeState=clean" -X "$pkg.buildDate=${date:-1970-01-01T00:00:00Z}")
+  done
+  echo "${flags[*]}"
 }

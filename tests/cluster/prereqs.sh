@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the node runtime the cluster needs from Debian's packages, when
 # missing: containerd, runc, the CNI plugins, iptables/conntrack for
-# kube-proxy, buildah and busybox-static for the images.
+# kube-proxy, buildah and busybox-static for the images, jq for the
+# upstream e2e tier's report.
 set -euo pipefail
 # shellcheck source=tests/cluster/lib.sh
 source "$(dirname "$0")/lib.sh"
@@ -24,6 +25,8 @@ declare -A wanted=(
   [mkfs.btrfs]=btrfs-progs
   [nsenter]=util-linux
   [cc]=gcc
+  # The upstream e2e tier's report (tests/upstream/run.sh).
+  [jq]=jq
 )
 missing=()
 for cmd in "${!wanted[@]}"; do

@@ -274,6 +274,15 @@ TOML
 JSON
   start_in_node "$i" containerd containerd --config "$dir/config/containerd.toml" --log-level warn
   wait_healthy "$name.containerd" 30 ctr --address "$(node_containerd_sock "$i")" version
+  # The node's PID 1. On a real node (or a kind one) /proc/1 is its init, in
+  # the node's mount namespace, and tools that enter the node do so through
+  # it: the upstream e2e suite's host-exec pods mount the node's / and run
+  # nsenter --mount=/rootfs/proc/1/ns/mnt. Here every node shares the
+  # machine's PID namespace, whose PID 1 is in another mount namespace (and
+  # not even readable on this machine), so the node's /proc/1 is made its
+  # containerd's: a process of the node's mount namespace that lives as long
+  # as the node.
+  nsenter --mount="$mnt" -- mount --bind "/proc/$(component_pid "$name.containerd")" /proc/1
   # Containers its root kept from an earlier run are stale.
   sweep_containers "$i"
   import_images "$i"

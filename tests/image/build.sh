@@ -45,7 +45,8 @@ fi
 start=$SECONDS
 log "building the release binary"
 cargo build --locked --release --bin stead
-bin=target/release/stead
+# cargo puts it under CARGO_TARGET_DIR when that is set.
+bin=${CARGO_TARGET_DIR:-target}/release/stead
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/stead-image.XXXXXX")
 trap 'rm -rf "$work"' EXIT

@@ -216,7 +216,7 @@ async fn the_scheduler_places_a_claim_by_stead_capacity_on_another_node() {
     const GI: u64 = 1 << 30;
 
     step("every node publishes a CSIStorageCapacity for each Stead class");
-    for c in ["stead", "stead-dir", "stead-retain"] {
+    for c in ["stead", "stead-dir", "stead-retain", "stead-xfs"] {
         let caps = capacities(&scn.client, c).await;
         for n in &nodes {
             assert!(

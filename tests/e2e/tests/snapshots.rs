@@ -195,7 +195,60 @@ async fn a_statefulset_members_snapshot_restores_and_a_claim_clones_on_its_node(
         .find(|n| *n != node);
     if let Some(other) = elsewhere {
         step(&format!(
-            "a restore whose pod must run on {other}: the claim says the data is on {node}"
+            "a restore whose pod prefers {other}: the scheduler picks {other}, Stead moves the claim's node choice to {node}, the pod runs there and reads the old token"
+        ));
+        create(
+            &pvcs,
+            &claim_from(
+                "db-restore-steered",
+                json!({ "apiGroup": "snapshot.storage.k8s.io", "kind": "VolumeSnapshot", "name": "db-snap" }),
+                "500Mi",
+            ),
+        )
+        .await;
+        create(
+            &pods,
+            &busybox_pod(
+                "steered-reader",
+                "",
+                json!({
+                    "affinity": { "nodeAffinity": { "preferredDuringSchedulingIgnoredDuringExecution": [{
+                        "weight": 100,
+                        "preference": { "matchExpressions": [{
+                            "key": "kubernetes.io/hostname", "operator": "In", "values": [other],
+                        }] },
+                    }] } },
+                    "volumes": [{ "name": "v", "persistentVolumeClaim": { "claimName": "db-restore-steered" } }],
+                    "containers": [{ "volumeMounts": [{ "name": "v", "mountPath": "/data" }] }],
+                }),
+            ),
+        )
+        .await;
+        wait_event(
+            &scn.client,
+            "db-restore-steered",
+            "ProvisioningFailed",
+            &[node.as_str(), other.as_str(), "moved to"],
+            WAIT,
+        )
+        .await;
+        wait_ready(&pods, "steered-reader").await;
+        assert_eq!(
+            node_of(
+                &pods
+                    .get("steered-reader")
+                    .await
+                    .expect("reading steered-reader")
+            ),
+            node,
+            "the pod runs where the data is"
+        );
+        assert_eq!(sh(&pods, "steered-reader", "cat /data/token").await, token);
+        delete(&pods, "steered-reader").await;
+        delete(&pvcs, "db-restore-steered").await;
+
+        step(&format!(
+            "a restore whose pod must run on {other}: the claim says the data is on {node}, the pod stays Pending"
         ));
         create(
             &pvcs,
@@ -219,6 +272,15 @@ async fn a_statefulset_members_snapshot_restores_and_a_claim_clones_on_its_node(
             WAIT,
         )
         .await;
+        let pod = pods
+            .get("elsewhere-reader")
+            .await
+            .expect("reading elsewhere-reader");
+        assert_eq!(
+            pod.status.and_then(|s| s.phase).as_deref(),
+            Some("Pending"),
+            "a pod that cannot run where its data is does not start"
+        );
         delete(&pods, "elsewhere-reader").await;
         delete(&pvcs, "db-restore-elsewhere").await;
     } else {
