@@ -1,8 +1,8 @@
 # Stead — the one entry point for building, testing and demonstrating.
 #
 #   make test   fmt check, clippy -D warnings, cargo tests (real mounts; run as root),
-#               csi-sanity on every backend, the cluster tiers, the upstream
-#               Kubernetes external-storage e2e suite
+#               the Helm chart's render check, csi-sanity on every backend, the
+#               cluster tiers, the upstream Kubernetes external-storage e2e suite
 #   make demo   the seed's StatefulSet on the bundled local cluster
 #
 # Each test tier keeps its own targets in a fragment next to its code.
@@ -38,7 +38,7 @@ unit:
 
 # The tiers wired into `make test` are the ones that pass; see README. The
 # upstream e2e suite comes last: it judges what the cluster tiers built.
-test: lint unit sanity cluster-smoke provision-test e2e upstream-e2e
+test: lint unit helm-check sanity cluster-smoke provision-test e2e upstream-e2e
 
 -include tests/sanity/sanity.mk
 -include tests/cluster/cluster.mk
@@ -46,3 +46,4 @@ test: lint unit sanity cluster-smoke provision-test e2e upstream-e2e
 -include tests/provision/provision.mk
 -include benches/alloc.mk
 -include tests/upstream/upstream.mk
+-include tests/helm/helm.mk
