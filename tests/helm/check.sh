@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # The render check of Stead's Helm chart (deploy/helm/stead); needs no
 # cluster:
-#   1. helm lint --strict, with the default values and with values-test.yaml;
+#   1. helm lint --strict, with the default values, values-test.yaml and
+#      values-cluster.yaml (install.sh's);
 #   2. `helm template` with the default values renders the same objects as
 #      `kubectl kustomize deploy`, field for field, Helm's own labels set
 #      aside (render_check.py same); with snapshotClass.enabled, the same as
 #      deploy/ and deploy/snapshot/ together;
-#   3. a render with values-test.yaml has what those values ask for
-#      (render_check.py values).
+#   3. a render with values-test.yaml, and one with values-cluster.yaml,
+#      has what those values ask for (render_check.py values).
 # kubectl is the cluster's (tests/cluster/build.sh), helm the pinned one
 # (build.sh). Renders are left in target/helm/ to read. Prints
 # "helm-check: N passed, N failed" last.
@@ -36,7 +37,7 @@ python=/usr/bin/python3
 out=target/helm
 mkdir -p "$out"
 chart=deploy/helm/stead
-test_values=$HELM_SRC/values-test.yaml
+values_files=("$HELM_SRC/values-test.yaml" "$HELM_SRC/values-cluster.yaml")
 passed=0 failed=0
 step() { log "$*"; }
 # check WHAT CMD...: runs one check, counted.
@@ -46,9 +47,11 @@ check() {
   if "$@"; then passed=$((passed + 1)); else log "FAILED: $what"; failed=$((failed + 1)); fi
 }
 
-step "helm lint --strict $chart (default values, then $(basename "$test_values"))"
+step "helm lint --strict $chart (default values, then ${values_files[*]##*/})"
 check "helm lint of the default values" "$HELM_BIN" lint --strict "$chart"
-check "helm lint with $test_values" "$HELM_BIN" lint --strict "$chart" --namespace "$RELEASE_NS" -f "$test_values"
+for values in "${values_files[@]}"; do
+  check "helm lint with $values" "$HELM_BIN" lint --strict "$chart" --namespace "$RELEASE_NS" -f "$values"
+done
 
 render() {
   local file=$1
@@ -70,10 +73,12 @@ check "the chart's render with the VolumeSnapshotClass against deploy/ + deploy/
   "$python" "$HELM_SRC/render_check.py" same "$chart/Chart.yaml" "$out/snapshot.yaml" \
   "$out/kustomize.yaml" "$out/kustomize-snapshot.yaml"
 
-step "helm template -f $(basename "$test_values"): what the values ask for"
-render values-test.yaml -f "$test_values"
-check "the render with $test_values has what it asks for" \
-  "$python" "$HELM_SRC/render_check.py" values "$out/values-test.yaml" "$test_values"
+for values in "${values_files[@]}"; do
+  step "helm template -f ${values##*/}: what the values ask for"
+  render "${values##*/}" -f "$values"
+  check "the render with $values has what it asks for" \
+    "$python" "$HELM_SRC/render_check.py" values "$out/${values##*/}" "$values"
+done
 
 echo "helm-check: $passed passed, $failed failed"
 ((failed == 0)) || die "renders in $out/"

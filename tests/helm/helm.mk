@@ -7,13 +7,22 @@
 #                            against `kubectl kustomize deploy`; needs no
 #                            cluster (kubectl is the cluster's build, made
 #                            first if it is not there)
+#   make helm-install-test   on the bundled cluster: helm install, the seed
+#                            StatefulSet, helm upgrade (the agents roll, the
+#                            data stays), helm uninstall (nothing left); not
+#                            in `make test` yet
 
 HELM_DIR := tests/helm
 
-.PHONY: helm-build helm-check
+.PHONY: helm-build helm-check helm-install-test
 
 helm-build:
 	$(HELM_DIR)/build.sh
 
 helm-check: helm-build
 	$(HELM_DIR)/check.sh
+
+# The image and the cluster as `make deploy` has them (tests/e2e/e2e.mk),
+# without deploy/: the chart installs Stead.
+helm-install-test: helm-build image cluster-up
+	$(HELM_DIR)/install.sh $(STEAD_IMAGE_ARCHIVE)
