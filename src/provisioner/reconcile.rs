@@ -396,42 +396,22 @@ async fn move_node<C>(
     holder: &str,
 ) -> Result<(), Error> {
     let key = claim::claim_key(pvc);
-    let patch = json!({"metadata": {
-        "resourceVersion": pvc.resource_version(),
-        "annotations": {claim::ANN_SELECTED_NODE: holder},
-    }});
-    let api: Api<PersistentVolumeClaim> =
-        Api::namespaced(ctx.client.clone(), &pvc.namespace().unwrap_or_default());
-    match api
-        .patch(
-            &pvc.name_any(),
-            &PatchParams::default(),
-            &Patch::Merge(&patch),
-        )
-        .await
-    {
-        Ok(_) => {
-            tracing::info!(pvc = %key, node = %ctx.config.node, holder = %holder, "moved the claim's node choice to the node that holds its data");
-            Ok(())
-        }
-        Err(kube::Error::Api(s)) if s.code == 409 => {
-            tracing::debug!(pvc = %key, "claim changed meanwhile; looked at again");
-            Ok(())
-        }
-        Err(e) => Err(e.into()),
+    if select_node(ctx, pvc, holder).await?.is_some() {
+        tracing::info!(pvc = %key, node = %ctx.config.node, holder = %holder, "moved the claim's node choice to the node that holds its data");
+    } else {
+        tracing::debug!(pvc = %key, "claim changed meanwhile; looked at again");
     }
+    Ok(())
 }
 
-/// Takes an Immediate claim for this node: sets `selected-node` with an
-/// optimistic-concurrency patch (the resourceVersion makes the apiserver
-/// refuse it when another agent took the claim first). `None` when another
-/// agent won.
-async fn take<C: CsiController>(
+/// Sets a claim's `selected-node` to `node` with an optimistic-concurrency
+/// patch: the resourceVersion makes the apiserver refuse it when the claim
+/// changed meanwhile (another agent took or moved it), and then `None`.
+async fn select_node<C>(
     ctx: &Ctx<C>,
     pvc: &PersistentVolumeClaim,
-) -> Result<Option<Arc<PersistentVolumeClaim>>, Error> {
-    let node = &ctx.config.node;
-    let key = claim::claim_key(pvc);
+    node: &str,
+) -> Result<Option<PersistentVolumeClaim>, Error> {
     let patch = json!({"metadata": {
         "resourceVersion": pvc.resource_version(),
         "annotations": {claim::ANN_SELECTED_NODE: node},
@@ -446,20 +426,28 @@ async fn take<C: CsiController>(
         )
         .await
     {
-        Ok(updated) => {
-            tracing::info!(pvc = %key, node = %node, "took Immediate claim");
-            ctx.metrics.provisioning.start(
-                &pvc.uid().unwrap_or_default(),
-                claim::class_name(pvc).unwrap_or_default(),
-            );
-            Ok(Some(Arc::new(updated)))
-        }
-        Err(kube::Error::Api(s)) if s.code == 409 => {
-            tracing::debug!(pvc = %key, "another agent took it first");
-            Ok(None)
-        }
+        Ok(updated) => Ok(Some(updated)),
+        Err(kube::Error::Api(s)) if s.code == 409 => Ok(None),
         Err(e) => Err(e.into()),
     }
+}
+
+/// Takes an Immediate claim for this node: sets `selected-node` with an
+/// optimistic-concurrency patch (the resourceVersion makes the apiserver
+/// refuse it when another agent took the claim first). `None` when another
+/// agent won.
+async fn take<C: CsiController>(
+    ctx: &Ctx<C>,
+    pvc: &PersistentVolumeClaim,
+) -> Result<Option<Arc<PersistentVolumeClaim>>, Error> {
+    let node = &ctx.config.node;
+    let key = claim::claim_key(pvc);
+    let taken = select_node(ctx, pvc, node).await?;
+    match &taken {
+        Some(_) => tracing::info!(pvc = %key, node = %node, "took Immediate claim"),
+        None => tracing::debug!(pvc = %key, "another agent took it first"),
+    }
+    Ok(taken.map(Arc::new))
 }
 
 async fn create_pv<C: CsiController>(
