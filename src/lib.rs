@@ -37,6 +37,10 @@ pub mod proto {
 pub const DRIVER_NAME: &str = "stead.csi.dev";
 /// The topology key that pins a volume to its node.
 pub const TOPOLOGY_KEY: &str = "topology.stead.csi.dev/node";
+/// The label that names the node of the objects an agent writes for its
+/// node: its PVs (which each agent watches by it), its CSIStorageCapacity
+/// objects and the VolumeSnapshotContents whose snapshot it holds.
+pub const NODE_LABEL: &str = "stead.csi.dev/node";
 
 /// Errors that stop the agent (start-up and serving); RPC errors live in
 /// [`csi::Error`].

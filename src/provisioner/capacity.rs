@@ -25,13 +25,13 @@ use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
 use kube::{Api, ResourceExt};
 
 use super::class::{self, ClassSpec};
+use super::scope::{fnv, node_label, selector};
 use super::{Ctx, claim, quantity};
 use crate::proto::csi::v1::GetCapacityRequest;
 use crate::proto::csi::v1::controller_server::Controller as CsiController;
-use crate::{DRIVER_NAME, TOPOLOGY_KEY};
+use crate::{DRIVER_NAME, NODE_LABEL, TOPOLOGY_KEY};
 
 const LABEL_DRIVER: &str = "csi.storage.k8s.io/drivername";
-const LABEL_NODE: &str = "stead.csi.dev/node";
 const FIELD_MANAGER: &str = "stead";
 /// When the object may be taken for abandoned if not renewed (RFC 3339).
 pub const ANN_STALE_AFTER: &str = "stead.csi.dev/stale-after";
@@ -44,13 +44,6 @@ pub const LEASE_RENEWALS: u32 = 3;
 /// abandoned this long after their last write.
 pub const LEGACY_GRACE: Duration = Duration::from_secs(3600);
 
-/// FNV-1a: a stable short hash for names that would be too long.
-fn fnv(s: &str) -> u64 {
-    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    })
-}
-
 /// The object's name for (node, class): readable when it fits.
 pub fn object_name(node: &str, class: &str) -> String {
     let name = format!("stead-{node}-{class}");
@@ -58,15 +51,6 @@ pub fn object_name(node: &str, class: &str) -> String {
         name
     } else {
         format!("stead-{:016x}", fnv(&format!("{node}/{class}")))
-    }
-}
-
-/// Label values are at most 63 characters; long node names are hashed.
-pub fn node_label(node: &str) -> String {
-    if node.len() <= 63 {
-        node.to_string()
-    } else {
-        format!("h-{:016x}", fnv(node))
     }
 }
 
@@ -90,7 +74,7 @@ pub fn build(
             )])),
             labels: Some(BTreeMap::from([
                 (LABEL_DRIVER.to_string(), DRIVER_NAME.to_string()),
-                (LABEL_NODE.to_string(), node_label(node)),
+                (NODE_LABEL.to_string(), node_label(node)),
             ])),
             owner_references: owner.map(|o| vec![o.clone()]),
             ..Default::default()
@@ -386,10 +370,8 @@ async fn publish<C: CsiController>(
         }
     }
     // Objects of classes that are gone (or no longer Stead's) go too.
-    let mine = ListParams::default().labels(&format!(
-        "{LABEL_DRIVER}={DRIVER_NAME},{LABEL_NODE}={}",
-        node_label(node)
-    ));
+    let mine =
+        ListParams::default().labels(&format!("{LABEL_DRIVER}={DRIVER_NAME},{}", selector(node)));
     let listed = match api.list(&mine).await {
         Ok(l) => l,
         Err(e) => {

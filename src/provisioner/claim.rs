@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 
 use k8s_openapi::api::core::v1::{Node, PersistentVolumeClaim};
+use kube::Resource;
 
 use super::class::ClassSpec;
 use super::quantity;
@@ -18,10 +19,19 @@ use crate::proto::csi::v1::{
 pub const ANN_SELECTED_NODE: &str = "volume.kubernetes.io/selected-node";
 /// Pre-1.26 way to name a claim's class; still honoured by Kubernetes.
 const ANN_BETA_CLASS: &str = "volume.beta.kubernetes.io/storage-class";
+/// Set by kube-controller-manager's PV controller on a claim it wants a
+/// provisioner to provision (an Immediate claim as soon as it is seen; a
+/// WaitForFirstConsumer claim once a node is selected): the class's
+/// provisioner. What the metadata of a claim says of its class.
+pub const ANN_STORAGE_PROVISIONER: &str = "volume.kubernetes.io/storage-provisioner";
+/// The same, as Kubernetes before 1.23 wrote it (and still writes it too).
+pub const ANN_BETA_STORAGE_PROVISIONER: &str = "volume.beta.kubernetes.io/storage-provisioner";
+/// Set by the PV controller once the claim is bound to its volume.
+pub const ANN_BIND_COMPLETED: &str = "pv.kubernetes.io/bind-completed";
 
-/// The volume (and PV) name of a claim: `pvc-<uid>`.
-pub fn volume_name(pvc: &PersistentVolumeClaim) -> Option<String> {
-    pvc.metadata.uid.as_ref().map(|uid| format!("pvc-{uid}"))
+/// The volume (and PV) name of a claim (or of its metadata): `pvc-<uid>`.
+pub fn volume_name<K: Resource>(pvc: &K) -> Option<String> {
+    pvc.meta().uid.as_ref().map(|uid| format!("pvc-{uid}"))
 }
 
 /// The class a claim names, if any.
@@ -39,12 +49,65 @@ pub fn class_name(pvc: &PersistentVolumeClaim) -> Option<&str> {
         .filter(|s| !s.is_empty())
 }
 
-pub fn selected_node(pvc: &PersistentVolumeClaim) -> Option<&str> {
-    pvc.metadata
+fn annotation<'a, K: Resource>(pvc: &'a K, key: &str) -> Option<&'a str> {
+    pvc.meta()
         .annotations
         .as_ref()?
-        .get(ANN_SELECTED_NODE)
+        .get(key)
         .map(String::as_str)
+}
+
+/// The node chosen for a claim (or its metadata), if any.
+pub fn selected_node<K: Resource>(pvc: &K) -> Option<&str> {
+    annotation(pvc, ANN_SELECTED_NODE)
+}
+
+/// Whether a claim concerns the agent of `node`, from its metadata alone
+/// (claims are watched as metadata: only those that concern this node are
+/// read whole). `pv_here`: this node's PV store holds the claim's PV
+/// (`pvc-<uid>`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Concern {
+    /// Nothing for this node (with the reason, for the debug log).
+    No(&'static str),
+    /// Not known yet to be anybody's: no node chosen, and the PV controller
+    /// has not named its provisioner (a WaitForFirstConsumer claim waiting
+    /// for the scheduler, or a claim just created); its next change says.
+    NotYet,
+    /// Provisioned here and waiting for the PV controller to bind it:
+    /// nothing to do until it is bound.
+    Provisioned,
+    /// Read the claim and reconcile it.
+    Read,
+}
+
+/// See [`Concern`]. A claim bound to a PV of this node is read on every
+/// change (it may have grown: expansion); one selected for this node until
+/// it has its PV; an Immediate claim of Stead's that no node took yet by
+/// every node that may take it. A claim being deleted is not decided here.
+pub fn concerns<K: Resource>(pvc: &K, node: &str, pv_here: bool) -> Concern {
+    let bound = annotation(pvc, ANN_BIND_COMPLETED).is_some();
+    match selected_node(pvc) {
+        Some(n) if n == node => {
+            if pv_here && !bound {
+                Concern::Provisioned
+            } else {
+                Concern::Read
+            }
+        }
+        _ if pv_here => Concern::Read,
+        Some(_) => Concern::No("claim is assigned to another node"),
+        None if bound => Concern::No("claim is bound, not to a volume of this node"),
+        None => {
+            let provisioner = annotation(pvc, ANN_STORAGE_PROVISIONER)
+                .or_else(|| annotation(pvc, ANN_BETA_STORAGE_PROVISIONER));
+            match provisioner {
+                Some(crate::DRIVER_NAME) => Concern::Read,
+                Some(_) => Concern::No("claim is another provisioner's"),
+                None => Concern::NotYet,
+            }
+        }
+    }
 }
 
 /// What the agent on `node` does with a claim of a Stead class.
@@ -133,11 +196,13 @@ pub enum ClaimError {
     },
 }
 
-pub fn claim_key(pvc: &PersistentVolumeClaim) -> String {
+/// `namespace/name` of a claim (or of its metadata).
+pub fn claim_key<K: Resource>(pvc: &K) -> String {
+    let meta = pvc.meta();
     format!(
         "{}/{}",
-        pvc.metadata.namespace.as_deref().unwrap_or(""),
-        pvc.metadata.name.as_deref().unwrap_or("")
+        meta.namespace.as_deref().unwrap_or(""),
+        meta.name.as_deref().unwrap_or("")
     )
 }
 
@@ -349,6 +414,70 @@ pub(crate) mod tests {
             decide(&pvc("a", "1Gi", Some("n2")), &c, "n1"),
             Decision::Skip(_)
         ));
+    }
+
+    /// The metadata of claim `a` (selected for `selected`) with the
+    /// annotations `extra`, as the claim watch has it.
+    fn meta(
+        selected: Option<&str>,
+        extra: &[(&str, &str)],
+    ) -> kube::core::PartialObjectMeta<PersistentVolumeClaim> {
+        use kube::core::PartialObjectMetaExt;
+        let mut m = pvc("a", "1Gi", selected).metadata;
+        let annotations = m.annotations.get_or_insert_with(Default::default);
+        for (k, v) in extra {
+            annotations.insert(k.to_string(), v.to_string());
+        }
+        m.into_response_partial()
+    }
+
+    #[test]
+    fn claims_are_read_whole_only_when_they_concern_this_node() {
+        let stead = [(ANN_STORAGE_PROVISIONER, "stead.csi.dev")];
+        let bound = [(ANN_BIND_COMPLETED, "yes")];
+        // Selected for this node: read until it has its PV, and once bound.
+        assert_eq!(concerns(&meta(Some("n1"), &[]), "n1", false), Concern::Read);
+        assert_eq!(
+            concerns(&meta(Some("n1"), &[]), "n1", true),
+            Concern::Provisioned
+        );
+        assert_eq!(
+            concerns(&meta(Some("n1"), &bound), "n1", true),
+            Concern::Read
+        );
+        // Another node's, unless bound to a PV of this node.
+        assert!(matches!(
+            concerns(&meta(Some("n2"), &stead), "n1", false),
+            Concern::No(_)
+        ));
+        assert_eq!(
+            concerns(&meta(Some("n2"), &bound), "n1", true),
+            Concern::Read
+        );
+        // No node chosen: an Immediate claim of a Stead class (as the PV
+        // controller says, in either spelling), by every node.
+        assert_eq!(concerns(&meta(None, &stead), "n1", false), Concern::Read);
+        assert_eq!(
+            concerns(
+                &meta(None, &[(ANN_BETA_STORAGE_PROVISIONER, "stead.csi.dev")]),
+                "n1",
+                false
+            ),
+            Concern::Read
+        );
+        // Another provisioner's, or one bound elsewhere: not read.
+        for m in [
+            meta(None, &[(ANN_STORAGE_PROVISIONER, "ebs.csi.aws.com")]),
+            meta(
+                None,
+                &[(ANN_STORAGE_PROVISIONER, "stead.csi.dev"), bound[0]],
+            ),
+        ] {
+            assert!(matches!(concerns(&m, "n1", false), Concern::No(_)), "{m:?}");
+        }
+        // Not looked at by the PV controller yet (a WaitForFirstConsumer
+        // claim without a node, a claim just created): its next change says.
+        assert_eq!(concerns(&meta(None, &[]), "n1", false), Concern::NotYet);
     }
 
     #[test]

@@ -58,6 +58,21 @@ impl Events {
         (events, drain)
     }
 
+    /// The sender, and the queue it sends to, unread: for tests that look at
+    /// what was posted.
+    #[cfg(test)]
+    pub(crate) fn queued(
+        metrics: Arc<Metrics>,
+    ) -> (Events, mpsc::Receiver<(ObjectReference, Event)>) {
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let events = Events {
+            tx,
+            dropped: AtomicU64::new(0),
+            metrics,
+        };
+        (events, rx)
+    }
+
     /// Queues an event on `reference`; never waits.
     pub(crate) fn post(
         &self,

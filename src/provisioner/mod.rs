@@ -16,12 +16,14 @@ pub mod quantity;
 mod reclaim;
 mod reconcile;
 pub mod schedulable;
+pub mod scope;
 pub mod snapshot_api;
 mod snapshotter;
 pub mod source;
 pub mod stranded;
 pub mod supervisor;
 
+use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
@@ -30,10 +32,11 @@ use std::time::Duration;
 use futures::{FutureExt, StreamExt};
 use k8s_openapi::api::core::v1::{Node, PersistentVolume, PersistentVolumeClaim};
 use k8s_openapi::api::storage::v1::StorageClass;
+use kube::core::PartialObjectMeta;
 use kube::runtime::events::{Recorder, Reporter};
-use kube::runtime::reflector::{self, Store};
+use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{Controller, WatchStreamExt, controller, watcher};
-use kube::{Api, Client, ResourceExt};
+use kube::{Api, Client, Resource, ResourceExt};
 use tokio::sync::{Notify, mpsc};
 
 use crate::metrics::{Metrics, Outcome};
@@ -83,6 +86,8 @@ pub enum Error {
     PvVanished { pv: String },
     #[error("watch of {0} ended")]
     WatchEnded(&'static str),
+    #[error("{step}: {source}")]
+    LegacyPvs { step: String, source: kube::Error },
 }
 
 impl Error {
@@ -96,6 +101,7 @@ impl Error {
             Error::ForeignPv { .. } => "foreign_pv",
             Error::PvVanished { .. } => "pv_vanished",
             Error::WatchEnded(_) => "watch_ended",
+            Error::LegacyPvs { .. } => "legacy_pvs",
         }
     }
 }
@@ -106,7 +112,10 @@ pub(crate) struct Ctx<C> {
     csi: Arc<C>,
     config: Config,
     classes: Store<StorageClass>,
-    claims: Store<PersistentVolumeClaim>,
+    /// The metadata of every claim (the claim watch is metadata only): a
+    /// claim that concerns this node is read whole (see `claim::concerns`).
+    claims: Store<PartialObjectMeta<PersistentVolumeClaim>>,
+    /// This node's PVs, selected by their node label (see `scope`).
     volumes: Store<PersistentVolume>,
     /// This agent's own Node (a watch of it alone; empty until synced, or
     /// when the node has no Node object).
@@ -122,6 +131,9 @@ pub(crate) struct Ctx<C> {
     capacity_changed: Arc<Notify>,
     /// Consecutive failures per object uid, for backoff.
     failures: Mutex<backoff::Backoffs>,
+    /// The uids of the Immediate claims this node said it has no room for:
+    /// said once per claim, not at every look again.
+    no_room: Mutex<HashSet<String>>,
     metrics: Arc<Metrics>,
 }
 
@@ -146,6 +158,28 @@ impl<C> Ctx<C> {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .forget(uid);
+    }
+
+    /// The object is being deleted, or gone: what is kept of it goes (its
+    /// backoff, its clocks: a claim gone before its PV was made was
+    /// abandoned).
+    fn forget(&self, uid: &str) {
+        self.succeeded(uid);
+        self.metrics.provisioning.finish(uid, Outcome::Abandoned);
+        self.metrics.deletion.forget(uid);
+        self.no_room
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(uid);
+    }
+
+    /// Whether this node is yet to say that it has no room for the claim of
+    /// `uid` (and from now on, has said so).
+    fn first_no_room(&self, uid: &str) -> bool {
+        self.no_room
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(uid.to_string())
     }
 
     /// A reconcile of `controller` failed with `err`: counted, and its
@@ -174,15 +208,26 @@ where
     let ledger = ledger::AsyncLedger::open(&config.state_dir).await?;
     let shutdown = shutdown.shared();
 
-    let (classes, class_writer) = reflector::store();
-    let class_events = reflector::reflector(
-        class_writer,
-        watcher(
-            Api::<StorageClass>::all(client.clone()),
-            watcher::Config::default(),
-        ),
+    // Before any watch: every PV of this node carries its node's label, so
+    // that the label-selected PV watch below holds all of them (see `scope`).
+    let labelled = tokio::select! {
+        r = scope::label_legacy_pvs(&client, &config.node) => r?,
+        // The apiserver may be unreachable: a signal must still stop us.
+        _ = shutdown.clone() => return Ok(()),
+    };
+
+    // One watch of the StorageClasses: its store, the capacity publisher's
+    // signal and the claims controller's re-trigger all follow it.
+    let (classes, class_writer) = reflector::store_shared(CLASS_EVENTS);
+    let class_changes = class_writer
+        .subscribe()
+        .expect("a shared store gives subscribers");
+    let class_events = watcher(
+        Api::<StorageClass>::all(client.clone()),
+        watcher::Config::default(),
     )
     .default_backoff()
+    .reflect_shared(class_writer)
     .applied_objects();
 
     // Only this agent's own Node: whether it is schedulable decides if it
@@ -200,35 +245,45 @@ where
     // (Immediate claims, which nothing else re-triggers) are looked at again.
     let (resync, resync_rx) = mpsc::channel::<()>(1);
 
-    let claims_ctrl = Controller::new(
-        Api::<PersistentVolumeClaim>::all(client.clone()),
-        watcher::Config::default(),
-    )
-    .with_config(controller::Config::default().concurrency(config.workers))
-    .reconcile_all_on(tokio_stream::wrappers::ReceiverStream::new(resync_rx));
-    let claims = claims_ctrl.store();
-    // A StorageClass created (or fixed) after its claims re-triggers them.
-    let claims_of_class = claims.clone();
-    let claims_ctrl = claims_ctrl.watches(
-        Api::<StorageClass>::all(client.clone()),
-        watcher::Config::default(),
-        move |sc| {
-            let name = sc.name_any();
-            claims_of_class
-                .state()
-                .into_iter()
-                .filter(|c| claim::class_name(c) == Some(name.as_str()))
-                .map(|c| reflector::ObjectRef::from_obj(&*c))
-                .collect::<Vec<_>>()
-        },
-    );
-
+    // Only this node's PVs, by their label.
     let volumes_ctrl = Controller::new(
         Api::<PersistentVolume>::all(client.clone()),
-        watcher::Config::default(),
+        scope::pv_watch(&labelled, &config.node),
     )
     .with_config(controller::Config::default().concurrency(config.workers));
     let volumes = volumes_ctrl.store();
+
+    // Every claim, as metadata only: the few that concern this node are
+    // read whole by the reconcile (`reconcile::reconcile_meta`).
+    let (claims, claim_writer) = reflector::store();
+    let claim_events = watcher(
+        Api::<PartialObjectMeta<PersistentVolumeClaim>>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .modify(|c| c.managed_fields_mut().clear())
+    .default_backoff()
+    .reflect(claim_writer)
+    .applied_objects();
+    // A Stead StorageClass created again (fixed) after its claims
+    // re-triggers the claims of this node still waiting for a volume.
+    let pending = {
+        let (claims, volumes, node) = (claims.clone(), volumes.clone(), config.node.clone());
+        move |sc: Arc<StorageClass>| {
+            if !class::is_stead(&sc) {
+                return vec![];
+            }
+            claims
+                .state()
+                .into_iter()
+                .filter(|c| waits_here(c, &volumes, &node))
+                .map(|c| ObjectRef::from_obj(&*c))
+                .collect::<Vec<_>>()
+        }
+    };
+    let claims_ctrl = Controller::for_stream(claim_events, claims.clone())
+        .with_config(controller::Config::default().concurrency(config.workers))
+        .reconcile_all_on(tokio_stream::wrappers::ReceiverStream::new(resync_rx))
+        .watches_shared_stream(class_changes, pending);
 
     let reporter = Reporter {
         controller: crate::DRIVER_NAME.to_string(),
@@ -254,6 +309,7 @@ where
         ledger,
         capacity_changed: Arc::new(Notify::new()),
         failures: Mutex::default(),
+        no_room: Mutex::default(),
         metrics,
     });
 
@@ -297,7 +353,11 @@ where
     status.serving();
     let claims_run = claims_ctrl
         .graceful_shutdown_on(shutdown.clone())
-        .run(reconcile::reconcile, reconcile::error_policy, ctx.clone())
+        .run(
+            reconcile::reconcile_meta,
+            reconcile::error_policy,
+            ctx.clone(),
+        )
         .for_each(|r| {
             forget_if_gone(&ctx, &r);
             async move {
@@ -341,9 +401,34 @@ where
     Ok(())
 }
 
+/// Events of the StorageClass watch buffered for the claims controller
+/// before the watch waits for it (classes are few).
+const CLASS_EVENTS: usize = 256;
+
+/// Whether this node's PV store (`volumes`) holds the PV of claim `pvc`.
+fn has_pv<K: Resource>(volumes: &Store<PersistentVolume>, pvc: &K) -> bool {
+    claim::volume_name(pvc).is_some_and(|v| volumes.get(&ObjectRef::new(&v)).is_some())
+}
+
+/// Whether a claim (its metadata) waits for a volume of `node`: not being
+/// deleted, not bound, and read whole by its reconcile.
+fn waits_here(
+    pvc: &PartialObjectMeta<PersistentVolumeClaim>,
+    volumes: &Store<PersistentVolume>,
+    node: &str,
+) -> bool {
+    let meta = pvc.meta();
+    meta.deletion_timestamp.is_none()
+        && !meta
+            .annotations
+            .as_ref()
+            .is_some_and(|a| a.contains_key(claim::ANN_BIND_COMPLETED))
+        && claim::concerns(pvc, node, has_pv(volumes, pvc)) == claim::Concern::Read
+}
+
 /// A retry came due for an object that is gone from the store (deleted
-/// while it waited for its backoff): its backoff entry goes with it, and
-/// its clock: a claim gone before its PV was made was abandoned.
+/// while it waited for its backoff): what is kept of it goes with it (see
+/// [`Ctx::forget`]).
 fn forget_if_gone<C, T, E1, E2>(ctx: &Ctx<C>, r: &Result<T, controller::Error<E1, E2>>)
 where
     E1: std::error::Error + 'static,
@@ -352,9 +437,7 @@ where
     if let Err(controller::Error::ObjectNotFound(obj)) = r
         && let Some(uid) = &obj.extra.uid
     {
-        ctx.succeeded(uid);
-        ctx.metrics.provisioning.finish(uid, Outcome::Abandoned);
-        ctx.metrics.deletion.forget(uid);
+        ctx.forget(uid);
     }
 }
 
@@ -376,6 +459,7 @@ pub(crate) mod tests {
 
     use std::sync::Mutex as StdMutex;
 
+    use kube::runtime::events::Event;
     use kube::runtime::reflector::store::Writer;
 
     use super::*;
@@ -388,12 +472,27 @@ pub(crate) mod tests {
 
     pub(crate) type TestCtx = Ctx<ObservedController<ControllerService>>;
 
+    /// A request the fake apiserver got.
+    #[derive(Debug, Clone)]
+    pub(crate) struct Seen {
+        pub method: String,
+        pub path: String,
+        pub query: String,
+        pub body: String,
+    }
+
+    /// A test's own answer to a request (method, path, query): status and
+    /// body; `None` leaves it to the default (see [`apiserver`]).
+    pub(crate) type Answer =
+        Arc<dyn Fn(&http::Method, &str, &str) -> Option<(u16, String)> + Send + Sync>;
+
     /// The context, with the writer of its PV store and the requests the
-    /// fake apiserver got ("METHOD path").
+    /// fake apiserver got.
     pub(crate) struct Fake {
         pub ctx: Arc<TestCtx>,
         pub volumes: Writer<PersistentVolume>,
-        pub requests: Arc<StdMutex<Vec<String>>>,
+        pub requests: Arc<StdMutex<Vec<Seen>>>,
+        posted: StdMutex<mpsc::Receiver<(k8s_openapi::api::core::v1::ObjectReference, Event)>>,
         _tmp: tempfile::TempDir,
     }
 
@@ -407,15 +506,30 @@ pub(crate) mod tests {
             text
         }
 
+        /// The events posted since last asked: (reason, note).
+        pub fn posted(&self) -> Vec<(String, String)> {
+            let mut rx = self.posted.lock().unwrap();
+            std::iter::from_fn(|| rx.try_recv().ok())
+                .map(|(_, e)| (e.reason, e.note.unwrap_or_default()))
+                .collect()
+        }
+
+        /// Whether the apiserver got `request` ("METHOD path").
         pub fn requested(&self, request: &str) -> bool {
-            self.requests.lock().unwrap().iter().any(|r| r == request)
+            self.requests
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|r| format!("{} {}", r.method, r.path) == request)
         }
     }
 
-    /// Answers every request with 200 (201 for a create) and an object of
-    /// the kind its path names, as an apiserver that takes everything.
+    /// Answers what `answer` answers; every other request with 200 (201 for
+    /// a create) and an object of the kind its path names, as an apiserver
+    /// that takes everything. Each request is kept in `requests`.
     fn apiserver(
-        requests: Arc<StdMutex<Vec<String>>>,
+        requests: Arc<StdMutex<Vec<Seen>>>,
+        answer: Option<Answer>,
     ) -> impl tower::Service<
         http::Request<kube::client::Body>,
         Response = http::Response<String>,
@@ -424,45 +538,94 @@ pub(crate) mod tests {
     > + Send
     + Clone {
         tower::service_fn(move |req: http::Request<kube::client::Body>| {
-            let path = req.uri().path().to_string();
-            requests
-                .lock()
-                .unwrap()
-                .push(format!("{} {path}", req.method()));
-            let kind = if path.contains("persistentvolumeclaims") {
-                "PersistentVolumeClaim"
-            } else {
-                "PersistentVolume"
-            };
-            let status = if req.method() == http::Method::POST {
-                201
-            } else {
-                200
-            };
-            let body =
-                format!(r#"{{"apiVersion":"v1","kind":"{kind}","metadata":{{"name":"x"}}}}"#);
-            async move { Ok(http::Response::builder().status(status).body(body).unwrap()) }
+            let (requests, answer) = (requests.clone(), answer.clone());
+            async move {
+                let (parts, body) = req.into_parts();
+                let path = parts.uri.path().to_string();
+                let query = parts.uri.query().unwrap_or_default().to_string();
+                let body = body.collect_bytes().await.unwrap_or_default();
+                requests.lock().unwrap().push(Seen {
+                    method: parts.method.to_string(),
+                    path: path.clone(),
+                    query: query.clone(),
+                    body: String::from_utf8_lossy(&body).into_owned(),
+                });
+                let (status, body) = answer
+                    .and_then(|a| a(&parts.method, &path, &query))
+                    .unwrap_or_else(|| {
+                        let kind = if path.contains("persistentvolumeclaims") {
+                            "PersistentVolumeClaim"
+                        } else {
+                            "PersistentVolume"
+                        };
+                        let status = if parts.method == http::Method::POST {
+                            201
+                        } else {
+                            200
+                        };
+                        let body = format!(
+                            r#"{{"apiVersion":"v1","kind":"{kind}","metadata":{{"name":"x"}}}}"#
+                        );
+                        (status, body)
+                    });
+                Ok(http::Response::builder().status(status).body(body).unwrap())
+            }
         })
     }
 
-    /// A fresh context whose class store holds `classes`.
-    pub(crate) async fn fake(classes: &[StorageClass]) -> Fake {
-        let tmp = tempfile::tempdir().unwrap();
+    /// A client of the fake apiserver (see [`apiserver`]), with what it got.
+    pub(crate) fn fake_client(answer: Option<Answer>) -> (Client, Arc<StdMutex<Vec<Seen>>>) {
+        let requests = Arc::default();
+        let client = Client::new(apiserver(Arc::clone(&requests), answer), "default");
+        (client, requests)
+    }
+
+    /// The plugin's controller service on one `dir` pool under `tmp`, as
+    /// the provisioner calls it.
+    fn controller(
+        tmp: &std::path::Path,
+        metrics: &Arc<metrics::Metrics>,
+    ) -> Arc<ObservedController<ControllerService>> {
         let plugin = Plugin::new(csi::Config {
             node_id: NODE.into(),
             pools: vec![
-                PoolSpec::new("dir", BackendKind::Dir, tmp.path().join("pool"))
+                PoolSpec::new("dir", BackendKind::Dir, tmp.join("pool"))
                     .with_reserve(Reserve::Bytes(0)),
             ],
             max_volumes_per_node: None,
-            kubelet_dir: tmp.path().join("kubelet"),
+            kubelet_dir: tmp.join("kubelet"),
         })
         .unwrap();
+        Arc::new(ObservedController::new(
+            plugin.controller_service(),
+            metrics.clone(),
+        ))
+    }
+
+    /// The provisioner's config for node [`NODE`], its state under `tmp`.
+    fn config(tmp: &std::path::Path) -> Config {
+        Config {
+            node: NODE.into(),
+            workers: 1,
+            state_dir: tmp.join("state"),
+            capacity_namespace: "stead-system".into(),
+            capacity_interval: Duration::from_secs(60),
+            leak_grace: Duration::from_secs(60),
+            pod_name: None,
+            pod_namespace: None,
+        }
+    }
+
+    /// A fresh context whose class store holds `classes` and whose node
+    /// store this node (Ready), on the fake apiserver (`answer`, see
+    /// [`apiserver`]).
+    pub(crate) async fn fake_answering(classes: &[StorageClass], answer: Option<Answer>) -> Fake {
+        let tmp = tempfile::tempdir().unwrap();
         let metrics = Arc::new(metrics::Metrics::new(Vec::new));
         let requests = Arc::default();
         let service = tower::Layer::layer(
             &apiserver::layer(metrics.clone()),
-            apiserver(Arc::clone(&requests)),
+            apiserver(Arc::clone(&requests), answer),
         );
         let client = Client::new(service, "default");
         let (class_store, mut class_writer) = reflector::store();
@@ -470,46 +633,166 @@ pub(crate) mod tests {
             class_writer.apply_watcher_event(&watcher::Event::Apply(sc.clone()));
         }
         let (volume_store, volumes) = reflector::store();
-        let reporter = Reporter {
-            controller: crate::DRIVER_NAME.into(),
-            instance: None,
-        };
-        // The events' drain is not run: they stay queued.
-        let (events, _drain) =
-            events::Events::new(Recorder::new(client.clone(), reporter), metrics.clone());
-        let config = Config {
-            node: NODE.into(),
-            workers: 1,
-            state_dir: tmp.path().join("state"),
-            capacity_namespace: "stead-system".into(),
-            capacity_interval: Duration::from_secs(60),
-            leak_grace: Duration::from_secs(60),
-            pod_name: None,
-            pod_namespace: None,
-        };
+        let (node_store, mut nodes) = reflector::store();
+        nodes.apply_watcher_event(&watcher::Event::Apply(schedulable::tests::node(NODE)));
+        // Posted events are queued for the test to read, never recorded.
+        let (events, posted) = events::Events::queued(metrics.clone());
+        let config = config(tmp.path());
         let ctx = Ctx {
             client,
-            csi: Arc::new(ObservedController::new(
-                plugin.controller_service(),
-                metrics.clone(),
-            )),
+            csi: controller(tmp.path(), &metrics),
             ledger: ledger::AsyncLedger::open(&config.state_dir).await.unwrap(),
             config,
             classes: class_store,
             claims: reflector::store().0,
             volumes: volume_store,
-            nodes: reflector::store().0,
+            nodes: node_store,
             immediate_waiting: AtomicBool::new(false),
             events,
             capacity_changed: Arc::new(Notify::new()),
             failures: Mutex::default(),
+            no_room: Mutex::default(),
             metrics,
         };
         Fake {
             ctx: Arc::new(ctx),
             volumes,
             requests,
+            posted: StdMutex::new(posted),
             _tmp: tmp,
         }
+    }
+
+    /// [`fake_answering`] with an apiserver that takes everything.
+    pub(crate) async fn fake(classes: &[StorageClass]) -> Fake {
+        fake_answering(classes, None).await
+    }
+
+    /// An error status of the apiserver, as it answers `code`.
+    pub(crate) fn status(code: u16, reason: &str) -> (u16, String) {
+        let body = serde_json::json!({
+            "kind": "Status", "apiVersion": "v1", "status": "Failure",
+            "message": format!("{reason} (fake apiserver)"), "reason": reason, "code": code,
+        });
+        (code, body.to_string())
+    }
+
+    /// The unlabelled PV this node's agent made before PVs carried their
+    /// node's label.
+    pub(crate) fn legacy_pv() -> PersistentVolume {
+        let class = class::parse(&class::tests::class(
+            "stead",
+            &[],
+            "WaitForFirstConsumer",
+            "Delete",
+        ))
+        .unwrap();
+        let claim = claim::tests::pvc("data-0", "16Mi", Some(NODE));
+        let volume = crate::proto::csi::v1::Volume {
+            volume_id: claim::volume_name(&claim).unwrap(),
+            capacity_bytes: 16 << 20,
+            ..Default::default()
+        };
+        let mut made = pv::build_pv(&claim, &class, &volume, NODE);
+        made.metadata.labels = None;
+        made
+    }
+
+    /// An apiserver whose only unlabelled PV is [`legacy_pv`] and that
+    /// answers a label patch with `patched`; every other request as
+    /// [`apiserver`] does.
+    fn with_legacy_pv(patched: (u16, String)) -> Answer {
+        Arc::new(move |method: &http::Method, path: &str, query: &str| {
+            if *method == http::Method::PATCH {
+                return Some(patched.clone());
+            }
+            (*method == http::Method::GET
+                && path == "/api/v1/persistentvolumes"
+                && query.contains("labelSelector=%21"))
+            .then(|| {
+                let list = serde_json::json!({
+                    "apiVersion": "v1", "kind": "PersistentVolumeList",
+                    "metadata": {}, "items": [legacy_pv()],
+                });
+                (200, list.to_string())
+            })
+        })
+    }
+
+    /// Runs the provisioner on the fake apiserver (`answer`) until it ends or
+    /// `stop` resolves; its result and the requests it made.
+    async fn run_until(
+        answer: Answer,
+        stop: impl Future<Output = ()> + Send + Sync + 'static,
+    ) -> (Result<(), Error>, Vec<Seen>) {
+        let tmp = tempfile::tempdir().unwrap();
+        let metrics = Arc::new(metrics::Metrics::new(Vec::new));
+        let (client, seen) = fake_client(Some(answer));
+        let result = tokio::time::timeout(
+            Duration::from_secs(30),
+            run(
+                client,
+                controller(tmp.path(), &metrics),
+                config(tmp.path()),
+                metrics,
+                Arc::new(supervisor::Status::default()),
+                stop,
+            ),
+        )
+        .await
+        .expect("the provisioner stops");
+        let seen = seen.lock().unwrap().clone();
+        (result, seen)
+    }
+
+    #[tokio::test]
+    async fn nothing_is_watched_before_this_nodes_unlabelled_pvs_are_labelled() {
+        // The label patch refused: the provisioner does not start.
+        let (result, seen) = run_until(
+            with_legacy_pv(status(403, "Forbidden")),
+            std::future::pending(),
+        )
+        .await;
+        let err = result.unwrap_err();
+        assert!(
+            matches!(err, Error::LegacyPvs { .. }),
+            "the start fails on the label: {err}"
+        );
+        let asked: Vec<String> = seen
+            .iter()
+            .map(|r| format!("{} {}", r.method, r.path))
+            .collect();
+        let pv = legacy_pv().metadata.name.unwrap();
+        assert_eq!(
+            asked,
+            [
+                "GET /api/v1/persistentvolumes".to_string(),
+                format!("PATCH /api/v1/persistentvolumes/{pv}"),
+            ],
+            "no watch, no reclaim, no capacity before the labelling: {seen:?}"
+        );
+
+        // Labelled: the watches start only then.
+        let watching = Arc::new(Notify::new());
+        let answer = {
+            let (legacy, watching) = (with_legacy_pv((200, "{}".into())), watching.clone());
+            Arc::new(move |method: &http::Method, path: &str, query: &str| {
+                if path.ends_with("/storageclasses") {
+                    watching.notify_one();
+                }
+                legacy(method, path, query)
+            }) as Answer
+        };
+        let (result, seen) = run_until(answer, async move { watching.notified().await }).await;
+        result.unwrap();
+        let patch = seen.iter().position(|r| r.method == "PATCH").unwrap();
+        let first_watch = seen
+            .iter()
+            .position(|r| r.method == "GET" && !r.query.contains("labelSelector=%21"))
+            .unwrap();
+        assert!(
+            patch < first_watch,
+            "the label first, then the watches: {seen:?}"
+        );
     }
 }

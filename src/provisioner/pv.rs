@@ -11,9 +11,9 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 use super::class::ClassSpec;
-use super::{claim, quantity};
+use super::{claim, quantity, scope};
 use crate::proto::csi::v1::Volume;
-use crate::{DRIVER_NAME, TOPOLOGY_KEY};
+use crate::{DRIVER_NAME, NODE_LABEL, TOPOLOGY_KEY};
 
 /// Tells kube-controller-manager which provisioner owns the PV's deletion.
 pub const ANN_PROVISIONED_BY: &str = "pv.kubernetes.io/provisioned-by";
@@ -47,6 +47,11 @@ pub fn build_pv(
             annotations: Some(BTreeMap::from([(
                 ANN_PROVISIONED_BY.to_string(),
                 DRIVER_NAME.to_string(),
+            )])),
+            // What this node's PV watch selects (see `scope`).
+            labels: Some(BTreeMap::from([(
+                NODE_LABEL.to_string(),
+                scope::node_label(node),
             )])),
             finalizers: class.reclaim_delete.then(|| vec![FINALIZER.to_string()]),
             ..Default::default()
@@ -220,6 +225,14 @@ mod tests {
             "stead.csi.dev"
         );
         assert_eq!(pv.metadata.finalizers, Some(vec![FINALIZER.to_string()]));
+        assert_eq!(
+            pv.metadata.labels,
+            Some(BTreeMap::from([(
+                "stead.csi.dev/node".to_string(),
+                "node-a".to_string()
+            )])),
+            "the node's PV watch selects it"
+        );
         let spec = pv.spec.as_ref().unwrap();
         let cref = spec.claim_ref.as_ref().unwrap();
         assert_eq!(cref.namespace.as_deref(), Some("db"));

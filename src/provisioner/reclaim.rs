@@ -201,6 +201,11 @@ pub(crate) async fn reap_leaks<C: CsiController>(ctx: Arc<Ctx<C>>) {
         .leak_grace
         .clamp(Duration::from_secs(1), Duration::from_secs(60));
     let pvs: Api<PersistentVolume> = Api::all(ctx.client.clone());
+    // A claim still waiting for its volume is told by the claim store: an
+    // empty store, before its first list, would tell of none.
+    if ctx.claims.wait_until_ready().await.is_err() {
+        return;
+    }
     loop {
         tokio::time::sleep(period).await;
         let intents = match ctx.ledger.older_than(ctx.config.leak_grace).await {
@@ -234,7 +239,7 @@ pub(crate) async fn reap_leaks<C: CsiController>(ctx: Arc<Ctx<C>>) {
             let waiting = ctx.claims.state().iter().any(|c| {
                 c.uid().as_deref() == Some(intent.claim_uid.as_str())
                     && c.meta().deletion_timestamp.is_none()
-                    && claim::selected_node(c) == Some(ctx.config.node.as_str())
+                    && claim::selected_node(&**c) == Some(ctx.config.node.as_str())
             });
             if waiting {
                 continue;

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
 use kube::api::{Patch, PatchParams, PostParams};
+use kube::core::PartialObjectMeta;
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::runtime::reflector::ObjectRef;
@@ -13,10 +14,10 @@ use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 use tonic::Code;
 
-use super::claim::{self, Allowed, Decision};
+use super::claim::{self, Allowed, Concern, Decision};
 use super::class::{self, ClassSpec};
 use super::source::{self, Resolution};
-use super::{Ctx, Error, csi_error, pv, quantity, schedulable};
+use super::{Ctx, Error, csi_error, has_pv, pv, quantity, schedulable};
 use crate::metrics::Outcome;
 use crate::proto::csi::v1::controller_server::Controller as CsiController;
 use crate::proto::csi::v1::{
@@ -65,23 +66,54 @@ impl<C: CsiController> Ctx<C> {
     }
 }
 
+/// One claim's reconcile from its metadata, as the claim watch has it: a
+/// claim that concerns this node (`claim::concerns`) is read whole and
+/// reconciled ([`reconcile`]); any other is left alone without a request.
+pub(crate) async fn reconcile_meta<C: CsiController>(
+    meta: Arc<PartialObjectMeta<PersistentVolumeClaim>>,
+    ctx: Arc<Ctx<C>>,
+) -> Result<Action, Error> {
+    // A claim being deleted needs nothing more from us, and what is kept
+    // of it must not outlive it.
+    if meta.meta().deletion_timestamp.is_some() {
+        ctx.forget(&meta.uid().unwrap_or_default());
+        return Ok(Action::await_change());
+    }
+    let key = claim::claim_key(&*meta);
+    match claim::concerns(&*meta, &ctx.config.node, has_pv(&ctx.volumes, &*meta)) {
+        Concern::Read => {}
+        // Debug, as `reconcile` says why it skips: which agents passed on a
+        // claim is what one asks first when a claim stays Pending.
+        Concern::No(why) => {
+            tracing::debug!(pvc = %key, why, "skipped");
+            return Ok(Action::await_change());
+        }
+        Concern::NotYet | Concern::Provisioned => return Ok(Action::await_change()),
+    }
+    let api: Api<PersistentVolumeClaim> =
+        Api::namespaced(ctx.client.clone(), &meta.namespace().unwrap_or_default());
+    match api.get_opt(&meta.name_any()).await? {
+        Some(pvc) => reconcile(Arc::new(pvc), ctx).await,
+        // Deleted since the event: its deletion is an event of its own.
+        None => Ok(Action::await_change()),
+    }
+}
+
 /// One claim's reconcile. Its span names the claim and its volume with the
 /// field names the CSI layer uses, so that the lines of the RPCs it makes
 /// in-process carry them too.
 #[tracing::instrument(skip_all, fields(
-    pvc = %claim::claim_key(&pvc),
-    volume.id = %claim::volume_name(&pvc).unwrap_or_default(),
+    pvc = %claim::claim_key(&*pvc),
+    volume.id = %claim::volume_name(&*pvc).unwrap_or_default(),
 ))]
 pub(crate) async fn reconcile<C: CsiController>(
     pvc: Arc<PersistentVolumeClaim>,
     ctx: Arc<Ctx<C>>,
 ) -> Result<Action, Error> {
-    // A claim being deleted needs nothing more from us, and its backoff
-    // entry must not outlive it.
+    // A claim being deleted needs nothing more from us, and what is kept
+    // of it must not outlive it.
     if pvc.meta().deletion_timestamp.is_some() {
-        let uid = pvc.uid().unwrap_or_default();
-        ctx.succeeded(&uid);
-        ctx.metrics.provisioning.finish(&uid, Outcome::Abandoned);
+        ctx.forget(&pvc.uid().unwrap_or_default());
         return Ok(Action::await_change());
     }
     let Some(class_name) = claim::class_name(&pvc) else {
@@ -96,7 +128,7 @@ pub(crate) async fn reconcile<C: CsiController>(
         return Ok(Action::await_change());
     }
     let node = ctx.config.node.clone();
-    let key = claim::claim_key(&pvc);
+    let key = claim::claim_key(&*pvc);
     let uid = pvc.uid().unwrap_or_default();
 
     // Decide on the binding mode alone, so that a broken class is reported
@@ -226,15 +258,19 @@ pub(crate) async fn reconcile<C: CsiController>(
             .await
             .map_err(|s| csi_error("GetCapacity", &volume_name, &node, s))?;
         if free < wanted {
-            ctx.fail(
-                &pvc,
-                format!(
-                    "node {node} cannot take claim {key}: it asks for {} and pool {} has {} free",
-                    quantity::human(wanted),
-                    class.pool.as_deref().unwrap_or("(default)"),
-                    quantity::human(free)
-                ),
+            let note = format!(
+                "node {node} cannot take claim {key}: it asks for {} and pool {} has {} free",
+                quantity::human(wanted),
+                class.pool.as_deref().unwrap_or("(default)"),
+                quantity::human(free)
             );
+            // Every node without room looks again every 30 s (room may be
+            // made): each says so once per claim, not at every look.
+            if ctx.first_no_room(&uid) {
+                ctx.fail(&pvc, note);
+            } else {
+                tracing::debug!(pvc = %key, node = %node, "{note}");
+            }
             return Ok(Action::requeue(Duration::from_secs(30)));
         }
         match take(&ctx, &pvc).await? {
@@ -554,15 +590,17 @@ async fn create_failed<C: CsiController>(
     }
 }
 
-pub(crate) fn error_policy<C: CsiController>(
-    pvc: Arc<PersistentVolumeClaim>,
+/// For a claim (its metadata, as the claims controller has it, or the
+/// whole claim).
+pub(crate) fn error_policy<C: CsiController, K: Resource>(
+    pvc: Arc<K>,
     err: &Error,
     ctx: Arc<Ctx<C>>,
 ) -> Action {
-    let wait = ctx.failed("claim", pvc.uid(), err);
+    let wait = ctx.failed("claim", pvc.meta().uid.clone(), err);
     tracing::warn!(
-        pvc = %claim::claim_key(&pvc),
-        volume.id = %claim::volume_name(&pvc).unwrap_or_default(),
+        pvc = %claim::claim_key(&*pvc),
+        volume.id = %claim::volume_name(&*pvc).unwrap_or_default(),
         error = %err,
         retry_in = ?wait,
         "provisioning failed"
@@ -747,7 +785,7 @@ mod tests {
         // observed as abandoned).
         let class = class::parse(&stead()).unwrap();
         let volume = Volume {
-            volume_id: claim::volume_name(&claim).unwrap(),
+            volume_id: claim::volume_name(&*claim).unwrap(),
             capacity_bytes: 16 << 20,
             ..Default::default()
         };
@@ -842,6 +880,72 @@ mod tests {
             r#"stead_csi_rpc_duration_seconds_count{method="CreateVolume",code="ResourceExhausted"} 1"#,
         ]);
         assert!(!text.contains(r#"outcome="success""#), "{text}");
+    }
+
+    #[tokio::test]
+    async fn a_node_without_room_says_so_once_per_claim_not_at_every_look() {
+        let now = sc("stead-now", &[], "Immediate", "Delete");
+        let f = fake(&[now]).await;
+        let mut claim = pvc("big", "1000Ti", None);
+        claim.spec.as_mut().unwrap().storage_class_name = Some("stead-now".into());
+        let claim = Arc::new(claim);
+        for _ in 0..3 {
+            let action = reconcile(claim.clone(), f.ctx.clone()).await.unwrap();
+            assert_eq!(action, Action::requeue(Duration::from_secs(30)));
+        }
+        let posted = f.posted();
+        assert_eq!(posted.len(), 1, "{posted:?}");
+        assert_eq!(posted[0].0, "ProvisioningFailed");
+        assert!(
+            posted[0]
+                .1
+                .starts_with("node node-a cannot take claim db/big: it asks for 1000Ti"),
+            "{posted:?}"
+        );
+        assert!(
+            f.requests.lock().unwrap().is_empty(),
+            "the claim is not taken"
+        );
+        // Once deleted, forgotten: a claim of that uid would be told again.
+        let mut deleted = (*claim).clone();
+        deleted.metadata.deletion_timestamp = Some(Time(Default::default()));
+        reconcile(Arc::new(deleted), f.ctx.clone()).await.unwrap();
+        reconcile(claim, f.ctx.clone()).await.unwrap();
+        assert_eq!(f.posted().len(), 1);
+    }
+
+    /// The metadata of `claim`, as the claim watch has it.
+    fn meta(claim: &PersistentVolumeClaim) -> Arc<PartialObjectMeta<PersistentVolumeClaim>> {
+        use kube::core::PartialObjectMetaExt;
+        Arc::new(claim.metadata.clone().into_response_partial())
+    }
+
+    #[tokio::test]
+    async fn only_claims_that_concern_this_node_are_read_whole() {
+        let f = fake(&[stead()]).await;
+        // Another node's, and one the PV controller has not looked at yet:
+        // no request.
+        for other in [
+            pvc("data-0", "16Mi", Some("node-b")),
+            pvc("data-0", "16Mi", None),
+        ] {
+            reconcile_meta(meta(&other), f.ctx.clone()).await.unwrap();
+        }
+        assert!(f.requests.lock().unwrap().is_empty(), "{:?}", f.requests);
+        // Being deleted: nothing to read either.
+        let mut deleted = pvc("data-0", "16Mi", Some(NODE));
+        deleted.metadata.deletion_timestamp = Some(Time(Default::default()));
+        reconcile_meta(meta(&deleted), f.ctx.clone()).await.unwrap();
+        assert!(f.requests.lock().unwrap().is_empty(), "{:?}", f.requests);
+        // This node's: read, then reconciled.
+        reconcile_meta(meta(&pvc("data-0", "16Mi", Some(NODE))), f.ctx.clone())
+            .await
+            .unwrap();
+        assert!(
+            f.requested("GET /api/v1/namespaces/db/persistentvolumeclaims/data-0"),
+            "{:?}",
+            f.requests
+        );
     }
 
     #[test]

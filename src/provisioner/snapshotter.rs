@@ -38,8 +38,9 @@ use crate::proto::csi::v1::{
     CreateSnapshotRequest, DeleteSnapshotRequest, ListSnapshotsRequest, Snapshot,
 };
 
-/// The node whose agent holds a content's snapshot.
-pub const CONTENT_NODE_LABEL: &str = "stead.csi.dev/node";
+/// The node whose agent holds a content's snapshot (its name, as a restore
+/// reads it to know where the data is).
+pub const CONTENT_NODE_LABEL: &str = crate::NODE_LABEL;
 /// How often the agent looks again for the VolumeSnapshot API when the
 /// cluster does not have it.
 const API_RECHECK: Duration = Duration::from_secs(60);

@@ -6,7 +6,6 @@
 //! nodes: only the holder can provision such a claim.
 
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
-use kube::runtime::reflector::ObjectRef;
 use kube::{Api, ResourceExt};
 
 use super::claim::{self, ClaimError};
@@ -170,11 +169,11 @@ pub(crate) async fn resolve<C: CsiController>(
                 node,
             }))
         }
+        // Read, not taken from a store: the agent watches claims as metadata
+        // and only its own node's PVs, and the source may be on any node.
         SourceRef::Claim { namespace, name } => {
-            let Some(source) = ctx
-                .claims
-                .get(&ObjectRef::<PersistentVolumeClaim>::new(name).within(namespace))
-            else {
+            let claims: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), namespace);
+            let Some(source) = claims.get_opt(name).await? else {
                 return Ok(Resolution::Wait(format!("{src} does not exist (yet)")));
             };
             let bound = source
@@ -187,12 +186,10 @@ pub(crate) async fn resolve<C: CsiController>(
             let Some(pv_name) = bound else {
                 return Ok(Resolution::Wait(format!("{src} is not bound yet")));
             };
-            let Some(pv) = ctx
-                .volumes
-                .get(&ObjectRef::<PersistentVolume>::new(pv_name))
-            else {
+            let pvs: Api<PersistentVolume> = Api::all(ctx.client.clone());
+            let Some(pv) = pvs.get_opt(pv_name).await? else {
                 return Ok(Resolution::Wait(format!(
-                    "PV {pv_name} of {src} is not known yet"
+                    "PV {pv_name} of {src} does not exist (yet)"
                 )));
             };
             let Some(handle) = pv::stead_volume_handle(&pv) else {

@@ -17,6 +17,7 @@ use futures::StreamExt;
 use k8s_openapi::api::core::v1::{
     Node, ObjectReference, PersistentVolume, PersistentVolumeClaim, Pod,
 };
+use kube::core::PartialObjectMeta;
 use kube::runtime::events::EventType;
 use kube::runtime::reflector::{self, ObjectRef};
 use kube::runtime::{WatchStreamExt, watcher};
@@ -84,15 +85,17 @@ pub fn is_unscheduled(pod: &Pod) -> bool {
 }
 
 /// The claims of `pod` whose Stead volume lives on `node_name` while `node`
-/// does not take the pod. Claims and PVs are looked up with `claim_of`
-/// (namespace, name) and `pv_of` (name). What cannot be judged (a claim not
-/// bound yet, a PV without node affinity, no Node object) is skipped.
+/// does not take the pod. A claim is looked up with `claim_of` (namespace,
+/// name: its metadata) and its volume with `pv_of` (namespace and name of
+/// the claim: the PV of this node whose claimRef names it). What cannot be
+/// judged (a claim not bound yet, a PV without node affinity, no Node
+/// object) is skipped.
 pub fn stranded_claims(
     pod: &Pod,
     node_name: &str,
     node: Option<&Node>,
-    claim_of: impl Fn(&str, &str) -> Option<Arc<PersistentVolumeClaim>>,
-    pv_of: impl Fn(&str) -> Option<Arc<PersistentVolume>>,
+    claim_of: impl Fn(&str, &str) -> Option<Arc<PartialObjectMeta<PersistentVolumeClaim>>>,
+    pv_of: impl Fn(&str, &str) -> Option<Arc<PersistentVolume>>,
 ) -> Vec<Stranded> {
     if !is_unscheduled(pod) {
         return vec![];
@@ -112,21 +115,26 @@ pub fn stranded_claims(
         let Some(pvc) = claim_of(ns, name) else {
             continue;
         };
-        let Some(volume) = pvc
+        let Some(pv) = pv_of(ns, name) else {
+            continue;
+        };
+        // The PV of this claim, not of an earlier claim of the same name.
+        let claim_uid = pv
             .spec
             .as_ref()
-            .and_then(|s| s.volume_name.as_deref())
-            .filter(|v| !v.is_empty())
-        else {
-            tracing::debug!(pod = %pod_key, pvc = %claim::claim_key(&pvc), "claim has no volumeName yet; skipped");
+            .and_then(|s| s.claim_ref.as_ref())
+            .and_then(|r| r.uid.as_deref());
+        if claim_uid.is_none() || claim_uid != pvc.metadata.uid.as_deref() {
             continue;
-        };
-        let Some(pv) = pv_of(volume) else {
+        }
+        if pv.status.as_ref().and_then(|s| s.phase.as_deref()) != Some("Bound") {
+            tracing::debug!(pod = %pod_key, pvc = %claim::claim_key(&*pvc), pv = %pv.name_any(), "claim not bound yet; skipped");
             continue;
-        };
+        }
         if pv::stead_volume_handle(&pv).is_none() {
             continue;
         }
+        let volume = pv.name_any();
         let Some(pinned) = pv::pv_node(&pv) else {
             tracing::debug!(pod = %pod_key, pv = %volume, "Stead PV has no node affinity; skipped");
             continue;
@@ -142,12 +150,23 @@ pub fn stranded_claims(
             found.push(Stranded {
                 pod: pod.object_ref(&()),
                 claim: pvc.object_ref(&()),
-                volume: volume.to_string(),
+                volume,
                 reason,
             });
         }
     }
     found
+}
+
+/// This node's PVs by the claim (namespace, name) their claimRef names.
+fn by_claim(volumes: &[Arc<PersistentVolume>]) -> HashMap<(String, String), Arc<PersistentVolume>> {
+    volumes
+        .iter()
+        .filter_map(|pv| {
+            let r = pv.spec.as_ref()?.claim_ref.as_ref()?;
+            Some(((r.namespace.clone()?, r.name.clone()?), pv.clone()))
+        })
+        .collect()
 }
 
 /// What was reported, per pod uid and claim: the reason last posted.
@@ -182,7 +201,14 @@ impl Reported {
 }
 
 impl<C> Ctx<C> {
-    fn check_pod(&self, pod: &Pod, reported: &mut Reported) {
+    /// Reports the claims `pod` is stranded from; `pvs`: this node's PVs by
+    /// claim ([`by_claim`]).
+    fn check_pod(
+        &self,
+        pod: &Pod,
+        pvs: &HashMap<(String, String), Arc<PersistentVolume>>,
+        reported: &mut Reported,
+    ) {
         let Some(uid) = pod.metadata.uid.as_deref() else {
             return;
         };
@@ -193,7 +219,7 @@ impl<C> Ctx<C> {
             node_name,
             node.as_deref(),
             |ns, name| self.claims.get(&ObjectRef::new(name).within(ns)),
-            |name| self.volumes.get(&ObjectRef::new(name)),
+            |ns, name| pvs.get(&(ns.to_string(), name.to_string())).cloned(),
         );
         for s in reported.fresh(uid, found) {
             let note = s.message(node_name);
@@ -245,7 +271,7 @@ pub(crate) async fn run<C>(ctx: Arc<Ctx<C>>, node_changed: Arc<Notify>) {
         let all = tokio::select! {
             ev = events.next() => match ev {
                 Some(Ok(pod)) => {
-                    ctx.check_pod(&pod, &mut reported);
+                    ctx.check_pod(&pod, &by_claim(&ctx.volumes.state()), &mut reported);
                     false
                 }
                 Some(Err(e)) => {
@@ -259,8 +285,9 @@ pub(crate) async fn run<C>(ctx: Arc<Ctx<C>>, node_changed: Arc<Notify>) {
         };
         if all {
             let state = pods.state();
+            let pvs = by_claim(&ctx.volumes.state());
             for pod in &state {
-                ctx.check_pod(pod, &mut reported);
+                ctx.check_pod(pod, &pvs, &mut reported);
             }
             let live: HashSet<String> = state
                 .iter()
@@ -333,7 +360,11 @@ mod tests {
             capacity_bytes: 1 << 30,
             ..Default::default()
         };
-        let pv = build_pv(&c, &class, &volume, on);
+        let mut pv = build_pv(&c, &class, &volume, on);
+        pv.status = Some(k8s_openapi::api::core::v1::PersistentVolumeStatus {
+            phase: Some("Bound".into()),
+            ..Default::default()
+        });
         c.spec.as_mut().unwrap().volume_name = Some(volume.volume_id.clone());
         (Arc::new(c), Arc::new(pv))
     }
@@ -343,6 +374,8 @@ mod tests {
         node: Option<&Node>,
         objects: &[(Arc<PersistentVolumeClaim>, Arc<PersistentVolume>)],
     ) -> Vec<Stranded> {
+        use kube::core::PartialObjectMetaExt;
+        let pvs = by_claim(&objects.iter().map(|(_, p)| p.clone()).collect::<Vec<_>>());
         stranded_claims(
             pod,
             NODE,
@@ -353,14 +386,9 @@ mod tests {
                     .find(|(c, _)| {
                         c.metadata.namespace.as_deref() == Some(ns) && c.name_any() == name
                     })
-                    .map(|(c, _)| c.clone())
+                    .map(|(c, _)| Arc::new(c.metadata.clone().into_response_partial()))
             },
-            |name| {
-                objects
-                    .iter()
-                    .find(|(_, p)| p.name_any() == name)
-                    .map(|(_, p)| p.clone())
-            },
+            |ns, name| pvs.get(&(ns.to_string(), name.to_string())).cloned(),
         )
     }
 
@@ -457,12 +485,18 @@ mod tests {
     #[test]
     fn bad_api_data_is_skipped_not_panicked_on() {
         let down = cordon(node(NODE));
-        // A claim without volumeName (not bound yet).
+        // A claim not bound yet (its PV is not Bound).
         let (c, pv) = bound("unbound", NODE);
-        let mut c = (*c).clone();
-        c.spec.as_mut().unwrap().volume_name = None;
-        let objects = [(Arc::new(c), pv)];
+        let mut pv = (*pv).clone();
+        pv.status = None;
+        let objects = [(c, Arc::new(pv))];
         assert!(find(&pod("a", &["unbound"]), Some(&down), &objects).is_empty());
+        // The PV of an earlier claim of the same name.
+        let (c, pv) = bound("again", NODE);
+        let mut c = (*c).clone();
+        c.metadata.uid = Some("uid-of-the-new-claim".into());
+        let objects = [(Arc::new(c), pv)];
+        assert!(find(&pod("a", &["again"]), Some(&down), &objects).is_empty());
         // A Stead PV without node affinity.
         let (c, pv) = bound("loose", NODE);
         let mut pv = (*pv).clone();
