@@ -208,60 +208,67 @@ pub(crate) async fn reap_leaks<C: CsiController>(ctx: Arc<Ctx<C>>) {
     }
     loop {
         tokio::time::sleep(period).await;
-        let intents = match ctx.ledger.older_than(ctx.config.leak_grace).await {
-            Ok(i) => i,
+        reap_round(&ctx, &pvs, ctx.config.leak_grace).await;
+    }
+}
+
+/// One round of [`reap_leaks`]: the intents older than `grace`. A volume
+/// goes only when the apiserver (not this node's PV store, which a PV may
+/// have dropped out of) has no PV of its name, and no claim waits for it.
+async fn reap_round<C: CsiController>(ctx: &Ctx<C>, pvs: &Api<PersistentVolume>, grace: Duration) {
+    let intents = match ctx.ledger.older_than(grace).await {
+        Ok(i) => i,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read provisioning intents");
+            return;
+        }
+    };
+    for intent in intents {
+        // Ask the apiserver, not the cache: a PV created a moment ago
+        // must not be mistaken for a leak.
+        match pvs.get_opt(&intent.volume).await {
+            Ok(Some(found)) => {
+                if let Err(why) = handed_over(&found, &intent, &ctx.config.node) {
+                    tracing::warn!(pvc = %intent.claim, volume.id = %intent.volume, mismatch = %why,
+                        "a PV of this volume's name is not its own; volume and intent kept, inspect both");
+                    continue;
+                }
+                if let Err(e) = ctx.ledger.remove(&intent.volume).await {
+                    tracing::warn!(pvc = %intent.claim, volume.id = %intent.volume, error = %e, "cannot drop the intent of a volume that has its PV");
+                }
+                continue;
+            }
+            Ok(None) => {}
             Err(e) => {
-                tracing::warn!(error = %e, "cannot read provisioning intents");
+                tracing::warn!(pvc = %intent.claim, volume.id = %intent.volume, error = %e, "cannot check PV");
                 continue;
             }
-        };
-        for intent in intents {
-            // Ask the apiserver, not the cache: a PV created a moment ago
-            // must not be mistaken for a leak.
-            match pvs.get_opt(&intent.volume).await {
-                Ok(Some(found)) => {
-                    if let Err(why) = handed_over(&found, &intent, &ctx.config.node) {
-                        tracing::warn!(pvc = %intent.claim, volume.id = %intent.volume, mismatch = %why,
-                            "a PV of this volume's name is not its own; volume and intent kept, inspect both");
-                        continue;
-                    }
-                    if let Err(e) = ctx.ledger.remove(&intent.volume).await {
-                        tracing::warn!(pvc = %intent.claim, volume.id = %intent.volume, error = %e, "cannot drop the intent of a volume that has its PV");
-                    }
-                    continue;
+        }
+        let waiting = ctx.claims.state().iter().any(|c| {
+            c.uid().as_deref() == Some(intent.claim_uid.as_str())
+                && c.meta().deletion_timestamp.is_none()
+                && claim::selected_node(&**c) == Some(ctx.config.node.as_str())
+        });
+        if waiting {
+            continue;
+        }
+        match ctx.delete_volume(&intent.volume).await {
+            Ok(()) => {
+                tracing::warn!(
+                    volume.id = %intent.volume,
+                    pvc = %intent.claim,
+                    since = intent.since,
+                    "reclaimed leaked volume: its claim is gone and it never got a PV"
+                );
+                if let Err(e) = ctx.ledger.remove(&intent.volume).await {
+                    // The volume is gone; next round DeleteVolume finds
+                    // nothing and the removal is tried again.
+                    tracing::warn!(pvc = %intent.claim, volume.id = %intent.volume, error = %e, "cannot drop the intent of a reclaimed volume");
                 }
-                Ok(None) => {}
-                Err(e) => {
-                    tracing::warn!(pvc = %intent.claim, volume.id = %intent.volume, error = %e, "cannot check PV");
-                    continue;
-                }
+                ctx.capacity_changed.notify_one();
             }
-            let waiting = ctx.claims.state().iter().any(|c| {
-                c.uid().as_deref() == Some(intent.claim_uid.as_str())
-                    && c.meta().deletion_timestamp.is_none()
-                    && claim::selected_node(&**c) == Some(ctx.config.node.as_str())
-            });
-            if waiting {
-                continue;
-            }
-            match ctx.delete_volume(&intent.volume).await {
-                Ok(()) => {
-                    tracing::warn!(
-                        volume.id = %intent.volume,
-                        pvc = %intent.claim,
-                        since = intent.since,
-                        "reclaimed leaked volume: its claim is gone and it never got a PV"
-                    );
-                    if let Err(e) = ctx.ledger.remove(&intent.volume).await {
-                        // The volume is gone; next round DeleteVolume finds
-                        // nothing and the removal is tried again.
-                        tracing::warn!(pvc = %intent.claim, volume.id = %intent.volume, error = %e, "cannot drop the intent of a reclaimed volume");
-                    }
-                    ctx.capacity_changed.notify_one();
-                }
-                Err(e) => {
-                    tracing::warn!(pvc = %intent.claim, volume.id = %intent.volume, error = %e, "cannot reclaim leaked volume")
-                }
+            Err(e) => {
+                tracing::warn!(pvc = %intent.claim, volume.id = %intent.volume, error = %e, "cannot reclaim leaked volume")
             }
         }
     }
@@ -274,7 +281,8 @@ mod tests {
     use crate::provisioner::claim::tests::pvc;
     use crate::provisioner::class::{self, tests::class as sc};
     use crate::provisioner::ledger::Intent;
-    use crate::provisioner::tests::{NODE, fake};
+    use crate::provisioner::tests::{NODE, fake, fake_answering, legacy_pv, status};
+    use std::sync::Arc as StdArc;
 
     /// The PV of a 16 MiB claim of class `stead` (reclaim Delete) on this
     /// node, in `phase`.
@@ -338,6 +346,89 @@ mod tests {
             r#"stead_deletion_duration_seconds_count{class="stead",outcome="retained"} 1"#,
         ]);
         assert!(!text.contains("DeleteVolume"), "the data is kept: {text}");
+    }
+
+    #[tokio::test]
+    async fn a_volume_whose_pv_is_not_in_this_nodes_store_is_never_taken_for_a_leak() {
+        // The PV an earlier version made: no node label, so not in the
+        // label-selected store, but on the apiserver.
+        let legacy = legacy_pv();
+        let name = legacy.name_any();
+        let found = legacy.clone();
+        let answer: crate::provisioner::tests::Answer =
+            StdArc::new(move |method: &http::Method, path: &str, _: &str| {
+                (*method == http::Method::GET
+                    && path.ends_with(&format!("/persistentvolumes/{}", found.name_any())))
+                .then(|| (200, serde_json::to_string(&found).unwrap()))
+            });
+        let f = fake_answering(&[], Some(answer)).await;
+        let class = class::parse(&sc("stead", &[], "WaitForFirstConsumer", "Delete")).unwrap();
+        let claim = pvc("data-0", "16Mi", Some(NODE));
+        let req = claim::create_request(&claim, &class, NODE).unwrap();
+        f.ctx
+            .csi
+            .create_volume(tonic::Request::new(req))
+            .await
+            .unwrap();
+        f.ctx
+            .ledger
+            .record(&name, "db/data-0", claim.metadata.uid.as_deref().unwrap())
+            .await
+            .unwrap();
+        assert!(
+            f.ctx
+                .volumes
+                .get(&kube::runtime::reflector::ObjectRef::new(&name))
+                .is_none()
+        );
+
+        let pvs: Api<PersistentVolume> = Api::all(f.ctx.client.clone());
+        reap_round(&f.ctx, &pvs, Duration::ZERO).await;
+        let text = f.metrics(&[]);
+        assert!(!text.contains("DeleteVolume"), "the volume is kept: {text}");
+        assert!(
+            f.ctx
+                .ledger
+                .older_than(Duration::ZERO)
+                .await
+                .unwrap()
+                .is_empty(),
+            "its PV ends its intent"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_volume_with_no_pv_anywhere_and_no_claim_waiting_is_reclaimed() {
+        let answer: crate::provisioner::tests::Answer =
+            StdArc::new(|method: &http::Method, _: &str, _: &str| {
+                (*method == http::Method::GET).then(|| status(404, "NotFound"))
+            });
+        let f = fake_answering(&[], Some(answer)).await;
+        let class = class::parse(&sc("stead", &[], "WaitForFirstConsumer", "Delete")).unwrap();
+        let claim = pvc("data-0", "16Mi", Some(NODE));
+        let req = claim::create_request(&claim, &class, NODE).unwrap();
+        let name = req.name.clone();
+        f.ctx
+            .csi
+            .create_volume(tonic::Request::new(req))
+            .await
+            .unwrap();
+        f.ctx
+            .ledger
+            .record(&name, "db/data-0", claim.metadata.uid.as_deref().unwrap())
+            .await
+            .unwrap();
+        let pvs: Api<PersistentVolume> = Api::all(f.ctx.client.clone());
+        reap_round(&f.ctx, &pvs, Duration::ZERO).await;
+        f.metrics(&[r#"stead_csi_rpc_duration_seconds_count{method="DeleteVolume",code="OK"} 1"#]);
+        assert!(
+            f.ctx
+                .ledger
+                .older_than(Duration::ZERO)
+                .await
+                .unwrap()
+                .is_empty()
+        );
     }
 
     #[test]

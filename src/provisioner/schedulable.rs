@@ -154,11 +154,15 @@ fn taints(node: &Node) -> impl Iterator<Item = &Taint> {
         .filter(|t| repels(t))
 }
 
-/// Whether this node takes an Immediate claim, which has no pod yet and so
-/// no tolerations to weigh: only a node that would take any pod does, that
-/// is one that is Ready, not cordoned, and has no taint of effect
-/// NoSchedule or NoExecute at all. Otherwise the first reason, in that
-/// order: no Node, cordoned, NotReady, the first such taint.
+/// Whether this node takes an Immediate claim. The rule: only a node that
+/// would take any pod does, that is one that is Ready, not cordoned, and has
+/// no taint of effect NoSchedule or NoExecute at all, whatever its key. An
+/// Immediate claim is bound before any pod uses it, so the tolerations of
+/// the pods that will use it cannot be known: a taint some of them might
+/// tolerate keeps the claim off the node all the same (its volume would pin
+/// every later pod of the claim to a node they may not be let on), and the
+/// claim goes to a node with no such taint. Otherwise the first reason, in
+/// that order: no Node, cordoned, NotReady, the first such taint.
 pub fn for_immediate(node: Option<&Node>) -> Result<(), Unschedulable> {
     let Some(node) = node else {
         return Err(Unschedulable::NoNode);
