@@ -125,6 +125,11 @@ pub(crate) async fn run<C: CsiController>(ctx: Arc<Ctx<C>>) {
         }
         tokio::time::sleep(API_RECHECK).await;
     }
+    // Which contents are this node's is read in its PV store: before its
+    // first list, an empty store would pass over every new one.
+    if ctx.volumes.wait_until_ready().await.is_err() {
+        return;
+    }
     tracing::info!("snapshotter started");
     Controller::new(api, watcher::Config::default())
         .run(reconcile, error_policy, ctx.clone())
