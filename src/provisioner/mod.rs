@@ -680,20 +680,8 @@ pub(crate) mod tests {
     /// The unlabelled PV this node's agent made before PVs carried their
     /// node's label.
     pub(crate) fn legacy_pv() -> PersistentVolume {
-        let class = class::parse(&class::tests::class(
-            "stead",
-            &[],
-            "WaitForFirstConsumer",
-            "Delete",
-        ))
-        .unwrap();
         let claim = claim::tests::pvc("data-0", "16Mi", Some(NODE));
-        let volume = crate::proto::csi::v1::Volume {
-            volume_id: claim::volume_name(&claim).unwrap(),
-            capacity_bytes: 16 << 20,
-            ..Default::default()
-        };
-        let mut made = pv::build_pv(&claim, &class, &volume, NODE);
+        let mut made = pv::tests::made_for(&claim, NODE);
         made.metadata.labels = None;
         made
     }

@@ -189,11 +189,24 @@ pub fn check_owned(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::provisioner::claim::tests::pvc;
     use crate::provisioner::class::{self, tests::class as sc};
     use std::collections::HashMap;
+
+    /// The PV this version makes for `claim` (of class `stead`:
+    /// WaitForFirstConsumer, reclaim Delete) on `node`: its volume
+    /// `pvc-<uid>`, of 16 MiB.
+    pub(crate) fn made_for(claim: &PersistentVolumeClaim, node: &str) -> PersistentVolume {
+        let class = class::parse(&sc("stead", &[], "WaitForFirstConsumer", "Delete")).unwrap();
+        let volume = Volume {
+            volume_id: claim::volume_name(claim).unwrap(),
+            capacity_bytes: 16 << 20,
+            ..Default::default()
+        };
+        build_pv(claim, &class, &volume, node)
+    }
 
     fn volume() -> Volume {
         Volume {

@@ -281,20 +281,13 @@ mod tests {
     use crate::provisioner::claim::tests::pvc;
     use crate::provisioner::class::{self, tests::class as sc};
     use crate::provisioner::ledger::Intent;
-    use crate::provisioner::tests::{NODE, fake, fake_answering, legacy_pv, status};
+    use crate::provisioner::tests::{Answer, Fake, NODE, fake, fake_answering, legacy_pv, status};
     use std::sync::Arc as StdArc;
 
     /// The PV of a 16 MiB claim of class `stead` (reclaim Delete) on this
     /// node, in `phase`.
     fn released_pv(phase: &str) -> PersistentVolume {
-        let class = class::parse(&sc("stead", &[], "WaitForFirstConsumer", "Delete")).unwrap();
-        let claim = pvc("data-0", "16Mi", Some(NODE));
-        let volume = Volume {
-            volume_id: format!("pvc-{}", claim.metadata.uid.clone().unwrap()),
-            capacity_bytes: 16 << 20,
-            ..Default::default()
-        };
-        let mut pv = pv::build_pv(&claim, &class, &volume, NODE);
+        let mut pv = pv::tests::made_for(&pvc("data-0", "16Mi", Some(NODE)), NODE);
         pv.metadata.uid = Some("pv-uid".into());
         pv.status = Some(k8s_openapi::api::core::v1::PersistentVolumeStatus {
             phase: Some(phase.into()),
@@ -348,23 +341,15 @@ mod tests {
         assert!(!text.contains("DeleteVolume"), "the data is kept: {text}");
     }
 
-    #[tokio::test]
-    async fn a_volume_whose_pv_is_not_in_this_nodes_store_is_never_taken_for_a_leak() {
-        // The PV an earlier version made: no node label, so not in the
-        // label-selected store, but on the apiserver.
-        let legacy = legacy_pv();
-        let name = legacy.name_any();
-        let found = legacy.clone();
-        let answer: crate::provisioner::tests::Answer =
-            StdArc::new(move |method: &http::Method, path: &str, _: &str| {
-                (*method == http::Method::GET
-                    && path.ends_with(&format!("/persistentvolumes/{}", found.name_any())))
-                .then(|| (200, serde_json::to_string(&found).unwrap()))
-            });
-        let f = fake_answering(&[], Some(answer)).await;
+    /// A volume of claim `db/data-0` on this node's disk with its intent,
+    /// and no PV in this node's store: what a crash between CreateVolume
+    /// and the PV leaves, or what an earlier version's unlabelled PV looks
+    /// like from the store. Its name.
+    async fn volume_with_intent(f: &Fake) -> String {
         let class = class::parse(&sc("stead", &[], "WaitForFirstConsumer", "Delete")).unwrap();
         let claim = pvc("data-0", "16Mi", Some(NODE));
         let req = claim::create_request(&claim, &class, NODE).unwrap();
+        let name = req.name.clone();
         f.ctx
             .csi
             .create_volume(tonic::Request::new(req))
@@ -381,54 +366,48 @@ mod tests {
                 .get(&kube::runtime::reflector::ObjectRef::new(&name))
                 .is_none()
         );
+        name
+    }
 
+    /// One round of the reaper, for intents of any age; whether the round
+    /// left no intent.
+    async fn reap(f: &Fake) -> bool {
         let pvs: Api<PersistentVolume> = Api::all(f.ctx.client.clone());
         reap_round(&f.ctx, &pvs, Duration::ZERO).await;
+        f.ctx
+            .ledger
+            .older_than(Duration::ZERO)
+            .await
+            .unwrap()
+            .is_empty()
+    }
+
+    #[tokio::test]
+    async fn a_volume_whose_pv_is_not_in_this_nodes_store_is_never_taken_for_a_leak() {
+        // The PV an earlier version made: no node label, so not in the
+        // label-selected store, but on the apiserver.
+        let found = legacy_pv();
+        let answer: Answer = StdArc::new(move |method: &http::Method, path: &str, _: &str| {
+            (*method == http::Method::GET
+                && path.ends_with(&format!("/persistentvolumes/{}", found.name_any())))
+            .then(|| (200, serde_json::to_string(&found).unwrap()))
+        });
+        let f = fake_answering(&[], Some(answer)).await;
+        assert_eq!(volume_with_intent(&f).await, legacy_pv().name_any());
+        assert!(reap(&f).await, "its PV ends its intent");
         let text = f.metrics(&[]);
         assert!(!text.contains("DeleteVolume"), "the volume is kept: {text}");
-        assert!(
-            f.ctx
-                .ledger
-                .older_than(Duration::ZERO)
-                .await
-                .unwrap()
-                .is_empty(),
-            "its PV ends its intent"
-        );
     }
 
     #[tokio::test]
     async fn a_volume_with_no_pv_anywhere_and_no_claim_waiting_is_reclaimed() {
-        let answer: crate::provisioner::tests::Answer =
-            StdArc::new(|method: &http::Method, _: &str, _: &str| {
-                (*method == http::Method::GET).then(|| status(404, "NotFound"))
-            });
+        let answer: Answer = StdArc::new(|method: &http::Method, _: &str, _: &str| {
+            (*method == http::Method::GET).then(|| status(404, "NotFound"))
+        });
         let f = fake_answering(&[], Some(answer)).await;
-        let class = class::parse(&sc("stead", &[], "WaitForFirstConsumer", "Delete")).unwrap();
-        let claim = pvc("data-0", "16Mi", Some(NODE));
-        let req = claim::create_request(&claim, &class, NODE).unwrap();
-        let name = req.name.clone();
-        f.ctx
-            .csi
-            .create_volume(tonic::Request::new(req))
-            .await
-            .unwrap();
-        f.ctx
-            .ledger
-            .record(&name, "db/data-0", claim.metadata.uid.as_deref().unwrap())
-            .await
-            .unwrap();
-        let pvs: Api<PersistentVolume> = Api::all(f.ctx.client.clone());
-        reap_round(&f.ctx, &pvs, Duration::ZERO).await;
+        volume_with_intent(&f).await;
+        assert!(reap(&f).await);
         f.metrics(&[r#"stead_csi_rpc_duration_seconds_count{method="DeleteVolume",code="OK"} 1"#]);
-        assert!(
-            f.ctx
-                .ledger
-                .older_than(Duration::ZERO)
-                .await
-                .unwrap()
-                .is_empty()
-        );
     }
 
     #[test]

@@ -124,23 +124,16 @@ pub(crate) fn pv_watch(_: &Labelled, node: &str) -> watcher::Config {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proto::csi::v1::Volume;
     use crate::provisioner::claim::tests::pvc;
-    use crate::provisioner::class::{self, tests::class as sc};
     use crate::provisioner::tests::{Answer, NODE, fake_client};
     use std::sync::Arc;
 
-    /// The PV of claim `name` on `node`, as this version makes it.
+    /// The PV of claim `name` (uid `uid-<name>`) on `node`, as this
+    /// version makes it.
     fn made(name: &str, node: &str) -> PersistentVolume {
-        let class = class::parse(&sc("stead", &[], "WaitForFirstConsumer", "Delete")).unwrap();
         let mut claim = pvc(name, "16Mi", Some(node));
         claim.metadata.uid = Some(format!("uid-{name}"));
-        let volume = Volume {
-            volume_id: format!("pvc-uid-{name}"),
-            capacity_bytes: 16 << 20,
-            ..Default::default()
-        };
-        pv::build_pv(&claim, &class, &volume, node)
+        pv::tests::made_for(&claim, node)
     }
 
     /// The same PV as an earlier version made it: no node label.

@@ -302,10 +302,9 @@ pub(crate) async fn run<C>(ctx: Arc<Ctx<C>>, node_changed: Arc<Notify>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proto::csi::v1::Volume;
     use crate::provisioner::claim::tests::pvc;
+    use crate::provisioner::pv::tests::made_for;
     use crate::provisioner::schedulable::tests::{cordon, node, not_ready, taint, tainted};
-    use crate::provisioner::{class, pv::build_pv};
     use k8s_openapi::api::core::v1::{
         PersistentVolumeClaimVolumeSource, PodSpec, PodStatus, Volume as PodVolume,
     };
@@ -348,24 +347,12 @@ mod tests {
     fn bound(name: &str, on: &str) -> (Arc<PersistentVolumeClaim>, Arc<PersistentVolume>) {
         let mut c = pvc(name, "1Gi", Some(on));
         c.metadata.uid = Some(format!("uid-{name}"));
-        let class = class::parse(&class::tests::class(
-            "stead",
-            &[],
-            "WaitForFirstConsumer",
-            "Delete",
-        ))
-        .unwrap();
-        let volume = Volume {
-            volume_id: format!("pvc-uid-{name}"),
-            capacity_bytes: 1 << 30,
-            ..Default::default()
-        };
-        let mut pv = build_pv(&c, &class, &volume, on);
+        let mut pv = made_for(&c, on);
         pv.status = Some(k8s_openapi::api::core::v1::PersistentVolumeStatus {
             phase: Some("Bound".into()),
             ..Default::default()
         });
-        c.spec.as_mut().unwrap().volume_name = Some(volume.volume_id.clone());
+        c.spec.as_mut().unwrap().volume_name = Some(pv.name_any());
         (Arc::new(c), Arc::new(pv))
     }
 

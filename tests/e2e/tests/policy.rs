@@ -135,6 +135,25 @@ fn merge(patch: serde_json::Value) -> Patch<serde_json::Value> {
     Patch::Merge(patch)
 }
 
+/// Sets the test's annotation on object `name` to `value` through `api`
+/// (whose client says who asks).
+async fn annotate<K>(api: &Api<K>, name: &str, value: &str) -> Result<K, kube::Error>
+where
+    K: Clone + std::fmt::Debug + k8s_openapi::serde::de::DeserializeOwned,
+{
+    let patch = json!({"metadata": {"annotations": {"stead.csi.dev/e2e-policy": value}}});
+    api.patch(name, &PatchParams::default(), &merge(patch))
+        .await
+}
+
+/// A create that the apiserver admits (or refuses) and does not keep.
+fn dry_run() -> PostParams {
+    PostParams {
+        dry_run: true,
+        ..Default::default()
+    }
+}
+
 #[tokio::test]
 async fn an_agents_token_writes_only_its_own_nodes_volumes_claims_and_capacity() {
     let scn = Scenario::new("policy").await;
@@ -218,15 +237,7 @@ async fn an_agents_token_writes_only_its_own_nodes_volumes_claims_and_capacity()
     );
     refused(
         &format!("publishing the capacity of node {b}"),
-        caps_as_a
-            .create(
-                &PostParams {
-                    dry_run: true,
-                    ..Default::default()
-                },
-                &capacity_of(b),
-            )
-            .await,
+        caps_as_a.create(&dry_run(), &capacity_of(b)).await,
         &[a],
     );
 
@@ -263,13 +274,7 @@ async fn an_agents_token_writes_only_its_own_nodes_volumes_claims_and_capacity()
     ));
     allowed(
         &format!("annotating node {a}'s PV {name_a}"),
-        pvs_as_a
-            .patch(
-                &name_a,
-                &PatchParams::default(),
-                &merge(json!({"metadata": {"annotations": {"stead.csi.dev/e2e-policy": "own"}}})),
-            )
-            .await,
+        annotate(&pvs_as_a, &name_a, "own").await,
     );
     allowed(
         &format!("deleting node {a}'s PV {name_a} (dry run)"),
@@ -285,25 +290,11 @@ async fn an_agents_token_writes_only_its_own_nodes_volumes_claims_and_capacity()
     );
     allowed(
         &format!("annotating node {a}'s claim on-a"),
-        pvcs_as_a
-            .patch(
-                "on-a",
-                &PatchParams::default(),
-                &merge(json!({"metadata": {"annotations": {"stead.csi.dev/e2e-policy": "own"}}})),
-            )
-            .await,
+        annotate(&pvcs_as_a, "on-a", "own").await,
     );
     allowed(
         &format!("publishing the capacity of node {a} (dry run)"),
-        caps_as_a
-            .create(
-                &PostParams {
-                    dry_run: true,
-                    ..Default::default()
-                },
-                &capacity_of(a),
-            )
-            .await,
+        caps_as_a.create(&dry_run(), &capacity_of(a)).await,
     );
     assert!(
         pvs.get(&name_a)
@@ -321,15 +312,7 @@ async fn an_agents_token_writes_only_its_own_nodes_volumes_claims_and_capacity()
     let unbound = client_with(agent_token(&scn.client, None).await).await;
     refused(
         &format!("annotating node {a}'s PV {name_a} with an unbound token"),
-        Api::<PersistentVolume>::all(unbound)
-            .patch(
-                &name_a,
-                &PatchParams::default(),
-                &merge(
-                    json!({"metadata": {"annotations": {"stead.csi.dev/e2e-policy": "unbound"}}}),
-                ),
-            )
-            .await,
+        annotate(&Api::<PersistentVolume>::all(unbound), &name_a, "unbound").await,
         &["bound to its pod"],
     );
 
