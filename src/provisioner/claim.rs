@@ -62,6 +62,26 @@ pub fn selected_node<K: Resource>(pvc: &K) -> Option<&str> {
     annotation(pvc, ANN_SELECTED_NODE)
 }
 
+/// The annotations of a claim's metadata that [`concerns`] and the leak
+/// reaper read: the claim watch keeps these and drops the others (a
+/// `kubectl apply`'s last-applied-configuration, say, which can be large),
+/// with the managed fields, so that an agent's memory does not grow with
+/// what other controllers write on every claim of the cluster.
+const KEPT_ANNOTATIONS: [&str; 4] = [
+    ANN_SELECTED_NODE,
+    ANN_STORAGE_PROVISIONER,
+    ANN_BETA_STORAGE_PROVISIONER,
+    ANN_BIND_COMPLETED,
+];
+
+/// Trims a claim's metadata (from the claim watch) to what is read of it.
+pub fn keep_what_is_read(meta: &mut k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) {
+    meta.managed_fields = None;
+    if let Some(annotations) = meta.annotations.as_mut() {
+        annotations.retain(|k, _| KEPT_ANNOTATIONS.contains(&k.as_str()));
+    }
+}
+
 /// Whether a claim concerns the agent of `node`, from its metadata alone
 /// (claims are watched as metadata: only those that concern this node are
 /// read whole). `pv_here`: this node's PV store holds the claim's PV
@@ -478,6 +498,32 @@ pub(crate) mod tests {
         // Not looked at by the PV controller yet (a WaitForFirstConsumer
         // claim without a node, a claim just created): its next change says.
         assert_eq!(concerns(&meta(None, &[]), "n1", false), Concern::NotYet);
+    }
+
+    #[test]
+    fn the_claim_watch_keeps_only_the_annotations_it_reads() {
+        let mut m = meta(
+            Some("n1"),
+            &[
+                (ANN_STORAGE_PROVISIONER, "stead.csi.dev"),
+                ("kubectl.kubernetes.io/last-applied-configuration", "{...}"),
+            ],
+        )
+        .metadata;
+        m.managed_fields = Some(vec![Default::default()]);
+        keep_what_is_read(&mut m);
+        let kept: Vec<&str> = m
+            .annotations
+            .iter()
+            .flatten()
+            .map(|(k, _)| k.as_str())
+            .collect();
+        assert_eq!(kept, [ANN_SELECTED_NODE, ANN_STORAGE_PROVISIONER]);
+        assert_eq!(m.managed_fields, None);
+        assert_eq!(
+            m.uid.as_deref(),
+            Some("0a1b2c3d-0000-4000-8000-000000000001")
+        );
     }
 
     #[test]

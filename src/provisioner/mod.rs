@@ -36,7 +36,7 @@ use kube::core::PartialObjectMeta;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{Controller, WatchStreamExt, controller, watcher};
-use kube::{Api, Client, Resource, ResourceExt};
+use kube::{Api, Client, Resource};
 use tokio::sync::{Notify, mpsc};
 
 use crate::metrics::{Metrics, Outcome};
@@ -260,7 +260,7 @@ where
         Api::<PartialObjectMeta<PersistentVolumeClaim>>::all(client.clone()),
         watcher::Config::default(),
     )
-    .modify(|c| c.managed_fields_mut().clear())
+    .modify(|c| claim::keep_what_is_read(&mut c.metadata))
     .default_backoff()
     .reflect(claim_writer)
     .applied_objects();
