@@ -449,3 +449,89 @@ async fn torn_node_record_is_refused_while_mounted_and_reset_once_idle() {
     a.delete("pvc-torn").await;
     assert!(mounts_under(&a.root).is_empty());
 }
+
+fn stats_req(id: &str, path: &std::path::Path) -> NodeGetVolumeStatsRequest {
+    NodeGetVolumeStatsRequest {
+        volume_id: id.into(),
+        volume_path: path_str(path),
+        staging_target_path: String::new(),
+    }
+}
+
+/// What kubelet shows as the volume's condition when the node lost it
+/// behind the agent's back: the publication unmounted, the data removed.
+/// Each is abnormal with a message naming the volume and what is gone, and
+/// the volume is still torn down and deleted cleanly afterwards.
+#[tokio::test]
+async fn a_volume_whose_mount_or_data_is_gone_is_reported_abnormal() {
+    let mut a = Agent::start("cond").await;
+    let cap = mount_cap("");
+    for id in ["pvc-unmounted", "pvc-no-data"] {
+        a.create(id, "dir", cap.clone(), 16 * MIB).await;
+        let (staging, target) = (a.staging(id), a.target(id));
+        a.stage(id, &staging, cap.clone()).await;
+        a.publish(id, &staging, &target, cap.clone(), false)
+            .await
+            .unwrap();
+        let ok = a
+            .node
+            .node_get_volume_stats(stats_req(id, &target))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(!ok.volume_condition.unwrap().abnormal, "{id} before");
+    }
+
+    // Someone unmounts the publication.
+    let target = a.target("pvc-unmounted");
+    nix::mount::umount(&target).unwrap();
+    let cond = a
+        .node
+        .node_get_volume_stats(stats_req("pvc-unmounted", &target))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume_condition
+        .unwrap();
+    assert!(cond.abnormal, "{cond:?}");
+    assert!(
+        cond.message.contains("pvc-unmounted") && cond.message.contains("nothing is mounted"),
+        "{cond:?}"
+    );
+
+    // Someone removes the volume's data folder on the node (the bind
+    // keeps the removed folder alive, so the pod would write into nothing
+    // that lasts).
+    let data = fs::read_dir(a.dir_pool())
+        .unwrap()
+        .map(|e| e.unwrap().path().join("data"))
+        .find(|d| {
+            fs::read_to_string(d.parent().unwrap().join("volume.json"))
+                .is_ok_and(|m| m.contains("pvc-no-data"))
+        })
+        .expect("the data folder of pvc-no-data");
+    fs::remove_dir_all(&data).unwrap();
+    let target = a.target("pvc-no-data");
+    let cond = a
+        .node
+        .node_get_volume_stats(stats_req("pvc-no-data", &target))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume_condition
+        .unwrap();
+    assert!(cond.abnormal, "{cond:?}");
+    assert!(
+        cond.message.contains("pvc-no-data") && cond.message.contains("is missing"),
+        "{cond:?}"
+    );
+
+    for id in ["pvc-unmounted", "pvc-no-data"] {
+        let (staging, target) = (a.staging(id), a.target(id));
+        a.unpublish(id, &target).await;
+        a.unstage(id, &staging).await;
+        a.delete(id).await;
+    }
+    assert!(mounts_under(&a.root).is_empty());
+    assert_eq!(fs::read_dir(a.dir_pool()).unwrap().count(), 0);
+}
