@@ -46,16 +46,7 @@ async fn lifecycle_keeps_data(name: &str, pool: &str, fs_type: &str) {
 
     // Restart with the volume published: the agent serves it as before.
     a.restart().await;
-    let stats = a
-        .node
-        .node_get_volume_stats(NodeGetVolumeStatsRequest {
-            volume_id: "pvc-life".into(),
-            volume_path: path_str(&target),
-            staging_target_path: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let stats = a.stats("pvc-life", &target).await;
     assert!(!stats.volume_condition.unwrap().abnormal);
     assert_eq!(stats.usage.len(), 2, "bytes and inodes");
     assert!(stats.usage[0].total > 0);
@@ -450,12 +441,12 @@ async fn torn_node_record_is_refused_while_mounted_and_reset_once_idle() {
     assert!(mounts_under(&a.root).is_empty());
 }
 
-fn stats_req(id: &str, path: &std::path::Path) -> NodeGetVolumeStatsRequest {
-    NodeGetVolumeStatsRequest {
-        volume_id: id.into(),
-        volume_path: path_str(path),
-        staging_target_path: String::new(),
-    }
+/// The volume condition NodeGetVolumeStats gives for `id` at `path`.
+async fn condition(a: &mut Agent, id: &str, path: &std::path::Path) -> VolumeCondition {
+    a.stats(id, path)
+        .await
+        .volume_condition
+        .expect("a volume condition")
 }
 
 /// What kubelet shows as the volume's condition when the node lost it
@@ -473,26 +464,16 @@ async fn a_volume_whose_mount_or_data_is_gone_is_reported_abnormal() {
         a.publish(id, &staging, &target, cap.clone(), false)
             .await
             .unwrap();
-        let ok = a
-            .node
-            .node_get_volume_stats(stats_req(id, &target))
-            .await
-            .unwrap()
-            .into_inner();
-        assert!(!ok.volume_condition.unwrap().abnormal, "{id} before");
+        assert!(
+            !condition(&mut a, id, &target).await.abnormal,
+            "{id} before"
+        );
     }
 
     // Someone unmounts the publication.
     let target = a.target("pvc-unmounted");
     nix::mount::umount(&target).unwrap();
-    let cond = a
-        .node
-        .node_get_volume_stats(stats_req("pvc-unmounted", &target))
-        .await
-        .unwrap()
-        .into_inner()
-        .volume_condition
-        .unwrap();
+    let cond = condition(&mut a, "pvc-unmounted", &target).await;
     assert!(cond.abnormal, "{cond:?}");
     assert!(
         cond.message.contains("pvc-unmounted") && cond.message.contains("nothing is mounted"),
@@ -512,14 +493,7 @@ async fn a_volume_whose_mount_or_data_is_gone_is_reported_abnormal() {
         .expect("the data folder of pvc-no-data");
     fs::remove_dir_all(&data).unwrap();
     let target = a.target("pvc-no-data");
-    let cond = a
-        .node
-        .node_get_volume_stats(stats_req("pvc-no-data", &target))
-        .await
-        .unwrap()
-        .into_inner()
-        .volume_condition
-        .unwrap();
+    let cond = condition(&mut a, "pvc-no-data", &target).await;
     assert!(cond.abnormal, "{cond:?}");
     assert!(
         cond.message.contains("pvc-no-data") && cond.message.contains("is missing"),
