@@ -299,6 +299,8 @@ async fn a_dir_volume_on_btrfs_stops_at_its_size_while_the_others_go_on() {
             break;
         }
         assert!(Instant::now() < deadline, "usage of dir-a stays at {used}");
+        // A poll with a deadline on the usage itself: btrfs updates a qgroup
+        // at its next transaction commit and offers nothing to wait on.
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
