@@ -38,7 +38,7 @@ unit:
 
 # The tiers wired into `make test` are the ones that pass; see README. The
 # upstream e2e suite comes last: it judges what the cluster tiers built.
-test: lint unit helm-check sanity cluster-smoke provision-test e2e upstream-e2e
+test: lint unit helm-check sanity cluster-smoke provision-test e2e helm-install-test upstream-e2e
 
 -include tests/sanity/sanity.mk
 -include tests/cluster/cluster.mk

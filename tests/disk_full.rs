@@ -120,18 +120,6 @@ fn with_allocation(mut req: CreateVolumeRequest, allocation: &str) -> CreateVolu
     req
 }
 
-async fn stats(a: &mut Agent, id: &str, path: &Path) -> NodeGetVolumeStatsResponse {
-    a.node
-        .node_get_volume_stats(NodeGetVolumeStatsRequest {
-            volume_id: id.into(),
-            volume_path: path_str(path),
-            staging_target_path: String::new(),
-        })
-        .await
-        .unwrap_or_else(|e| panic!("NodeGetVolumeStats {id}: {e}"))
-        .into_inner()
-}
-
 fn bytes_used(s: &NodeGetVolumeStatsResponse) -> i64 {
     s.usage
         .iter()
@@ -178,7 +166,7 @@ async fn a_full_ext4_pool_fails_no_write_into_a_thick_image_and_a_thin_one_says_
     let n = 48 * MIB as u64;
     write_file(&thick_at.join("data"), n).expect("a thick volume takes writes on a full pool");
     assert!(holds_pattern(&thick_at.join("data"), n));
-    let s = stats(&mut a, "pvc-thick", &thick_at).await;
+    let s = a.stats("pvc-thick", &thick_at).await;
     assert!(!s.volume_condition.as_ref().unwrap().abnormal, "{s:?}");
 
     // The thin one cannot: the loop device gets ENOSPC from the pool and
@@ -193,7 +181,7 @@ async fn a_full_ext4_pool_fails_no_write_into_a_thick_image_and_a_thin_one_says_
         ),
         "{e}"
     );
-    let s = stats(&mut a, "pvc-thin", &thin_at).await;
+    let s = a.stats("pvc-thin", &thin_at).await;
     let cond = s.volume_condition.unwrap();
     assert!(cond.abnormal, "a thin volume on a full pool is abnormal");
     assert!(
@@ -305,12 +293,14 @@ async fn a_dir_volume_on_btrfs_stops_at_its_size_while_the_others_go_on() {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let _ = Command::new("sync").arg("-f").arg(&at_a).status();
-        let used = bytes_used(&stats(&mut a, "dir-a", &at_a).await);
+        let used = bytes_used(&a.stats("dir-a", &at_a).await);
         if used as u64 >= limit - MIB as u64 {
             assert!(used as u64 <= limit + MIB as u64, "{used}");
             break;
         }
         assert!(Instant::now() < deadline, "usage of dir-a stays at {used}");
+        // A poll with a deadline on the usage itself: btrfs updates a qgroup
+        // at its next transaction commit and offers nothing to wait on.
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
@@ -427,7 +417,7 @@ async fn an_agent_whose_log_is_on_the_full_disk_goes_on_serving() {
     let at = a.mount("dir-l", &cap).await;
     let filler = fill(&a.root);
     // Every RPC logs a line, which the disk refuses now.
-    let s = stats(&mut a, "dir-l", &at).await;
+    let s = a.stats("dir-l", &at).await;
     assert!(!s.volume_condition.unwrap().abnormal);
     a.unmount("dir-l").await;
     a.delete("dir-l").await;

@@ -46,16 +46,7 @@ async fn lifecycle_keeps_data(name: &str, pool: &str, fs_type: &str) {
 
     // Restart with the volume published: the agent serves it as before.
     a.restart().await;
-    let stats = a
-        .node
-        .node_get_volume_stats(NodeGetVolumeStatsRequest {
-            volume_id: "pvc-life".into(),
-            volume_path: path_str(&target),
-            staging_target_path: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let stats = a.stats("pvc-life", &target).await;
     assert!(!stats.volume_condition.unwrap().abnormal);
     assert_eq!(stats.usage.len(), 2, "bytes and inodes");
     assert!(stats.usage[0].total > 0);
@@ -448,4 +439,73 @@ async fn torn_node_record_is_refused_while_mounted_and_reset_once_idle() {
     a.unstage("pvc-torn", &staging).await;
     a.delete("pvc-torn").await;
     assert!(mounts_under(&a.root).is_empty());
+}
+
+/// The volume condition NodeGetVolumeStats gives for `id` at `path`.
+async fn condition(a: &mut Agent, id: &str, path: &std::path::Path) -> VolumeCondition {
+    a.stats(id, path)
+        .await
+        .volume_condition
+        .expect("a volume condition")
+}
+
+/// What kubelet shows as the volume's condition when the node lost it
+/// behind the agent's back: the publication unmounted, the data removed.
+/// Each is abnormal with a message naming the volume and what is gone, and
+/// the volume is still torn down and deleted cleanly afterwards.
+#[tokio::test]
+async fn a_volume_whose_mount_or_data_is_gone_is_reported_abnormal() {
+    let mut a = Agent::start("cond").await;
+    let cap = mount_cap("");
+    for id in ["pvc-unmounted", "pvc-no-data"] {
+        a.create(id, "dir", cap.clone(), 16 * MIB).await;
+        let (staging, target) = (a.staging(id), a.target(id));
+        a.stage(id, &staging, cap.clone()).await;
+        a.publish(id, &staging, &target, cap.clone(), false)
+            .await
+            .unwrap();
+        assert!(
+            !condition(&mut a, id, &target).await.abnormal,
+            "{id} before"
+        );
+    }
+
+    // Someone unmounts the publication.
+    let target = a.target("pvc-unmounted");
+    nix::mount::umount(&target).unwrap();
+    let cond = condition(&mut a, "pvc-unmounted", &target).await;
+    assert!(cond.abnormal, "{cond:?}");
+    assert!(
+        cond.message.contains("pvc-unmounted") && cond.message.contains("nothing is mounted"),
+        "{cond:?}"
+    );
+
+    // Someone removes the volume's data folder on the node (the bind
+    // keeps the removed folder alive, so the pod would write into nothing
+    // that lasts).
+    let data = fs::read_dir(a.dir_pool())
+        .unwrap()
+        .map(|e| e.unwrap().path().join("data"))
+        .find(|d| {
+            fs::read_to_string(d.parent().unwrap().join("volume.json"))
+                .is_ok_and(|m| m.contains("pvc-no-data"))
+        })
+        .expect("the data folder of pvc-no-data");
+    fs::remove_dir_all(&data).unwrap();
+    let target = a.target("pvc-no-data");
+    let cond = condition(&mut a, "pvc-no-data", &target).await;
+    assert!(cond.abnormal, "{cond:?}");
+    assert!(
+        cond.message.contains("pvc-no-data") && cond.message.contains("is missing"),
+        "{cond:?}"
+    );
+
+    for id in ["pvc-unmounted", "pvc-no-data"] {
+        let (staging, target) = (a.staging(id), a.target(id));
+        a.unpublish(id, &target).await;
+        a.unstage(id, &staging).await;
+        a.delete(id).await;
+    }
+    assert!(mounts_under(&a.root).is_empty());
+    assert_eq!(fs::read_dir(a.dir_pool()).unwrap().count(), 0);
 }

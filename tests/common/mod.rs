@@ -333,6 +333,19 @@ impl Agent {
             .available_capacity
     }
 
+    /// NodeGetVolumeStats of `id` at `path`; panics naming the volume if it fails.
+    pub async fn stats(&mut self, id: &str, path: &Path) -> NodeGetVolumeStatsResponse {
+        self.node
+            .node_get_volume_stats(NodeGetVolumeStatsRequest {
+                volume_id: id.into(),
+                volume_path: path_str(path),
+                staging_target_path: String::new(),
+            })
+            .await
+            .unwrap_or_else(|e| panic!("NodeGetVolumeStats {id}: {e}"))
+            .into_inner()
+    }
+
     pub async fn stage(&mut self, id: &str, staging: &Path, cap: VolumeCapability) {
         self.node
             .node_stage_volume(NodeStageVolumeRequest {

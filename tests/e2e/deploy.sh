@@ -66,6 +66,15 @@ patches:
                 env:
                   - name: STEAD_POOLS
                     value: image:image:/var/lib/stead/pools/image:reserve=0,dir:dir:/var/lib/stead/pools/dir:reserve=0,dir-btrfs:dir:/var/lib/stead/pools/dir-btrfs:reserve=0
+                volumeMounts:
+                  - name: pool-dir-btrfs
+                    mountPath: /var/lib/stead/pools/dir-btrfs
+                    mountPropagation: HostToContainer
+            volumes:
+              - name: pool-dir-btrfs
+                hostPath:
+                  path: /var/lib/stead/pools/dir-btrfs
+                  type: Directory
 YAML
 "$KUBECTL" apply -k "$overlay" >/dev/null
 # The VolumeSnapshotClass only where its CRD is (the bundled cluster has it).

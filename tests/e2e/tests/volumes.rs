@@ -319,7 +319,13 @@ async fn a_dir_volume_on_btrfs_stops_its_pod_at_the_claims_size() {
     create(&pods, &pod_with_claim("filler", "limited")).await;
     let node = node_of(&wait_ready(&pods, "filler").await);
     let mut other = pod_with_claim("other", "neighbour");
-    other.spec.as_mut().expect("a pod spec").node_name = Some(node.clone());
+    // A nodeSelector, not nodeName: the scheduler must see the pod to choose
+    // its WaitForFirstConsumer claim's node.
+    other.spec.as_mut().expect("a pod spec").node_selector = Some(
+        [("kubernetes.io/hostname".to_string(), node.clone())]
+            .into_iter()
+            .collect(),
+    );
     create(&pods, &other).await;
     wait_ready(&pods, "other").await;
     wait_event(
