@@ -91,7 +91,8 @@ if k get csidriver stead.csi.dev >/dev/null 2>&1 || k get namespace "$RELEASE_NS
   [[ -z $volumes_left ]] || die "Stead is deployed (not by Helm) and has volumes; delete their claims first:
 $volumes_left"
   log "Stead deployed from deploy/: deleting it"
-  k delete csidriver,clusterrole,clusterrolebinding -l app.kubernetes.io/part-of=stead \
+  k delete csidriver,clusterrole,clusterrolebinding,validatingadmissionpolicy,validatingadmissionpolicybinding \
+    -l app.kubernetes.io/part-of=stead \
     --wait=true >/dev/null
   # Every class of the driver: the e2e overlay's stead-btrfs has no label.
   mapfile -t classes < <(k get storageclass \
