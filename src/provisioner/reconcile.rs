@@ -28,6 +28,8 @@ use crate::proto::csi::v1::{
 /// until somebody changes it (its class, its size): the watch re-triggers
 /// on any change anyway.
 const RECHECK: Duration = Duration::from_secs(300);
+/// A create still running after this long gets a `Provisioning` event.
+const SLOW_CREATE: Duration = Duration::from_secs(2);
 
 impl<C: CsiController> Ctx<C> {
     /// Queues an event of the provisioning of a claim (recorded in the
@@ -281,21 +283,32 @@ pub(crate) async fn reconcile<C: CsiController>(
         pvc
     };
 
-    ctx.event(
-        &pvc,
-        EventType::Normal,
-        "Provisioning",
-        format!(
-            "node {node} is creating volume {volume_name} ({}) in pool {}{}",
-            quantity::human(wanted),
-            class.pool.as_deref().unwrap_or("(default)"),
-            from.as_ref()
-                .map(|f| format!(" from {f}"))
-                .unwrap_or_default()
-        ),
-    );
     ctx.ledger.record(&volume_name, &key, &uid).await?;
-    let volume = match ctx.csi.create_volume(tonic::Request::new(request)).await {
+    // Most creates take milliseconds, and their claim gets one event, when
+    // it is done. One that takes longer (a thick image, a copy of a
+    // snapshot) says what it is doing meanwhile.
+    let create = ctx.csi.create_volume(tonic::Request::new(request));
+    tokio::pin!(create);
+    let created = tokio::select! {
+        r = &mut create => r,
+        () = tokio::time::sleep(SLOW_CREATE) => {
+            ctx.event(
+                &pvc,
+                EventType::Normal,
+                "Provisioning",
+                format!(
+                    "node {node} is creating volume {volume_name} ({}) in pool {}{}",
+                    quantity::human(wanted),
+                    class.pool.as_deref().unwrap_or("(default)"),
+                    from.as_ref()
+                        .map(|f| format!(" from {f}"))
+                        .unwrap_or_default()
+                ),
+            );
+            create.await
+        }
+    };
+    let volume = match created {
         Ok(resp) => resp.into_inner().volume.unwrap_or_default(),
         Err(status) => return create_failed(&ctx, &pvc, &volume_name, status).await,
     };
