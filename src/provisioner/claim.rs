@@ -4,6 +4,8 @@
 use std::collections::HashMap;
 
 use k8s_openapi::api::core::v1::{Node, PersistentVolumeClaim};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ManagedFieldsEntry, ObjectMeta, Time};
+use k8s_openapi::jiff::Timestamp;
 use kube::Resource;
 
 use super::class::ClassSpec;
@@ -49,7 +51,7 @@ pub fn class_name(pvc: &PersistentVolumeClaim) -> Option<&str> {
         .filter(|s| !s.is_empty())
 }
 
-fn annotation<'a, K: Resource>(pvc: &'a K, key: &str) -> Option<&'a str> {
+pub fn annotation<'a, K: Resource>(pvc: &'a K, key: &str) -> Option<&'a str> {
     pvc.meta()
         .annotations
         .as_ref()?
@@ -76,9 +78,84 @@ const KEPT_ANNOTATIONS: [&str; 4] = [
 
 /// Trims a claim's metadata (from the claim watch) to what is read of it.
 pub fn keep_what_is_read(meta: &mut k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) {
-    meta.managed_fields = None;
+    // Of the managed fields, only when the claim's size and the claim were
+    // last written ([`Writes`]), as two entries of our own.
+    let writes = Writes::of(meta);
+    meta.managed_fields = Some(
+        [
+            (MANAGER_SIZE_WRITTEN, writes.size),
+            (MANAGER_LAST_WRITTEN, writes.last),
+        ]
+        .into_iter()
+        .filter_map(|(manager, time)| {
+            Some(ManagedFieldsEntry {
+                manager: Some(manager.to_string()),
+                time: Some(Time(time?)),
+                ..Default::default()
+            })
+        })
+        .collect(),
+    )
+    .filter(|kept: &Vec<ManagedFieldsEntry>| !kept.is_empty());
     if let Some(annotations) = meta.annotations.as_mut() {
         annotations.retain(|k, _| KEPT_ANNOTATIONS.contains(&k.as_str()));
+    }
+}
+
+/// The entries [`keep_what_is_read`] leaves in a claim's metadata (names no
+/// real manager can have: a manager's name is a client's user agent).
+const MANAGER_SIZE_WRITTEN: &str = "stead: size written";
+const MANAGER_LAST_WRITTEN: &str = "stead: last written";
+
+/// When a claim's requested size was last written (the newest managed-fields
+/// entry that owns `spec.resources`), and when the claim was last written at
+/// all, to the second (the apiserver's clock). A bound claim of this node is
+/// read again only when its size may have changed (`Writes::may_have_grown`):
+/// not at each write of kube-controller-manager or kubelet on its status or
+/// annotations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Writes {
+    pub size: Option<Timestamp>,
+    pub last: Option<Timestamp>,
+}
+
+impl Writes {
+    /// From the real managed fields of a claim, or from the two entries the
+    /// claim watch keeps of them.
+    pub fn of(meta: &ObjectMeta) -> Writes {
+        let mut w = Writes::default();
+        for e in meta.managed_fields.iter().flatten() {
+            let Some(Time(t)) = e.time else { continue };
+            let owns_size = match e.manager.as_deref() {
+                Some(MANAGER_SIZE_WRITTEN) => true,
+                Some(MANAGER_LAST_WRITTEN) => false,
+                _ => {
+                    e.subresource.as_deref().unwrap_or("").is_empty()
+                        && e.fields_v1
+                            .as_ref()
+                            .and_then(|f| f.0.get("f:spec")?.get("f:resources"))
+                            .is_some()
+                }
+            };
+            if owns_size {
+                w.size = w.size.max(Some(t));
+            }
+            w.last = w.last.max(Some(t));
+        }
+        w
+    }
+
+    /// Whether this version of a claim may ask for another size than the
+    /// version read whole when its size was `read` (the [`Writes::size`] of
+    /// that read). Yes when the size was written later, or when this
+    /// version's last write was in the second of the size's last write (a
+    /// second write of the size in the same second keeps its time); yes
+    /// when anything is unknown.
+    pub fn may_have_grown(&self, read: Option<Timestamp>) -> bool {
+        match (self.size, self.last, read) {
+            (Some(size), Some(last), Some(read)) => size > read || last <= size,
+            _ => true,
+        }
     }
 }
 
@@ -519,11 +596,92 @@ pub(crate) mod tests {
             .map(|(k, _)| k.as_str())
             .collect();
         assert_eq!(kept, [ANN_SELECTED_NODE, ANN_STORAGE_PROVISIONER]);
+        // An entry without a time says nothing of when anything was written.
         assert_eq!(m.managed_fields, None);
         assert_eq!(
             m.uid.as_deref(),
             Some("0a1b2c3d-0000-4000-8000-000000000001")
         );
+    }
+
+    fn entry(
+        manager: &str,
+        subresource: &str,
+        fields: serde_json::Value,
+        at: i64,
+    ) -> ManagedFieldsEntry {
+        ManagedFieldsEntry {
+            manager: Some(manager.into()),
+            subresource: (!subresource.is_empty()).then(|| subresource.into()),
+            fields_v1: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::FieldsV1(
+                fields,
+            )),
+            time: Some(Time(Timestamp::from_second(at).unwrap())),
+            ..Default::default()
+        }
+    }
+
+    fn at(second: i64) -> Option<Timestamp> {
+        Some(Timestamp::from_second(second).unwrap())
+    }
+
+    #[test]
+    fn a_claims_size_is_written_by_the_entries_that_own_spec_resources() {
+        let mut m = meta(Some("n1"), &[]).metadata;
+        m.managed_fields = Some(vec![
+            // The StatefulSet controller made it, size included.
+            entry(
+                "kube-controller-manager",
+                "",
+                serde_json::json!({"f:spec": {"f:accessModes": {}, "f:resources": {"f:requests": {}}}}),
+                100,
+            ),
+            // A user grew it later.
+            entry(
+                "kubectl-patch",
+                "",
+                serde_json::json!({"f:spec": {"f:resources": {"f:requests": {"f:storage": {}}}}}),
+                200,
+            ),
+            // The binder: a spec field, not the size.
+            entry(
+                "kube-controller-manager-binder",
+                "",
+                serde_json::json!({"f:spec": {"f:volumeName": {}}}),
+                300,
+            ),
+            // Status owns no spec, whatever it lists.
+            entry(
+                "kube-controller-manager",
+                "status",
+                serde_json::json!({"f:spec": {"f:resources": {}}, "f:status": {}}),
+                400,
+            ),
+        ]);
+        let w = Writes::of(&m);
+        assert_eq!((w.size, w.last), (at(200), at(400)));
+        // The watch keeps just that, and reads it back the same.
+        keep_what_is_read(&mut m);
+        assert_eq!(m.managed_fields.as_ref().map(Vec::len), Some(2));
+        assert_eq!(Writes::of(&m), w);
+    }
+
+    #[test]
+    fn a_bound_claim_is_read_again_only_when_its_size_may_have_changed() {
+        let w = |size: i64, last: i64| Writes {
+            size: at(size),
+            last: at(last),
+        };
+        // Bound and its status written after the read: nothing new.
+        assert!(!w(200, 300).may_have_grown(at(200)));
+        // Its size written since.
+        assert!(w(250, 300).may_have_grown(at(200)));
+        // The last write in the second of the size's: a second write of the
+        // size in that second keeps its time, so it is read.
+        assert!(w(200, 200).may_have_grown(at(200)));
+        // Never read, or times unknown: read.
+        assert!(w(200, 300).may_have_grown(None));
+        assert!(Writes::default().may_have_grown(at(200)));
     }
 
     #[test]

@@ -23,7 +23,7 @@ pub mod source;
 pub mod stranded;
 pub mod supervisor;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
@@ -32,6 +32,7 @@ use std::time::Duration;
 use futures::{FutureExt, StreamExt};
 use k8s_openapi::api::core::v1::{Node, PersistentVolume, PersistentVolumeClaim};
 use k8s_openapi::api::storage::v1::StorageClass;
+use k8s_openapi::jiff::Timestamp;
 use kube::core::PartialObjectMeta;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
@@ -134,6 +135,10 @@ pub(crate) struct Ctx<C> {
     /// The uids of the Immediate claims this node said it has no room for:
     /// said once per claim, not at every look again.
     no_room: Mutex<HashSet<String>>,
+    /// For the bound claims of this node read whole: when the size they
+    /// were read with was written (`claim::Writes`), so that a change that
+    /// cannot have grown one is not read again.
+    sizes_read: Mutex<HashMap<String, Timestamp>>,
     metrics: Arc<Metrics>,
 }
 
@@ -171,6 +176,29 @@ impl<C> Ctx<C> {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(uid);
+        self.sizes_read
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(uid);
+    }
+
+    /// When the size of the claim of `uid` was written, as this node last
+    /// read the claim whole (a bound claim of this node), if it did.
+    fn size_read(&self, uid: &str) -> Option<Timestamp> {
+        self.sizes_read
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(uid)
+            .copied()
+    }
+
+    /// A bound claim of this node was read whole with `writes`.
+    fn read_size(&self, uid: &str, writes: claim::Writes) {
+        let mut read = self.sizes_read.lock().unwrap_or_else(|p| p.into_inner());
+        match writes.size {
+            Some(t) => read.insert(uid.to_string(), t),
+            None => read.remove(uid),
+        };
     }
 
     /// Whether this node is yet to say that it has no room for the claim of
@@ -310,6 +338,7 @@ where
         capacity_changed: Arc::new(Notify::new()),
         failures: Mutex::default(),
         no_room: Mutex::default(),
+        sizes_read: Mutex::default(),
         metrics,
     });
 
@@ -652,6 +681,7 @@ pub(crate) mod tests {
             capacity_changed: Arc::new(Notify::new()),
             failures: Mutex::default(),
             no_room: Mutex::default(),
+            sizes_read: Mutex::default(),
             metrics,
         };
         Fake {

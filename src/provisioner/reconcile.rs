@@ -92,10 +92,29 @@ pub(crate) async fn reconcile_meta<C: CsiController>(
         }
         Concern::NotYet | Concern::Provisioned => return Ok(Action::await_change()),
     }
+    // A bound claim of this node is read for its size alone (expansion):
+    // not again at a change that cannot have grown it (kube-controller-
+    // manager binding it, writing its status).
+    let uid = meta.uid().unwrap_or_default();
+    let bound_here = has_pv(&ctx.volumes, &*meta)
+        && claim::annotation(&*meta, claim::ANN_BIND_COMPLETED).is_some();
+    if bound_here && !claim::Writes::of(meta.meta()).may_have_grown(ctx.size_read(&uid)) {
+        tracing::trace!(pvc = %key, "bound, and its size was not written since it was read");
+        return Ok(Action::await_change());
+    }
     let api: Api<PersistentVolumeClaim> =
         Api::namespaced(ctx.client.clone(), &meta.namespace().unwrap_or_default());
     match api.get_opt(&meta.name_any()).await? {
-        Some(pvc) => reconcile(Arc::new(pvc), ctx).await,
+        Some(pvc) => {
+            let writes = claim::Writes::of(&pvc.metadata);
+            let done = reconcile(Arc::new(pvc), ctx.clone()).await?;
+            // Only once its reconcile succeeded: a failed expansion is
+            // retried by reading the claim again.
+            if bound_here {
+                ctx.read_size(&uid, writes);
+            }
+            Ok(done)
+        }
         // Deleted since the event: its deletion is an event of its own.
         None => Ok(Action::await_change()),
     }
