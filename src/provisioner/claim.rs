@@ -30,6 +30,11 @@ pub const ANN_STORAGE_PROVISIONER: &str = "volume.kubernetes.io/storage-provisio
 pub const ANN_BETA_STORAGE_PROVISIONER: &str = "volume.beta.kubernetes.io/storage-provisioner";
 /// Set by the PV controller once the claim is bound to its volume.
 pub const ANN_BIND_COMPLETED: &str = "pv.kubernetes.io/bind-completed";
+/// Set by a Stead agent that gives a WaitForFirstConsumer claim's node
+/// choice back: with no node chosen, the claim waits for the scheduler. Its
+/// metadata would otherwise look like an Immediate claim's, which agents
+/// take from the metadata alone (see [`concerns`]).
+pub const ANN_WAITS_FOR_SCHEDULER: &str = "stead.csi.dev/waits-for-scheduler";
 
 /// The volume (and PV) name of a claim (or of its metadata): `pvc-<uid>`.
 pub fn volume_name<K: Resource>(pvc: &K) -> Option<String> {
@@ -69,11 +74,12 @@ pub fn selected_node<K: Resource>(pvc: &K) -> Option<&str> {
 /// `kubectl apply`'s last-applied-configuration, say, which can be large),
 /// with the managed fields, so that an agent's memory does not grow with
 /// what other controllers write on every claim of the cluster.
-const KEPT_ANNOTATIONS: [&str; 4] = [
+const KEPT_ANNOTATIONS: [&str; 5] = [
     ANN_SELECTED_NODE,
     ANN_STORAGE_PROVISIONER,
     ANN_BETA_STORAGE_PROVISIONER,
     ANN_BIND_COMPLETED,
+    ANN_WAITS_FOR_SCHEDULER,
 ];
 
 /// Trims a claim's metadata (from the claim watch) to what is read of it.
@@ -176,6 +182,9 @@ pub enum Concern {
     Provisioned,
     /// Read the claim and reconcile it.
     Read,
+    /// An Immediate claim of Stead's that no node took yet: take it (the
+    /// take answers with the whole claim), if this node may.
+    Take,
 }
 
 /// See [`Concern`]. A claim bound to a PV of this node is read on every
@@ -199,7 +208,10 @@ pub fn concerns<K: Resource>(pvc: &K, node: &str, pv_here: bool) -> Concern {
             let provisioner = annotation(pvc, ANN_STORAGE_PROVISIONER)
                 .or_else(|| annotation(pvc, ANN_BETA_STORAGE_PROVISIONER));
             match provisioner {
-                Some(crate::DRIVER_NAME) => Concern::Read,
+                Some(crate::DRIVER_NAME) if annotation(pvc, ANN_WAITS_FOR_SCHEDULER).is_some() => {
+                    Concern::NotYet
+                }
+                Some(crate::DRIVER_NAME) => Concern::Take,
                 Some(_) => Concern::No("claim is another provisioner's"),
                 None => Concern::NotYet,
             }
@@ -552,15 +564,25 @@ pub(crate) mod tests {
             Concern::Read
         );
         // No node chosen: an Immediate claim of a Stead class (as the PV
-        // controller says, in either spelling), by every node.
-        assert_eq!(concerns(&meta(None, &stead), "n1", false), Concern::Read);
+        // controller says, in either spelling), taken by any node.
+        assert_eq!(concerns(&meta(None, &stead), "n1", false), Concern::Take);
         assert_eq!(
             concerns(
                 &meta(None, &[(ANN_BETA_STORAGE_PROVISIONER, "stead.csi.dev")]),
                 "n1",
                 false
             ),
-            Concern::Read
+            Concern::Take
+        );
+        // Unless an agent gave its node choice back as a WaitForFirstConsumer
+        // claim's: the scheduler chooses again.
+        assert_eq!(
+            concerns(
+                &meta(None, &[stead[0], (ANN_WAITS_FOR_SCHEDULER, "n2")]),
+                "n1",
+                false
+            ),
+            Concern::NotYet
         );
         // Another provisioner's, or one bound elsewhere: not read.
         for m in [

@@ -139,7 +139,18 @@ pub(crate) struct Ctx<C> {
     /// were read with was written (`claim::Writes`), so that a change that
     /// cannot have grown one is not read again.
     sizes_read: Mutex<HashMap<String, Timestamp>>,
+    /// The Immediate claims this node took from their metadata and gave
+    /// back (by uid): their class and size, so that they are taken again
+    /// only when this node could serve them.
+    given_back: Mutex<HashMap<String, GivenBack>>,
     metrics: Arc<Metrics>,
+}
+
+/// See [`Ctx::given_back`].
+#[derive(Debug, Clone)]
+struct GivenBack {
+    class: String,
+    bytes: i64,
 }
 
 impl<C> Ctx<C> {
@@ -180,6 +191,34 @@ impl<C> Ctx<C> {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(uid);
+        self.given_back
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(uid);
+    }
+
+    /// What this node remembers of an Immediate claim it gave back.
+    fn given_back(&self, uid: &str) -> Option<GivenBack> {
+        self.given_back
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(uid)
+            .cloned()
+    }
+
+    /// This node gave back the Immediate claim of `uid` (of `class`, asking
+    /// for `bytes`).
+    fn give_back(&self, uid: &str, class: &str, bytes: i64) {
+        self.given_back
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(
+                uid.to_string(),
+                GivenBack {
+                    class: class.to_string(),
+                    bytes,
+                },
+            );
     }
 
     /// When the size of the claim of `uid` was written, as this node last
@@ -339,6 +378,7 @@ where
         failures: Mutex::default(),
         no_room: Mutex::default(),
         sizes_read: Mutex::default(),
+        given_back: Mutex::default(),
         metrics,
     });
 
@@ -452,7 +492,10 @@ fn waits_here(
             .annotations
             .as_ref()
             .is_some_and(|a| a.contains_key(claim::ANN_BIND_COMPLETED))
-        && claim::concerns(pvc, node, has_pv(volumes, pvc)) == claim::Concern::Read
+        && matches!(
+            claim::concerns(pvc, node, has_pv(volumes, pvc)),
+            claim::Concern::Read | claim::Concern::Take
+        )
 }
 
 /// A retry came due for an object that is gone from the store (deleted
@@ -682,6 +725,7 @@ pub(crate) mod tests {
             failures: Mutex::default(),
             no_room: Mutex::default(),
             sizes_read: Mutex::default(),
+            given_back: Mutex::default(),
             metrics,
         };
         Fake {

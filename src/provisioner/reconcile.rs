@@ -84,6 +84,12 @@ pub(crate) async fn reconcile_meta<C: CsiController>(
     let key = claim::claim_key(&*meta);
     match claim::concerns(&*meta, &ctx.config.node, has_pv(&ctx.volumes, &*meta)) {
         Concern::Read => {}
+        // Not on a node that takes no Immediate claims: there, the claim is
+        // read (a restore may still come to the node that holds its data).
+        Concern::Take if schedulable::for_immediate(ctx.own_node().as_deref()).is_ok() => {
+            return take_from_meta(&meta, ctx).await;
+        }
+        Concern::Take => {}
         // Debug, as `reconcile` says why it skips: which agents passed on a
         // claim is what one asks first when a claim stays Pending.
         Concern::No(why) => {
@@ -117,6 +123,170 @@ pub(crate) async fn reconcile_meta<C: CsiController>(
         }
         // Deleted since the event: its deletion is an event of its own.
         None => Ok(Action::await_change()),
+    }
+}
+
+/// An Immediate claim of Stead's that no node took yet, taken from its
+/// metadata: the take (an optimistic patch) answers with the whole claim,
+/// so it is not read first. What needs the claim's class and size is
+/// decided then; a claim this node cannot serve is given back, and its
+/// class and size remembered so that it is not taken again until it could
+/// be served (room made, the node's labels changed).
+async fn take_from_meta<C: CsiController>(
+    meta: &PartialObjectMeta<PersistentVolumeClaim>,
+    ctx: Arc<Ctx<C>>,
+) -> Result<Action, Error> {
+    let node = ctx.config.node.clone();
+    let key = claim::claim_key(meta);
+    let uid = meta.uid().unwrap_or_default();
+    if let Some(back) = ctx.given_back(&uid) {
+        if let Some(why) = cannot_serve(&ctx, &key, &back.class, back.bytes).await? {
+            tracing::debug!(pvc = %key, node = %node, "{}", why.note());
+            return Ok(Action::requeue(Duration::from_secs(30)));
+        }
+    }
+    let Some(pvc) = select_node(&ctx, meta, &node).await? else {
+        tracing::debug!(pvc = %key, "another agent took it first");
+        return Ok(Action::await_change());
+    };
+    let class_name = claim::class_name(&pvc).unwrap_or_default().to_string();
+    let sc = ctx.classes.get(&ObjectRef::new(&class_name));
+    let wffc = sc
+        .as_ref()
+        .is_some_and(|sc| sc.volume_binding_mode.as_deref() == Some("WaitForFirstConsumer"));
+    let has_source = pvc
+        .spec
+        .as_ref()
+        .is_some_and(|s| s.data_source.is_some() || s.data_source_ref.is_some());
+    // What cannot be decided before the take: a class unknown here, a
+    // WaitForFirstConsumer claim whose node choice someone removed (the
+    // scheduler chooses again), a node the class excludes, no room.
+    let why = match (&sc, claim::requested_bytes(&pvc)) {
+        (None, _) => Some(Unservable::Other(format!(
+            "StorageClass {class_name} of claim {key} is not known on node {node} yet"
+        ))),
+        (Some(sc), _) if !class::is_stead(sc) || wffc => Some(Unservable::Other(format!(
+            "claim {key} is not an Immediate claim of Stead's"
+        ))),
+        // A claim Stead cannot serve (a broken class, a bad size) is
+        // reported by the node that took it; one filled from a source goes
+        // where its data is (see `fill_from`).
+        (_, Err(_)) => None,
+        _ if has_source => None,
+        (Some(_), Ok((wanted, _))) => cannot_serve(&ctx, &key, &class_name, wanted).await?,
+    };
+    let Some(why) = why else {
+        tracing::info!(pvc = %key, node = %node, "took Immediate claim");
+        return reconcile(Arc::new(pvc), ctx).await;
+    };
+    let wanted = claim::requested_bytes(&pvc).map(|(b, _)| b).unwrap_or(0);
+    ctx.give_back(&uid, &class_name, wanted);
+    if give_back(&ctx, &pvc, wffc).await? {
+        tracing::debug!(pvc = %key, node = %node, "took the claim, gave it back: {}", why.note());
+    }
+    // Every node without room looks again every 30 s (room may be made):
+    // each says so once per claim, not at every look.
+    if let Unservable::NoRoom(note) = why
+        && ctx.first_no_room(&uid)
+    {
+        ctx.fail(&pvc, note);
+    }
+    Ok(Action::requeue(Duration::from_secs(30)))
+}
+
+/// Why this node cannot serve an Immediate claim.
+enum Unservable {
+    /// Its pool has no room: said on the claim, once per claim and node.
+    NoRoom(String),
+    /// Anything else: said in the debug log.
+    Other(String),
+}
+
+impl Unservable {
+    fn note(&self) -> &str {
+        match self {
+            Unservable::NoRoom(n) | Unservable::Other(n) => n,
+        }
+    }
+}
+
+/// Why this node cannot serve an Immediate claim of `class` asking for
+/// `wanted` bytes, from what it knows without a request: the class, the
+/// node's labels against its allowedTopologies, the pool's free bytes.
+async fn cannot_serve<C: CsiController>(
+    ctx: &Ctx<C>,
+    key: &str,
+    class_name: &str,
+    wanted: i64,
+) -> Result<Option<Unservable>, Error> {
+    let node = &ctx.config.node;
+    let Some(sc) = ctx.classes.get(&ObjectRef::new(class_name)) else {
+        return Ok(Some(Unservable::Other(format!(
+            "StorageClass {class_name} is not known on node {node} yet"
+        ))));
+    };
+    if !class::is_stead(&sc) || sc.volume_binding_mode.as_deref() == Some("WaitForFirstConsumer") {
+        return Ok(Some(Unservable::Other(format!(
+            "StorageClass {class_name} is not an Immediate class of Stead's"
+        ))));
+    }
+    let Ok(class) = class::parse(&sc) else {
+        return Ok(None);
+    };
+    if claim::allowed_here(&Decision::Claim, &class, node, ctx.own_node().as_deref())
+        != Allowed::Yes
+    {
+        // As for an unschedulable node: looked at again when its labels
+        // change (`schedulable::follow`).
+        ctx.immediate_waiting.store(true, Ordering::SeqCst);
+        return Ok(Some(Unservable::Other(format!(
+            "StorageClass {class_name}'s allowedTopologies do not include node {node}"
+        ))));
+    }
+    let free = ctx
+        .free_bytes(&class)
+        .await
+        .map_err(|s| csi_error("GetCapacity", class_name, node, s))?;
+    Ok((free < wanted).then(|| {
+        Unservable::NoRoom(format!(
+            "node {node} cannot take claim {key}: it asks for {} and pool {} has {} free; a node with room will take it",
+            quantity::human(wanted),
+            class.pool.as_deref().unwrap_or("(default)"),
+            quantity::human(free)
+        ))
+    }))
+}
+
+/// Gives back a claim this node took from its metadata and cannot serve:
+/// removes its node choice with an optimistic patch (a claim changed since
+/// the take is left as it is; `false` then). A WaitForFirstConsumer claim
+/// is marked as such, so that agents leave it to the scheduler.
+async fn give_back<C>(
+    ctx: &Ctx<C>,
+    pvc: &PersistentVolumeClaim,
+    wffc: bool,
+) -> Result<bool, Error> {
+    let waits = wffc.then_some(ctx.config.node.as_str());
+    let patch = json!({"metadata": {
+        "resourceVersion": pvc.resource_version(),
+        "annotations": {
+            claim::ANN_SELECTED_NODE: null,
+            claim::ANN_WAITS_FOR_SCHEDULER: waits,
+        },
+    }});
+    let api: Api<PersistentVolumeClaim> =
+        Api::namespaced(ctx.client.clone(), &pvc.namespace().unwrap_or_default());
+    match api
+        .patch(
+            &pvc.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await
+    {
+        Ok(_) => Ok(true),
+        Err(kube::Error::Api(s)) if s.code == 409 || s.code == 404 => Ok(false),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -442,7 +612,16 @@ async fn fill_from<C: CsiController>(
 async fn release_node<C>(ctx: &Ctx<C>, pvc: &PersistentVolumeClaim) -> Result<(), Error> {
     let api: Api<PersistentVolumeClaim> =
         Api::namespaced(ctx.client.clone(), &pvc.namespace().unwrap_or_default());
-    let patch = json!({"metadata": {"annotations": {claim::ANN_SELECTED_NODE: null}}});
+    // A WaitForFirstConsumer claim is marked as such, so that agents leave
+    // it to the scheduler (see `claim::concerns`).
+    let wffc = claim::class_name(pvc)
+        .and_then(|c| ctx.classes.get(&ObjectRef::new(c)))
+        .is_some_and(|sc| sc.volume_binding_mode.as_deref() == Some("WaitForFirstConsumer"));
+    let waits = wffc.then_some(ctx.config.node.as_str());
+    let patch = json!({"metadata": {"annotations": {
+        claim::ANN_SELECTED_NODE: null,
+        claim::ANN_WAITS_FOR_SCHEDULER: waits,
+    }}});
     api.patch(
         &pvc.name_any(),
         &PatchParams::default(),
@@ -475,20 +654,23 @@ async fn move_node<C>(
 /// Sets a claim's `selected-node` to `node` with an optimistic-concurrency
 /// patch: the resourceVersion makes the apiserver refuse it when the claim
 /// changed meanwhile (another agent took or moved it), and then `None`.
-async fn select_node<C>(
+async fn select_node<C, K: Resource<DynamicType = ()>>(
     ctx: &Ctx<C>,
-    pvc: &PersistentVolumeClaim,
+    pvc: &K,
     node: &str,
 ) -> Result<Option<PersistentVolumeClaim>, Error> {
+    let meta = pvc.meta();
     let patch = json!({"metadata": {
-        "resourceVersion": pvc.resource_version(),
+        "resourceVersion": meta.resource_version,
         "annotations": {claim::ANN_SELECTED_NODE: node},
     }});
-    let api: Api<PersistentVolumeClaim> =
-        Api::namespaced(ctx.client.clone(), &pvc.namespace().unwrap_or_default());
+    let api: Api<PersistentVolumeClaim> = Api::namespaced(
+        ctx.client.clone(),
+        meta.namespace.as_deref().unwrap_or_default(),
+    );
     match api
         .patch(
-            &pvc.name_any(),
+            meta.name.as_deref().unwrap_or_default(),
             &PatchParams::default(),
             &Patch::Merge(&patch),
         )
