@@ -139,11 +139,11 @@ async fn take_from_meta<C: CsiController>(
     let node = ctx.config.node.clone();
     let key = claim::claim_key(meta);
     let uid = meta.uid().unwrap_or_default();
-    if let Some(back) = ctx.given_back(&uid) {
-        if let Some(why) = cannot_serve(&ctx, &key, &back.class, back.bytes).await? {
-            tracing::debug!(pvc = %key, node = %node, "{}", why.note());
-            return Ok(Action::requeue(Duration::from_secs(30)));
-        }
+    if let Some(back) = ctx.given_back(&uid)
+        && let Some(why) = cannot_serve(&ctx, &key, &back.class, back.bytes).await?
+    {
+        tracing::debug!(pvc = %key, node = %node, "{}", why.note());
+        return Ok(Action::requeue(Duration::from_secs(30)));
     }
     let Some(pvc) = select_node(&ctx, meta, &node).await? else {
         tracing::debug!(pvc = %key, "another agent took it first");
