@@ -961,7 +961,7 @@ mod tests {
     use super::*;
     use crate::provisioner::claim::tests::pvc;
     use crate::provisioner::class::tests::class as sc;
-    use crate::provisioner::tests::{Fake, NODE, fake};
+    use crate::provisioner::tests::{Fake, NODE, fake, fake_answering};
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
     use kube::runtime::watcher;
     use std::collections::HashMap;
@@ -1159,6 +1159,149 @@ mod tests {
             f.requested("GET /api/v1/namespaces/db/persistentvolumeclaims/data-0"),
             "{:?}",
             f.requests
+        );
+    }
+
+    /// A fake whose apiserver answers a claim's PATCH with `claim` as it
+    /// is once taken by this node (the take's answer).
+    async fn taking(
+        classes: &[k8s_openapi::api::storage::v1::StorageClass],
+        claim: &PersistentVolumeClaim,
+    ) -> Fake {
+        let mut taken = claim.clone();
+        taken.metadata.resource_version = Some("2".into());
+        taken
+            .metadata
+            .annotations
+            .get_or_insert_default()
+            .insert(claim::ANN_SELECTED_NODE.into(), NODE.into());
+        let body = serde_json::to_string(&taken).unwrap();
+        fake_answering(
+            classes,
+            Some(Arc::new(move |method, path, _| {
+                (*method == http::Method::PATCH && path.contains("persistentvolumeclaims"))
+                    .then(|| (200, body.clone()))
+            })),
+        )
+        .await
+    }
+
+    /// An Immediate claim as the claim watch has it: no node chosen, the PV
+    /// controller naming Stead its provisioner.
+    fn immediate(name: &str, size: &str) -> PersistentVolumeClaim {
+        let mut c = pvc(name, size, None);
+        c.spec.as_mut().unwrap().storage_class_name = Some("stead-now".into());
+        c.metadata.resource_version = Some("1".into());
+        c.metadata.annotations = Some(
+            [(
+                claim::ANN_STORAGE_PROVISIONER.to_string(),
+                "stead.csi.dev".to_string(),
+            )]
+            .into(),
+        );
+        c
+    }
+
+    fn requests(f: &Fake) -> Vec<String> {
+        f.requests
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|r| format!("{} {}", r.method, r.path))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn an_immediate_claim_is_taken_from_its_metadata_without_a_read() {
+        let claim = immediate("small", "16Mi");
+        let f = taking(&[sc("stead-now", &[], "Immediate", "Delete")], &claim).await;
+        reconcile_meta(meta(&claim), f.ctx.clone()).await.unwrap();
+        // The take, then the PV: nothing read.
+        assert_eq!(
+            requests(&f),
+            [
+                "PATCH /api/v1/namespaces/db/persistentvolumeclaims/small",
+                "POST /api/v1/persistentvolumes",
+            ]
+        );
+        let take = &f.requests.lock().unwrap()[0].body;
+        assert!(
+            take.contains(r#""resourceVersion":"1""#) && take.contains(NODE),
+            "{take}"
+        );
+        // One event, when it is done (the create took milliseconds).
+        let posted = f.posted();
+        assert_eq!(posted.len(), 1, "{posted:?}");
+        assert_eq!(posted[0].0, "ProvisioningSucceeded");
+    }
+
+    #[tokio::test]
+    async fn an_immediate_claim_without_room_is_given_back_and_not_taken_again() {
+        let claim = immediate("big", "1000Ti");
+        let f = taking(&[sc("stead-now", &[], "Immediate", "Delete")], &claim).await;
+        for _ in 0..3 {
+            let action = reconcile_meta(meta(&claim), f.ctx.clone()).await.unwrap();
+            assert_eq!(action, Action::requeue(Duration::from_secs(30)));
+        }
+        // Taken, given back with the version of the take, then left alone
+        // while the pool has no room for its size.
+        let seen = f.requests.lock().unwrap().clone();
+        assert_eq!(seen.len(), 2, "{seen:?}");
+        assert!(
+            seen[1].body.contains(r#""resourceVersion":"2""#),
+            "{:?}",
+            seen[1]
+        );
+        assert!(
+            seen[1]
+                .body
+                .contains(&format!(r#""{}":null"#, claim::ANN_SELECTED_NODE)),
+            "{:?}",
+            seen[1]
+        );
+        assert!(
+            !seen[1].body.contains(NODE),
+            "not marked WaitForFirstConsumer: {:?}",
+            seen[1]
+        );
+        let posted = f.posted();
+        assert_eq!(posted.len(), 1, "{posted:?}");
+        assert!(
+            posted[0].1.starts_with(
+                "node node-a cannot take claim db/big: it asks for 1000Ti and pool (default) has"
+            ),
+            "{posted:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_wait_for_first_consumer_claim_taken_by_mistake_is_marked_to_wait_for_the_scheduler()
+    {
+        // Its node choice removed by someone: it looks Immediate.
+        let mut claim = immediate("late", "16Mi");
+        claim.spec.as_mut().unwrap().storage_class_name = Some("stead".into());
+        let f = taking(&[stead()], &claim).await;
+        reconcile_meta(meta(&claim), f.ctx.clone()).await.unwrap();
+        let seen = f.requests.lock().unwrap().clone();
+        assert_eq!(seen.len(), 2, "{seen:?}");
+        assert!(
+            seen[1]
+                .body
+                .contains(&format!(r#""{}":"{NODE}""#, claim::ANN_WAITS_FOR_SCHEDULER)),
+            "{:?}",
+            seen[1]
+        );
+        assert!(f.posted().is_empty());
+        // Marked so, every agent leaves it to the scheduler.
+        let mut marked = claim.clone();
+        marked
+            .metadata
+            .annotations
+            .get_or_insert_default()
+            .insert(claim::ANN_WAITS_FOR_SCHEDULER.into(), NODE.into());
+        assert_eq!(
+            claim::concerns(&*meta(&marked), "node-b", false),
+            Concern::NotYet
         );
     }
 
