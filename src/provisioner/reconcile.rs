@@ -115,10 +115,10 @@ pub(crate) async fn reconcile_meta<C: CsiController>(
             let writes = claim::Writes::of(&pvc.metadata);
             let done = reconcile(Arc::new(pvc), ctx.clone()).await?;
             // Only once its reconcile succeeded: a failed expansion is
-            // retried by reading the claim again.
-            if bound_here {
-                ctx.read_size(&uid, writes);
-            }
+            // retried by reading the claim again. Kept from the first read
+            // (the one that provisions it), so that its binding does not
+            // make it read again.
+            ctx.read_size(&uid, writes);
             Ok(done)
         }
         // Deleted since the event: its deletion is an event of its own.
@@ -177,7 +177,11 @@ async fn take_from_meta<C: CsiController>(
     };
     let Some(why) = why else {
         tracing::info!(pvc = %key, node = %node, "took Immediate claim");
-        return reconcile(Arc::new(pvc), ctx).await;
+        let writes = claim::Writes::of(&pvc.metadata);
+        let done = reconcile(Arc::new(pvc), ctx.clone()).await?;
+        // As for a claim read (see `reconcile_meta`).
+        ctx.read_size(&uid, writes);
+        return Ok(done);
     };
     let wanted = claim::requested_bytes(&pvc).map(|(b, _)| b).unwrap_or(0);
     ctx.give_back(&uid, &class_name, wanted);
