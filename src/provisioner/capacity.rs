@@ -43,6 +43,12 @@ pub const LEASE_RENEWALS: u32 = 3;
 /// Objects written before leases existed (no stale-after) count as
 /// abandoned this long after their last write.
 pub const LEGACY_GRACE: Duration = Duration::from_secs(3600);
+/// After a change, the next update waits this long after the last one: a
+/// burst of claims makes one update per pool and class every so often, not
+/// one per claim. The scheduler reads a capacity at most this much older
+/// than the pool's; a claim it places on a node that just filled up is
+/// refused by that node's agent (it checks the pool itself) and placed again.
+pub const COALESCE: Duration = Duration::from_secs(2);
 
 /// The object's name for (node, class): readable when it fits.
 pub fn object_name(node: &str, class: &str) -> String {
@@ -142,17 +148,36 @@ pub(crate) async fn run<C: CsiController>(ctx: Arc<Ctx<C>>) {
     // period is enough (leases are not finer than that), not at every change.
     let collect_every = ctx.config.capacity_interval * RENEW_INTERVALS;
     let mut collected: Option<tokio::time::Instant> = None;
+    // The objects of this node's that the last round listed (to delete those
+    // of classes gone): listed again only when the set of classes changes
+    // or at each collection, not at every round.
+    let mut listed_for: Option<Vec<String>> = None;
     let _ = ctx.classes.wait_until_ready().await;
     loop {
-        publish(&ctx, &api, &namespace, owner.as_ref(), &mut published).await;
-        if collected.is_none_or(|t| t.elapsed() >= collect_every) {
+        let round = tokio::time::Instant::now();
+        let collect = collected.is_none_or(|t| t.elapsed() >= collect_every);
+        if collect {
+            listed_for = None;
+        }
+        publish(
+            &ctx,
+            &api,
+            &namespace,
+            owner.as_ref(),
+            &mut published,
+            &mut listed_for,
+        )
+        .await;
+        if collect {
             collect_abandoned(&ctx, &api).await;
             collected = Some(tokio::time::Instant::now());
         }
         tokio::select! {
             _ = ctx.capacity_changed.notified() => {
-                // Let a burst of provisioning settle into one update.
-                tokio::time::sleep(Duration::from_millis(250)).await;
+                // A burst of provisioning settles into one update per
+                // COALESCE (and a lone change waits a quarter second).
+                let next = (round + COALESCE).max(tokio::time::Instant::now() + Duration::from_millis(250));
+                tokio::time::sleep_until(next).await;
             }
             _ = tokio::time::sleep(ctx.config.capacity_interval) => {}
         }
@@ -303,6 +328,7 @@ async fn publish<C: CsiController>(
     namespace: &str,
     owner: Option<&OwnerReference>,
     published: &mut HashMap<String, Published>,
+    listed_for: &mut Option<Vec<String>>,
 ) {
     let node = &ctx.config.node;
     let renew_every = ctx.config.capacity_interval * RENEW_INTERVALS;
@@ -369,7 +395,12 @@ async fn publish<C: CsiController>(
             }
         }
     }
-    // Objects of classes that are gone (or no longer Stead's) go too.
+    // Objects of classes that are gone (or no longer Stead's) go too: looked
+    // for when the classes changed since the last look.
+    wanted.sort();
+    if listed_for.as_ref() == Some(&wanted) {
+        return;
+    }
     let mine =
         ListParams::default().labels(&format!("{LABEL_DRIVER}={DRIVER_NAME},{}", selector(node)));
     let listed = match api.list(&mine).await {
@@ -379,6 +410,7 @@ async fn publish<C: CsiController>(
             return;
         }
     };
+    let mut all_done = true;
     for obj in listed {
         let name = obj.name_any();
         if !wanted.contains(&name) {
@@ -387,12 +419,15 @@ async fn publish<C: CsiController>(
                 Err(kube::Error::Api(s)) if s.code == 404 => {}
                 Err(e) => {
                     tracing::warn!(object = %name, namespace, error = %e, "cannot delete capacity object of a class that is gone");
+                    all_done = false;
                     continue;
                 }
             }
             published.remove(&name);
         }
     }
+    // A delete that failed is tried again next round.
+    *listed_for = all_done.then_some(wanted);
 }
 
 #[cfg(test)]

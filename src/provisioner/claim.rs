@@ -4,6 +4,8 @@
 use std::collections::HashMap;
 
 use k8s_openapi::api::core::v1::{Node, PersistentVolumeClaim};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ManagedFieldsEntry, ObjectMeta, Time};
+use k8s_openapi::jiff::Timestamp;
 use kube::Resource;
 
 use super::class::ClassSpec;
@@ -28,6 +30,11 @@ pub const ANN_STORAGE_PROVISIONER: &str = "volume.kubernetes.io/storage-provisio
 pub const ANN_BETA_STORAGE_PROVISIONER: &str = "volume.beta.kubernetes.io/storage-provisioner";
 /// Set by the PV controller once the claim is bound to its volume.
 pub const ANN_BIND_COMPLETED: &str = "pv.kubernetes.io/bind-completed";
+/// Set by a Stead agent that gives a WaitForFirstConsumer claim's node
+/// choice back: with no node chosen, the claim waits for the scheduler. Its
+/// metadata would otherwise look like an Immediate claim's, which agents
+/// take from the metadata alone (see [`concerns`]).
+pub const ANN_WAITS_FOR_SCHEDULER: &str = "stead.csi.dev/waits-for-scheduler";
 
 /// The volume (and PV) name of a claim (or of its metadata): `pvc-<uid>`.
 pub fn volume_name<K: Resource>(pvc: &K) -> Option<String> {
@@ -49,7 +56,7 @@ pub fn class_name(pvc: &PersistentVolumeClaim) -> Option<&str> {
         .filter(|s| !s.is_empty())
 }
 
-fn annotation<'a, K: Resource>(pvc: &'a K, key: &str) -> Option<&'a str> {
+pub fn annotation<'a, K: Resource>(pvc: &'a K, key: &str) -> Option<&'a str> {
     pvc.meta()
         .annotations
         .as_ref()?
@@ -67,18 +74,94 @@ pub fn selected_node<K: Resource>(pvc: &K) -> Option<&str> {
 /// `kubectl apply`'s last-applied-configuration, say, which can be large),
 /// with the managed fields, so that an agent's memory does not grow with
 /// what other controllers write on every claim of the cluster.
-const KEPT_ANNOTATIONS: [&str; 4] = [
+const KEPT_ANNOTATIONS: [&str; 5] = [
     ANN_SELECTED_NODE,
     ANN_STORAGE_PROVISIONER,
     ANN_BETA_STORAGE_PROVISIONER,
     ANN_BIND_COMPLETED,
+    ANN_WAITS_FOR_SCHEDULER,
 ];
 
 /// Trims a claim's metadata (from the claim watch) to what is read of it.
 pub fn keep_what_is_read(meta: &mut k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) {
-    meta.managed_fields = None;
+    // Of the managed fields, only when the claim's size and the claim were
+    // last written ([`Writes`]), as two entries of our own.
+    let writes = Writes::of(meta);
+    meta.managed_fields = Some(
+        [
+            (MANAGER_SIZE_WRITTEN, writes.size),
+            (MANAGER_LAST_WRITTEN, writes.last),
+        ]
+        .into_iter()
+        .filter_map(|(manager, time)| {
+            Some(ManagedFieldsEntry {
+                manager: Some(manager.to_string()),
+                time: Some(Time(time?)),
+                ..Default::default()
+            })
+        })
+        .collect(),
+    )
+    .filter(|kept: &Vec<ManagedFieldsEntry>| !kept.is_empty());
     if let Some(annotations) = meta.annotations.as_mut() {
         annotations.retain(|k, _| KEPT_ANNOTATIONS.contains(&k.as_str()));
+    }
+}
+
+/// The entries [`keep_what_is_read`] leaves in a claim's metadata (names no
+/// real manager can have: a manager's name is a client's user agent).
+const MANAGER_SIZE_WRITTEN: &str = "stead: size written";
+const MANAGER_LAST_WRITTEN: &str = "stead: last written";
+
+/// When a claim's requested size was last written (the newest managed-fields
+/// entry that owns `spec.resources`), and when the claim was last written at
+/// all, to the second (the apiserver's clock). A bound claim of this node is
+/// read again only when its size may have changed (`Writes::may_have_grown`):
+/// not at each write of kube-controller-manager or kubelet on its status or
+/// annotations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Writes {
+    pub size: Option<Timestamp>,
+    pub last: Option<Timestamp>,
+}
+
+impl Writes {
+    /// From the real managed fields of a claim, or from the two entries the
+    /// claim watch keeps of them.
+    pub fn of(meta: &ObjectMeta) -> Writes {
+        let mut w = Writes::default();
+        for e in meta.managed_fields.iter().flatten() {
+            let Some(Time(t)) = e.time else { continue };
+            let owns_size = match e.manager.as_deref() {
+                Some(MANAGER_SIZE_WRITTEN) => true,
+                Some(MANAGER_LAST_WRITTEN) => false,
+                _ => {
+                    e.subresource.as_deref().unwrap_or("").is_empty()
+                        && e.fields_v1
+                            .as_ref()
+                            .and_then(|f| f.0.get("f:spec")?.get("f:resources"))
+                            .is_some()
+                }
+            };
+            if owns_size {
+                w.size = w.size.max(Some(t));
+            }
+            w.last = w.last.max(Some(t));
+        }
+        w
+    }
+
+    /// Whether this version of a claim may ask for another size than the
+    /// version read whole when its size was `read` (the [`Writes::size`] of
+    /// that read). Yes when the size was written later, or when this
+    /// version's last write was in the second of the size's last write (a
+    /// second write of the size in the same second keeps its time); yes
+    /// when anything is unknown.
+    pub fn may_have_grown(&self, read: Option<Timestamp>) -> bool {
+        match (self.size, self.last, read) {
+            (Some(size), Some(last), Some(read)) => size > read || last <= size,
+            _ => true,
+        }
     }
 }
 
@@ -99,6 +182,9 @@ pub enum Concern {
     Provisioned,
     /// Read the claim and reconcile it.
     Read,
+    /// An Immediate claim of Stead's that no node took yet: take it (the
+    /// take answers with the whole claim), if this node may.
+    Take,
 }
 
 /// See [`Concern`]. A claim bound to a PV of this node is read on every
@@ -122,7 +208,10 @@ pub fn concerns<K: Resource>(pvc: &K, node: &str, pv_here: bool) -> Concern {
             let provisioner = annotation(pvc, ANN_STORAGE_PROVISIONER)
                 .or_else(|| annotation(pvc, ANN_BETA_STORAGE_PROVISIONER));
             match provisioner {
-                Some(crate::DRIVER_NAME) => Concern::Read,
+                Some(crate::DRIVER_NAME) if annotation(pvc, ANN_WAITS_FOR_SCHEDULER).is_some() => {
+                    Concern::NotYet
+                }
+                Some(crate::DRIVER_NAME) => Concern::Take,
                 Some(_) => Concern::No("claim is another provisioner's"),
                 None => Concern::NotYet,
             }
@@ -475,15 +564,25 @@ pub(crate) mod tests {
             Concern::Read
         );
         // No node chosen: an Immediate claim of a Stead class (as the PV
-        // controller says, in either spelling), by every node.
-        assert_eq!(concerns(&meta(None, &stead), "n1", false), Concern::Read);
+        // controller says, in either spelling), taken by any node.
+        assert_eq!(concerns(&meta(None, &stead), "n1", false), Concern::Take);
         assert_eq!(
             concerns(
                 &meta(None, &[(ANN_BETA_STORAGE_PROVISIONER, "stead.csi.dev")]),
                 "n1",
                 false
             ),
-            Concern::Read
+            Concern::Take
+        );
+        // Unless an agent gave its node choice back as a WaitForFirstConsumer
+        // claim's: the scheduler chooses again.
+        assert_eq!(
+            concerns(
+                &meta(None, &[stead[0], (ANN_WAITS_FOR_SCHEDULER, "n2")]),
+                "n1",
+                false
+            ),
+            Concern::NotYet
         );
         // Another provisioner's, or one bound elsewhere: not read.
         for m in [
@@ -519,11 +618,92 @@ pub(crate) mod tests {
             .map(|(k, _)| k.as_str())
             .collect();
         assert_eq!(kept, [ANN_SELECTED_NODE, ANN_STORAGE_PROVISIONER]);
+        // An entry without a time says nothing of when anything was written.
         assert_eq!(m.managed_fields, None);
         assert_eq!(
             m.uid.as_deref(),
             Some("0a1b2c3d-0000-4000-8000-000000000001")
         );
+    }
+
+    fn entry(
+        manager: &str,
+        subresource: &str,
+        fields: serde_json::Value,
+        at: i64,
+    ) -> ManagedFieldsEntry {
+        ManagedFieldsEntry {
+            manager: Some(manager.into()),
+            subresource: (!subresource.is_empty()).then(|| subresource.into()),
+            fields_v1: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::FieldsV1(
+                fields,
+            )),
+            time: Some(Time(Timestamp::from_second(at).unwrap())),
+            ..Default::default()
+        }
+    }
+
+    fn at(second: i64) -> Option<Timestamp> {
+        Some(Timestamp::from_second(second).unwrap())
+    }
+
+    #[test]
+    fn a_claims_size_is_written_by_the_entries_that_own_spec_resources() {
+        let mut m = meta(Some("n1"), &[]).metadata;
+        m.managed_fields = Some(vec![
+            // The StatefulSet controller made it, size included.
+            entry(
+                "kube-controller-manager",
+                "",
+                serde_json::json!({"f:spec": {"f:accessModes": {}, "f:resources": {"f:requests": {}}}}),
+                100,
+            ),
+            // A user grew it later.
+            entry(
+                "kubectl-patch",
+                "",
+                serde_json::json!({"f:spec": {"f:resources": {"f:requests": {"f:storage": {}}}}}),
+                200,
+            ),
+            // The binder: a spec field, not the size.
+            entry(
+                "kube-controller-manager-binder",
+                "",
+                serde_json::json!({"f:spec": {"f:volumeName": {}}}),
+                300,
+            ),
+            // Status owns no spec, whatever it lists.
+            entry(
+                "kube-controller-manager",
+                "status",
+                serde_json::json!({"f:spec": {"f:resources": {}}, "f:status": {}}),
+                400,
+            ),
+        ]);
+        let w = Writes::of(&m);
+        assert_eq!((w.size, w.last), (at(200), at(400)));
+        // The watch keeps just that, and reads it back the same.
+        keep_what_is_read(&mut m);
+        assert_eq!(m.managed_fields.as_ref().map(Vec::len), Some(2));
+        assert_eq!(Writes::of(&m), w);
+    }
+
+    #[test]
+    fn a_bound_claim_is_read_again_only_when_its_size_may_have_changed() {
+        let w = |size: i64, last: i64| Writes {
+            size: at(size),
+            last: at(last),
+        };
+        // Bound and its status written after the read: nothing new.
+        assert!(!w(200, 300).may_have_grown(at(200)));
+        // Its size written since.
+        assert!(w(250, 300).may_have_grown(at(200)));
+        // The last write in the second of the size's: a second write of the
+        // size in that second keeps its time, so it is read.
+        assert!(w(200, 200).may_have_grown(at(200)));
+        // Never read, or times unknown: read.
+        assert!(w(200, 300).may_have_grown(None));
+        assert!(Writes::default().may_have_grown(at(200)));
     }
 
     #[test]

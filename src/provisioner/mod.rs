@@ -23,7 +23,7 @@ pub mod source;
 pub mod stranded;
 pub mod supervisor;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
@@ -32,6 +32,7 @@ use std::time::Duration;
 use futures::{FutureExt, StreamExt};
 use k8s_openapi::api::core::v1::{Node, PersistentVolume, PersistentVolumeClaim};
 use k8s_openapi::api::storage::v1::StorageClass;
+use k8s_openapi::jiff::Timestamp;
 use kube::core::PartialObjectMeta;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
@@ -134,7 +135,22 @@ pub(crate) struct Ctx<C> {
     /// The uids of the Immediate claims this node said it has no room for:
     /// said once per claim, not at every look again.
     no_room: Mutex<HashSet<String>>,
+    /// For the bound claims of this node read whole: when the size they
+    /// were read with was written (`claim::Writes`), so that a change that
+    /// cannot have grown one is not read again.
+    sizes_read: Mutex<HashMap<String, Timestamp>>,
+    /// The Immediate claims this node took from their metadata and gave
+    /// back (by uid): their class and size, so that they are taken again
+    /// only when this node could serve them.
+    given_back: Mutex<HashMap<String, GivenBack>>,
     metrics: Arc<Metrics>,
+}
+
+/// See [`Ctx::given_back`].
+#[derive(Debug, Clone)]
+struct GivenBack {
+    class: String,
+    bytes: i64,
 }
 
 impl<C> Ctx<C> {
@@ -171,6 +187,57 @@ impl<C> Ctx<C> {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(uid);
+        self.sizes_read
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(uid);
+        self.given_back
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(uid);
+    }
+
+    /// What this node remembers of an Immediate claim it gave back.
+    fn given_back(&self, uid: &str) -> Option<GivenBack> {
+        self.given_back
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(uid)
+            .cloned()
+    }
+
+    /// This node gave back the Immediate claim of `uid` (of `class`, asking
+    /// for `bytes`).
+    fn give_back(&self, uid: &str, class: &str, bytes: i64) {
+        self.given_back
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(
+                uid.to_string(),
+                GivenBack {
+                    class: class.to_string(),
+                    bytes,
+                },
+            );
+    }
+
+    /// When the size of the claim of `uid` was written, as this node last
+    /// read the claim whole (a bound claim of this node), if it did.
+    fn size_read(&self, uid: &str) -> Option<Timestamp> {
+        self.sizes_read
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(uid)
+            .copied()
+    }
+
+    /// A bound claim of this node was read whole with `writes`.
+    fn read_size(&self, uid: &str, writes: claim::Writes) {
+        let mut read = self.sizes_read.lock().unwrap_or_else(|p| p.into_inner());
+        match writes.size {
+            Some(t) => read.insert(uid.to_string(), t),
+            None => read.remove(uid),
+        };
     }
 
     /// Whether this node is yet to say that it has no room for the claim of
@@ -310,6 +377,8 @@ where
         capacity_changed: Arc::new(Notify::new()),
         failures: Mutex::default(),
         no_room: Mutex::default(),
+        sizes_read: Mutex::default(),
+        given_back: Mutex::default(),
         metrics,
     });
 
@@ -423,7 +492,10 @@ fn waits_here(
             .annotations
             .as_ref()
             .is_some_and(|a| a.contains_key(claim::ANN_BIND_COMPLETED))
-        && claim::concerns(pvc, node, has_pv(volumes, pvc)) == claim::Concern::Read
+        && matches!(
+            claim::concerns(pvc, node, has_pv(volumes, pvc)),
+            claim::Concern::Read | claim::Concern::Take
+        )
 }
 
 /// A retry came due for an object that is gone from the store (deleted
@@ -652,6 +724,8 @@ pub(crate) mod tests {
             capacity_changed: Arc::new(Notify::new()),
             failures: Mutex::default(),
             no_room: Mutex::default(),
+            sizes_read: Mutex::default(),
+            given_back: Mutex::default(),
             metrics,
         };
         Fake {

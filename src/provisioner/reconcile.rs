@@ -28,6 +28,8 @@ use crate::proto::csi::v1::{
 /// until somebody changes it (its class, its size): the watch re-triggers
 /// on any change anyway.
 const RECHECK: Duration = Duration::from_secs(300);
+/// A create still running after this long gets a `Provisioning` event.
+const SLOW_CREATE: Duration = Duration::from_secs(2);
 
 impl<C: CsiController> Ctx<C> {
     /// Queues an event of the provisioning of a claim (recorded in the
@@ -82,6 +84,12 @@ pub(crate) async fn reconcile_meta<C: CsiController>(
     let key = claim::claim_key(&*meta);
     match claim::concerns(&*meta, &ctx.config.node, has_pv(&ctx.volumes, &*meta)) {
         Concern::Read => {}
+        // Not on a node that takes no Immediate claims: there, the claim is
+        // read (a restore may still come to the node that holds its data).
+        Concern::Take if schedulable::for_immediate(ctx.own_node().as_deref()).is_ok() => {
+            return take_from_meta(&meta, ctx).await;
+        }
+        Concern::Take => {}
         // Debug, as `reconcile` says why it skips: which agents passed on a
         // claim is what one asks first when a claim stays Pending.
         Concern::No(why) => {
@@ -90,12 +98,199 @@ pub(crate) async fn reconcile_meta<C: CsiController>(
         }
         Concern::NotYet | Concern::Provisioned => return Ok(Action::await_change()),
     }
+    // A bound claim of this node is read for its size alone (expansion):
+    // not again at a change that cannot have grown it (kube-controller-
+    // manager binding it, writing its status).
+    let uid = meta.uid().unwrap_or_default();
+    let bound_here = has_pv(&ctx.volumes, &*meta)
+        && claim::annotation(&*meta, claim::ANN_BIND_COMPLETED).is_some();
+    if bound_here && !claim::Writes::of(meta.meta()).may_have_grown(ctx.size_read(&uid)) {
+        tracing::trace!(pvc = %key, "bound, and its size was not written since it was read");
+        return Ok(Action::await_change());
+    }
     let api: Api<PersistentVolumeClaim> =
         Api::namespaced(ctx.client.clone(), &meta.namespace().unwrap_or_default());
     match api.get_opt(&meta.name_any()).await? {
-        Some(pvc) => reconcile(Arc::new(pvc), ctx).await,
+        Some(pvc) => {
+            let writes = claim::Writes::of(&pvc.metadata);
+            let done = reconcile(Arc::new(pvc), ctx.clone()).await?;
+            // Only once its reconcile succeeded: a failed expansion is
+            // retried by reading the claim again. Kept from the first read
+            // (the one that provisions it), so that its binding does not
+            // make it read again.
+            ctx.read_size(&uid, writes);
+            Ok(done)
+        }
         // Deleted since the event: its deletion is an event of its own.
         None => Ok(Action::await_change()),
+    }
+}
+
+/// An Immediate claim of Stead's that no node took yet, taken from its
+/// metadata: the take (an optimistic patch) answers with the whole claim,
+/// so it is not read first. What needs the claim's class and size is
+/// decided then; a claim this node cannot serve is given back, and its
+/// class and size remembered so that it is not taken again until it could
+/// be served (room made, the node's labels changed).
+async fn take_from_meta<C: CsiController>(
+    meta: &PartialObjectMeta<PersistentVolumeClaim>,
+    ctx: Arc<Ctx<C>>,
+) -> Result<Action, Error> {
+    let node = ctx.config.node.clone();
+    let key = claim::claim_key(meta);
+    let uid = meta.uid().unwrap_or_default();
+    if let Some(back) = ctx.given_back(&uid)
+        && let Some(why) = cannot_serve(&ctx, &key, &back.class, back.bytes).await?
+    {
+        tracing::debug!(pvc = %key, node = %node, "{}", why.note());
+        return Ok(Action::requeue(Duration::from_secs(30)));
+    }
+    let Some(pvc) = select_node(&ctx, meta, &node).await? else {
+        tracing::debug!(pvc = %key, "another agent took it first");
+        return Ok(Action::await_change());
+    };
+    let class_name = claim::class_name(&pvc).unwrap_or_default().to_string();
+    let sc = ctx.classes.get(&ObjectRef::new(&class_name));
+    let wffc = sc
+        .as_ref()
+        .is_some_and(|sc| sc.volume_binding_mode.as_deref() == Some("WaitForFirstConsumer"));
+    let has_source = pvc
+        .spec
+        .as_ref()
+        .is_some_and(|s| s.data_source.is_some() || s.data_source_ref.is_some());
+    // What cannot be decided before the take: a class unknown here, a
+    // WaitForFirstConsumer claim whose node choice someone removed (the
+    // scheduler chooses again), a node the class excludes, no room.
+    let why = match (&sc, claim::requested_bytes(&pvc)) {
+        (None, _) => Some(Unservable::Other(format!(
+            "StorageClass {class_name} of claim {key} is not known on node {node} yet"
+        ))),
+        (Some(sc), _) if !class::is_stead(sc) || wffc => Some(Unservable::Other(format!(
+            "claim {key} is not an Immediate claim of Stead's"
+        ))),
+        // A claim Stead cannot serve (a broken class, a bad size) is
+        // reported by the node that took it; one filled from a source goes
+        // where its data is (see `fill_from`).
+        (_, Err(_)) => None,
+        _ if has_source => None,
+        (Some(_), Ok((wanted, _))) => cannot_serve(&ctx, &key, &class_name, wanted).await?,
+    };
+    let Some(why) = why else {
+        tracing::info!(pvc = %key, node = %node, "took Immediate claim");
+        let writes = claim::Writes::of(&pvc.metadata);
+        let done = reconcile(Arc::new(pvc), ctx.clone()).await?;
+        // As for a claim read (see `reconcile_meta`).
+        ctx.read_size(&uid, writes);
+        return Ok(done);
+    };
+    let wanted = claim::requested_bytes(&pvc).map(|(b, _)| b).unwrap_or(0);
+    ctx.give_back(&uid, &class_name, wanted);
+    if give_back(&ctx, &pvc, wffc).await? {
+        tracing::debug!(pvc = %key, node = %node, "took the claim, gave it back: {}", why.note());
+    }
+    // Every node without room looks again every 30 s (room may be made):
+    // each says so once per claim, not at every look.
+    if let Unservable::NoRoom(note) = why
+        && ctx.first_no_room(&uid)
+    {
+        ctx.fail(&pvc, note);
+    }
+    Ok(Action::requeue(Duration::from_secs(30)))
+}
+
+/// Why this node cannot serve an Immediate claim.
+enum Unservable {
+    /// Its pool has no room: said on the claim, once per claim and node.
+    NoRoom(String),
+    /// Anything else: said in the debug log.
+    Other(String),
+}
+
+impl Unservable {
+    fn note(&self) -> &str {
+        match self {
+            Unservable::NoRoom(n) | Unservable::Other(n) => n,
+        }
+    }
+}
+
+/// Why this node cannot serve an Immediate claim of `class` asking for
+/// `wanted` bytes, from what it knows without a request: the class, the
+/// node's labels against its allowedTopologies, the pool's free bytes.
+async fn cannot_serve<C: CsiController>(
+    ctx: &Ctx<C>,
+    key: &str,
+    class_name: &str,
+    wanted: i64,
+) -> Result<Option<Unservable>, Error> {
+    let node = &ctx.config.node;
+    let Some(sc) = ctx.classes.get(&ObjectRef::new(class_name)) else {
+        return Ok(Some(Unservable::Other(format!(
+            "StorageClass {class_name} is not known on node {node} yet"
+        ))));
+    };
+    if !class::is_stead(&sc) || sc.volume_binding_mode.as_deref() == Some("WaitForFirstConsumer") {
+        return Ok(Some(Unservable::Other(format!(
+            "StorageClass {class_name} is not an Immediate class of Stead's"
+        ))));
+    }
+    let Ok(class) = class::parse(&sc) else {
+        return Ok(None);
+    };
+    if claim::allowed_here(&Decision::Claim, &class, node, ctx.own_node().as_deref())
+        != Allowed::Yes
+    {
+        // As for an unschedulable node: looked at again when its labels
+        // change (`schedulable::follow`).
+        ctx.immediate_waiting.store(true, Ordering::SeqCst);
+        return Ok(Some(Unservable::Other(format!(
+            "StorageClass {class_name}'s allowedTopologies do not include node {node}"
+        ))));
+    }
+    let free = ctx
+        .free_bytes(&class)
+        .await
+        .map_err(|s| csi_error("GetCapacity", class_name, node, s))?;
+    Ok((free < wanted).then(|| {
+        Unservable::NoRoom(format!(
+            "node {node} cannot take claim {key}: it asks for {} and pool {} has {} free; a node with room will take it",
+            quantity::human(wanted),
+            class.pool.as_deref().unwrap_or("(default)"),
+            quantity::human(free)
+        ))
+    }))
+}
+
+/// Gives back a claim this node took from its metadata and cannot serve:
+/// removes its node choice with an optimistic patch (a claim changed since
+/// the take is left as it is; `false` then). A WaitForFirstConsumer claim
+/// is marked as such, so that agents leave it to the scheduler.
+async fn give_back<C>(
+    ctx: &Ctx<C>,
+    pvc: &PersistentVolumeClaim,
+    wffc: bool,
+) -> Result<bool, Error> {
+    let waits = wffc.then_some(ctx.config.node.as_str());
+    let patch = json!({"metadata": {
+        "resourceVersion": pvc.resource_version(),
+        "annotations": {
+            claim::ANN_SELECTED_NODE: null,
+            claim::ANN_WAITS_FOR_SCHEDULER: waits,
+        },
+    }});
+    let api: Api<PersistentVolumeClaim> =
+        Api::namespaced(ctx.client.clone(), &pvc.namespace().unwrap_or_default());
+    match api
+        .patch(
+            &pvc.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await
+    {
+        Ok(_) => Ok(true),
+        Err(kube::Error::Api(s)) if s.code == 409 || s.code == 404 => Ok(false),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -281,21 +476,32 @@ pub(crate) async fn reconcile<C: CsiController>(
         pvc
     };
 
-    ctx.event(
-        &pvc,
-        EventType::Normal,
-        "Provisioning",
-        format!(
-            "node {node} is creating volume {volume_name} ({}) in pool {}{}",
-            quantity::human(wanted),
-            class.pool.as_deref().unwrap_or("(default)"),
-            from.as_ref()
-                .map(|f| format!(" from {f}"))
-                .unwrap_or_default()
-        ),
-    );
     ctx.ledger.record(&volume_name, &key, &uid).await?;
-    let volume = match ctx.csi.create_volume(tonic::Request::new(request)).await {
+    // Most creates take milliseconds, and their claim gets one event, when
+    // it is done. One that takes longer (a thick image, a copy of a
+    // snapshot) says what it is doing meanwhile.
+    let create = ctx.csi.create_volume(tonic::Request::new(request));
+    tokio::pin!(create);
+    let created = tokio::select! {
+        r = &mut create => r,
+        () = tokio::time::sleep(SLOW_CREATE) => {
+            ctx.event(
+                &pvc,
+                EventType::Normal,
+                "Provisioning",
+                format!(
+                    "node {node} is creating volume {volume_name} ({}) in pool {}{}",
+                    quantity::human(wanted),
+                    class.pool.as_deref().unwrap_or("(default)"),
+                    from.as_ref()
+                        .map(|f| format!(" from {f}"))
+                        .unwrap_or_default()
+                ),
+            );
+            create.await
+        }
+    };
+    let volume = match created {
         Ok(resp) => resp.into_inner().volume.unwrap_or_default(),
         Err(status) => return create_failed(&ctx, &pvc, &volume_name, status).await,
     };
@@ -410,7 +616,16 @@ async fn fill_from<C: CsiController>(
 async fn release_node<C>(ctx: &Ctx<C>, pvc: &PersistentVolumeClaim) -> Result<(), Error> {
     let api: Api<PersistentVolumeClaim> =
         Api::namespaced(ctx.client.clone(), &pvc.namespace().unwrap_or_default());
-    let patch = json!({"metadata": {"annotations": {claim::ANN_SELECTED_NODE: null}}});
+    // A WaitForFirstConsumer claim is marked as such, so that agents leave
+    // it to the scheduler (see `claim::concerns`).
+    let wffc = claim::class_name(pvc)
+        .and_then(|c| ctx.classes.get(&ObjectRef::new(c)))
+        .is_some_and(|sc| sc.volume_binding_mode.as_deref() == Some("WaitForFirstConsumer"));
+    let waits = wffc.then_some(ctx.config.node.as_str());
+    let patch = json!({"metadata": {"annotations": {
+        claim::ANN_SELECTED_NODE: null,
+        claim::ANN_WAITS_FOR_SCHEDULER: waits,
+    }}});
     api.patch(
         &pvc.name_any(),
         &PatchParams::default(),
@@ -443,20 +658,23 @@ async fn move_node<C>(
 /// Sets a claim's `selected-node` to `node` with an optimistic-concurrency
 /// patch: the resourceVersion makes the apiserver refuse it when the claim
 /// changed meanwhile (another agent took or moved it), and then `None`.
-async fn select_node<C>(
+async fn select_node<C, K: Resource<DynamicType = ()>>(
     ctx: &Ctx<C>,
-    pvc: &PersistentVolumeClaim,
+    pvc: &K,
     node: &str,
 ) -> Result<Option<PersistentVolumeClaim>, Error> {
+    let meta = pvc.meta();
     let patch = json!({"metadata": {
-        "resourceVersion": pvc.resource_version(),
+        "resourceVersion": meta.resource_version,
         "annotations": {claim::ANN_SELECTED_NODE: node},
     }});
-    let api: Api<PersistentVolumeClaim> =
-        Api::namespaced(ctx.client.clone(), &pvc.namespace().unwrap_or_default());
+    let api: Api<PersistentVolumeClaim> = Api::namespaced(
+        ctx.client.clone(),
+        meta.namespace.as_deref().unwrap_or_default(),
+    );
     match api
         .patch(
-            &pvc.name_any(),
+            meta.name.as_deref().unwrap_or_default(),
             &PatchParams::default(),
             &Patch::Merge(&patch),
         )
@@ -747,7 +965,7 @@ mod tests {
     use super::*;
     use crate::provisioner::claim::tests::pvc;
     use crate::provisioner::class::tests::class as sc;
-    use crate::provisioner::tests::{Fake, NODE, fake};
+    use crate::provisioner::tests::{Fake, NODE, fake, fake_answering};
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
     use kube::runtime::watcher;
     use std::collections::HashMap;
@@ -945,6 +1163,149 @@ mod tests {
             f.requested("GET /api/v1/namespaces/db/persistentvolumeclaims/data-0"),
             "{:?}",
             f.requests
+        );
+    }
+
+    /// A fake whose apiserver answers a claim's PATCH with `claim` as it
+    /// is once taken by this node (the take's answer).
+    async fn taking(
+        classes: &[k8s_openapi::api::storage::v1::StorageClass],
+        claim: &PersistentVolumeClaim,
+    ) -> Fake {
+        let mut taken = claim.clone();
+        taken.metadata.resource_version = Some("2".into());
+        taken
+            .metadata
+            .annotations
+            .get_or_insert_default()
+            .insert(claim::ANN_SELECTED_NODE.into(), NODE.into());
+        let body = serde_json::to_string(&taken).unwrap();
+        fake_answering(
+            classes,
+            Some(Arc::new(move |method, path, _| {
+                (*method == http::Method::PATCH && path.contains("persistentvolumeclaims"))
+                    .then(|| (200, body.clone()))
+            })),
+        )
+        .await
+    }
+
+    /// An Immediate claim as the claim watch has it: no node chosen, the PV
+    /// controller naming Stead its provisioner.
+    fn immediate(name: &str, size: &str) -> PersistentVolumeClaim {
+        let mut c = pvc(name, size, None);
+        c.spec.as_mut().unwrap().storage_class_name = Some("stead-now".into());
+        c.metadata.resource_version = Some("1".into());
+        c.metadata.annotations = Some(
+            [(
+                claim::ANN_STORAGE_PROVISIONER.to_string(),
+                "stead.csi.dev".to_string(),
+            )]
+            .into(),
+        );
+        c
+    }
+
+    fn requests(f: &Fake) -> Vec<String> {
+        f.requests
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|r| format!("{} {}", r.method, r.path))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn an_immediate_claim_is_taken_from_its_metadata_without_a_read() {
+        let claim = immediate("small", "16Mi");
+        let f = taking(&[sc("stead-now", &[], "Immediate", "Delete")], &claim).await;
+        reconcile_meta(meta(&claim), f.ctx.clone()).await.unwrap();
+        // The take, then the PV: nothing read.
+        assert_eq!(
+            requests(&f),
+            [
+                "PATCH /api/v1/namespaces/db/persistentvolumeclaims/small",
+                "POST /api/v1/persistentvolumes",
+            ]
+        );
+        let take = &f.requests.lock().unwrap()[0].body;
+        assert!(
+            take.contains(r#""resourceVersion":"1""#) && take.contains(NODE),
+            "{take}"
+        );
+        // One event, when it is done (the create took milliseconds).
+        let posted = f.posted();
+        assert_eq!(posted.len(), 1, "{posted:?}");
+        assert_eq!(posted[0].0, "ProvisioningSucceeded");
+    }
+
+    #[tokio::test]
+    async fn an_immediate_claim_without_room_is_given_back_and_not_taken_again() {
+        let claim = immediate("big", "1000Ti");
+        let f = taking(&[sc("stead-now", &[], "Immediate", "Delete")], &claim).await;
+        for _ in 0..3 {
+            let action = reconcile_meta(meta(&claim), f.ctx.clone()).await.unwrap();
+            assert_eq!(action, Action::requeue(Duration::from_secs(30)));
+        }
+        // Taken, given back with the version of the take, then left alone
+        // while the pool has no room for its size.
+        let seen = f.requests.lock().unwrap().clone();
+        assert_eq!(seen.len(), 2, "{seen:?}");
+        assert!(
+            seen[1].body.contains(r#""resourceVersion":"2""#),
+            "{:?}",
+            seen[1]
+        );
+        assert!(
+            seen[1]
+                .body
+                .contains(&format!(r#""{}":null"#, claim::ANN_SELECTED_NODE)),
+            "{:?}",
+            seen[1]
+        );
+        assert!(
+            !seen[1].body.contains(NODE),
+            "not marked WaitForFirstConsumer: {:?}",
+            seen[1]
+        );
+        let posted = f.posted();
+        assert_eq!(posted.len(), 1, "{posted:?}");
+        assert!(
+            posted[0].1.starts_with(
+                "node node-a cannot take claim db/big: it asks for 1000Ti and pool (default) has"
+            ),
+            "{posted:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_wait_for_first_consumer_claim_taken_by_mistake_is_marked_to_wait_for_the_scheduler()
+    {
+        // Its node choice removed by someone: it looks Immediate.
+        let mut claim = immediate("late", "16Mi");
+        claim.spec.as_mut().unwrap().storage_class_name = Some("stead".into());
+        let f = taking(&[stead()], &claim).await;
+        reconcile_meta(meta(&claim), f.ctx.clone()).await.unwrap();
+        let seen = f.requests.lock().unwrap().clone();
+        assert_eq!(seen.len(), 2, "{seen:?}");
+        assert!(
+            seen[1]
+                .body
+                .contains(&format!(r#""{}":"{NODE}""#, claim::ANN_WAITS_FOR_SCHEDULER)),
+            "{:?}",
+            seen[1]
+        );
+        assert!(f.posted().is_empty());
+        // Marked so, every agent leaves it to the scheduler.
+        let mut marked = claim.clone();
+        marked
+            .metadata
+            .annotations
+            .get_or_insert_default()
+            .insert(claim::ANN_WAITS_FOR_SCHEDULER.into(), NODE.into());
+        assert_eq!(
+            claim::concerns(&*meta(&marked), "node-b", false),
+            Concern::NotYet
         );
     }
 

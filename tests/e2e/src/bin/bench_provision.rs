@@ -11,7 +11,7 @@
 //! time and its own count of apiserver requests (`/metrics`) can be read.
 //! Results replace this benchmark's section of docs/BENCHMARKS.md.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -73,20 +73,56 @@ fn proc_stats(pid: u32) -> (u64, f64) {
     (rss, ticks / 100.0)
 }
 
-/// Requests the agent sent to the apiserver, from its /metrics: the sum of
-/// its `stead_apiserver_requests_total` series.
-fn agent_requests() -> u64 {
+/// Requests the agent sent to the apiserver, from its /metrics: its
+/// `stead_apiserver_requests_total` series summed by (verb, resource).
+fn agent_requests() -> BTreeMap<(String, String), u64> {
     use std::io::{Read, Write};
+    let mut by_kind = BTreeMap::new();
     let Ok(mut conn) = std::net::TcpStream::connect(health()) else {
-        return 0;
+        return by_kind;
     };
     let _ = conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
     let mut body = String::new();
     let _ = conn.read_to_string(&mut body);
-    body.lines()
-        .filter(|l| l.starts_with("stead_apiserver_requests_total{"))
-        .filter_map(|l| l.rsplit_once(' ')?.1.trim().parse::<u64>().ok())
-        .sum()
+    for line in body.lines() {
+        let Some(rest) = line.strip_prefix("stead_apiserver_requests_total{") else {
+            continue;
+        };
+        let Some((labels, value)) = rest.rsplit_once("} ") else {
+            continue;
+        };
+        let Ok(n) = value.trim().parse::<u64>() else {
+            continue;
+        };
+        let label = |name: &str| {
+            labels
+                .split(',')
+                .find_map(|kv| kv.strip_prefix(&format!("{name}=\"")))
+                .map(|v| v.trim_end_matches('"').to_string())
+                .unwrap_or_default()
+        };
+        *by_kind
+            .entry((label("verb"), label("resource")))
+            .or_insert(0) += n;
+    }
+    by_kind
+}
+
+/// What was sent between two readings of [`agent_requests`].
+fn requests_since(
+    before: &BTreeMap<(String, String), u64>,
+    after: &BTreeMap<(String, String), u64>,
+) -> BTreeMap<(String, String), u64> {
+    after
+        .iter()
+        .map(|(k, n)| {
+            (
+                k.clone(),
+                n.saturating_sub(before.get(k).copied().unwrap_or(0)),
+            )
+        })
+        .filter(|(_, n)| *n > 0)
+        .collect()
 }
 
 struct Agent {
@@ -163,7 +199,27 @@ struct Run {
     pv_p99: Duration,
     /// From the first create until the last PV is seen.
     pv_all: Duration,
-    requests: u64,
+    /// By (verb, resource).
+    requests: BTreeMap<(String, String), u64>,
+}
+
+impl Run {
+    fn requests_per_claim(&self) -> f64 {
+        self.requests.values().sum::<u64>() as f64 / self.claims as f64
+    }
+
+    /// "verb resource n.nn" per kind, most first.
+    fn breakdown(&self) -> String {
+        let mut kinds: Vec<_> = self.requests.iter().collect();
+        kinds.sort_by(|a, b| b.1.cmp(a.1));
+        kinds
+            .iter()
+            .map(|((verb, resource), n)| {
+                format!("{verb} {resource} {:.2}", **n as f64 / self.claims as f64)
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
 }
 
 /// Creates `n` claims (and a pod per claim when `pods`), concurrently, and
@@ -256,7 +312,7 @@ async fn run(client: &Client, ns: &str, class: &str, n: usize, pods: bool) -> Re
         .await
         .map_err(|_| format!("not all {n} claims were Bound within 10 minutes"))??;
     let total = start.elapsed();
-    let requests = agent_requests().saturating_sub(requests_before);
+    let requests = requests_since(&requests_before, &agent_requests());
     pv_watch.abort();
     let created = created.lock().unwrap();
     let since_created = |seen: &HashMap<String, Instant>| {
@@ -460,7 +516,7 @@ async fn main() -> Result<(), Error> {
 
     let row = |what: &str, r: &Run| {
         format!(
-            "| {what} | {} | {:.1} s | {:.1} s | {:.1} s | {} | {} | {} | {} | {:.1} |",
+            "| {what} | {} | {:.1} s | {:.1} s | {:.1} s | {} | {} | {} | {} | {:.2} |",
             r.claims,
             r.creating.as_secs_f64(),
             r.pv_all.as_secs_f64(),
@@ -469,7 +525,7 @@ async fn main() -> Result<(), Error> {
             ms(r.pv_p99),
             ms(r.p50),
             ms(r.p99),
-            r.requests as f64 / r.claims as f64
+            r.requests_per_claim()
         )
     };
     let mib = |kib: u64| format!("{:.1} MiB", kib as f64 / 1024.0);
@@ -481,24 +537,29 @@ async fn main() -> Result<(), Error> {
 - Machine: {machine}
 - Command: `make bench-provision` (release agent as a host process on the bundled local cluster, Kubernetes v1.34.4 from tests/cluster; `dir` pool; default agent settings: {settings})
 - Date: {date}
-- Claims are created by 32 concurrent clients. Per-claim latency: from the return of the claim's create call to the moment a watch sees its PV (the agent's work) and to the moment a watch sees the claim Bound (the agent, then kube-controller-manager's PV binder, which binds one claim at a time). Requests: what the agent itself sent to the apiserver (the sum of its `stead_apiserver_requests_total`), including events, capacity updates and the deletes of the teardown that overlap the run.
+- Claims are created by 32 concurrent clients. Per-claim latency: from the return of the claim's create call to the moment a watch sees its PV (the agent's work) and to the moment a watch sees the claim Bound (the agent, then kube-controller-manager's PV binder, which binds one claim at a time). Requests: what the agent itself sent to the apiserver from the first create until all claims are Bound (the sum of its `stead_apiserver_requests_total`), events and capacity updates included.
 
 | run | claims | all created after | all PVs after | all Bound after | claim→PV p50 | p99 | claim→Bound p50 | p99 | agent requests per claim |
 |---|---|---|---|---|---|---|---|---|---|
 {}
 {}
 
+Requests per claim by verb and resource: Immediate: {}; WaitForFirstConsumer: {}.
+
 Agent: RSS {} idle at start, {} after the Immediate run, {} at the end (peak {hwm}); CPU {cpu_imm:.1} s after the Immediate run, {cpu_end:.1} s at the end.
 
-Targets (500 claims Bound < 60 s; p50 < 1 s; agent RSS < 60 MiB):
+Targets (500 claims Bound < 60 s; p50 < 1 s; agent RSS < 60 MiB; at most 3 agent requests per claim):
 - 500 Immediate claims Bound in {:.1} s < 60 s: {}
 - p50 {} < 1 s: {} (the agent's own part, claim→PV: p50 {})
 - RSS at the end {} < 60 MiB: {}
+- apiserver requests per claim in the 500-claim burst {:.2} ≤ 3: {}
 
 Between “all PVs” and “all Bound” the agent has nothing left to do: the claims wait for kube-controller-manager's PV binder, which runs one claim worker (`pv_controller_base.go`: “It must run only once”) making three writes per claim (PV status, claim, claim status) through its own rate-limited client. Stead does not bind claims itself: the binder would see a claim marked bound before its own PV cache (filled by that same single worker) holds the PV, and mark the claim `Lost`, a terminal state.
 {SECTION_END}",
         row("Immediate, no pods", &imm),
         row("WaitForFirstConsumer, a pod per claim", &wffc),
+        imm.breakdown(),
+        wffc.breakdown(),
         mib(rss_idle),
         mib(rss_imm),
         mib(rss_end),
@@ -509,6 +570,8 @@ Between “all PVs” and “all Bound” the agent has nothing left to do: the 
         ms(imm.pv_p50),
         mib(rss_end),
         met(rss_end < 60 * 1024),
+        imm.requests_per_claim(),
+        met(imm.requests_per_claim() <= 3.0),
     );
     write_section(&section)?;
     println!("{section}");
