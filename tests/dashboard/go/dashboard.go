@@ -168,7 +168,7 @@ func (d *dashboard) check() []error {
 					return nil
 				}
 				if !strings.HasPrefix(vs.Name, "stead_") {
-					fail("selector %s names no stead_ series", vs)
+					fail("selector %s names no stead_ series", strings.ReplaceAll(vs.String(), instanceSentinel, "$instance"))
 				}
 				filtered := false
 				for _, m := range vs.LabelMatchers {

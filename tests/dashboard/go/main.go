@@ -19,9 +19,11 @@ import (
 	"flag"
 	"fmt"
 	"log/slog"
+	"math"
 	"os"
 	"regexp"
 	"sort"
+	"strconv"
 	"time"
 
 	"github.com/prometheus/common/model"
@@ -32,7 +34,10 @@ import (
 type seriesOut struct {
 	Legend string            `json:"legend"`
 	Labels map[string]string `json:"labels"`
-	Points [][2]float64      `json:"points"` // [unix seconds, value]
+	// [unix seconds, value]; a value that JSON has no number for (NaN,
+	// ±Inf: a quantile of no observations, or in the +Inf bucket) as the
+	// string Prometheus' API would send.
+	Points [][2]any `json:"points"`
 }
 
 type targetOut struct {
@@ -205,7 +210,11 @@ func evaluate(d *dashboard, c *capture, step time.Duration) (*output, error) {
 			for _, s := range m {
 				so := seriesOut{Legend: legend(t.LegendFormat, s.Metric), Labels: s.Metric.Map()}
 				for _, f := range s.Floats {
-					so.Points = append(so.Points, [2]float64{float64(f.T) / 1000, f.F})
+					var v any = f.F
+					if math.IsNaN(f.F) || math.IsInf(f.F, 0) {
+						v = strconv.FormatFloat(f.F, 'f', -1, 64)
+					}
+					so.Points = append(so.Points, [2]any{float64(f.T) / 1000, v})
 				}
 				to.Series = append(to.Series, so)
 			}
