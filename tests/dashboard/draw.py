@@ -160,10 +160,11 @@ def main():
                 bg.text(cx, 0.15, s["legend"], transform=bg.transAxes, ha="center", color=DIM, fontsize=9)
             continue
         # The plot within the panel: below the title, above the legend.
-        ncol = 3 if len(series) > 4 else 2
+        ncol = 4 if len(series) > 6 else 3 if len(series) > 4 else 2
         legend_rows = min(math.ceil(len(series) / ncol), 4)
-        legend_h = 0.35 * legend_rows + 0.2
-        ax = fig.add_axes(rect(x + 1.1, y + 0.9, w - 1.35, h - 1.5 - legend_h), facecolor=PANEL)
+        legend_h = 0.42 * legend_rows + 0.25
+        ticks_h = 0.6  # the time axis' labels, between the plot and the legend
+        ax = fig.add_axes(rect(x + 1.1, y + 0.9, w - 1.35, h - 0.9 - ticks_h - legend_h), facecolor=PANEL)
         for i, s in enumerate(series):
             xs, ys = lines(s, step)
             ax.plot(xs, ys, color=PALETTE[i % len(PALETTE)], lw=1.4, label=s["legend"] or "{}")
@@ -171,7 +172,7 @@ def main():
         ax.set_ylim(bottom=0) if all(value(v) >= 0 for s in series for _, v in s["points"] if math.isfinite(value(v))) else None
         ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _pos, f=f: f(v)))
         ax.xaxis.set_major_formatter(mdates.DateFormatter("%H:%M:%S", tz=dt.timezone.utc))
-        ax.xaxis.set_major_locator(mdates.AutoDateLocator(maxticks=7))
+        ax.xaxis.set_major_locator(mdates.AutoDateLocator(minticks=3, maxticks=8, interval_multiples=True))
         ax.tick_params(labelsize=7, length=0)
         ax.grid(color=GRID, lw=0.6)
         for s in ax.spines.values():

@@ -21,6 +21,12 @@ fi
 (($# >= 2)) || ddie "usage: $0 --check | CAPTURE_DIR OUT.png [NOTE]"
 capture=$1 png=$2 note=${3:-}
 "$DASH_BIN" --dashboard "$DASHBOARD_JSON" --capture "$capture" --out "$capture/series.json"
-python3 -c 'import matplotlib' 2>/dev/null ||
-  ddie "matplotlib is missing: apt-get install python3-matplotlib (or pip install matplotlib)"
-python3 "$here/draw.py" "$capture/series.json" "$png" --note "$note"
+# The first Python with matplotlib: a pyenv or venv python3 on PATH may lack
+# the one apt installed for /usr/bin/python3.
+python=
+for p in ${STEAD_PYTHON:-python3 /usr/bin/python3}; do
+  if "$p" -c 'import matplotlib' 2>/dev/null; then python=$p; break; fi
+done
+[[ -n $python ]] ||
+  ddie "no python3 with matplotlib: apt-get install python3-matplotlib (or pip install matplotlib), or set STEAD_PYTHON"
+"$python" "$here/draw.py" "$capture/series.json" "$png" --note "$note"
