@@ -7,7 +7,7 @@
 
 mod common;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
@@ -36,7 +36,7 @@ fn spec(i: usize) -> (&'static str, VolumeCapability, i64) {
 }
 
 /// Writes `mib` MiB into a file of the mounted volume at `target`.
-fn fill(target: &PathBuf, mib: usize) {
+fn fill(target: &Path, mib: usize) {
     std::fs::write(target.join("data"), vec![0x5a; mib * MIB as usize]).unwrap();
 }
 
@@ -141,7 +141,7 @@ async fn dashboard_workload_on_two_agents() {
         .controller
         .controller_expand_volume(ControllerExpandVolumeRequest {
             volume_id: grown.id.clone(),
-            capacity_range: range.clone(),
+            capacity_range: range,
             volume_capability: Some(grown.cap.clone()),
             ..Default::default()
         })
