@@ -93,18 +93,30 @@ round() {
   until wait; do :; done # a signal ends wait early: wait again
 }
 
+# Milliseconds since the epoch into variable $1 (bash's clock: no fork).
+now_ms() { local t=${EPOCHREALTIME/[.,]/}; printf -v "$1" '%d' $((t / 1000)); }
+
 log "scraping every ${interval}s for up to ${duration}s into $out"
 start=$SECONDS
 rounds=0
+t0=0 now=0
+now_ms t0
+next=$t0
 while :; do
-  next=$((SECONDS + interval))
+  next=$((next + interval * 1000))
   round
   rounds=$((rounds + 1))
   ((stop == 0)) || break
   [[ -z $until_file || ! -e $until_file ]] || break
-  ((SECONDS - start < duration)) || break
-  # Sleep in short steps, so that a signal or the --until file ends it soon.
-  while ((SECONDS < next && stop == 0)); do sleep 0.2; done
+  now_ms now
+  ((now - t0 < duration * 1000)) || break
+  # Rounds start every interval from the first (a slow round shortens the
+  # wait, never shifts the ones after); the sleep is in short steps, so that
+  # a signal or the --until file ends it soon.
+  while ((now < next && stop == 0)); do
+    sleep 0.2
+    now_ms now
+  done
   ((stop == 0)) || break
 done
 ok=$(find "$out/scrapes" -name '*.om' | wc -l)
