@@ -44,22 +44,23 @@ if "$KUBECTL" get namespace "$ns" >/dev/null 2>&1; then
   say "removing the previous run's namespace $ns"
   "$KUBECTL" delete namespace "$ns" --wait=true --timeout=300s >/dev/null
 fi
-"$KUBECTL" create namespace "$ns" >/dev/null
-
 rm -rf "$out"
 mkdir -p "$out"
-stop=$out/stop
-tests/dashboard/capture.sh "$out" --interval "$interval" --duration 1800 --until "$stop" --cluster &
-capture=$!
+stop=$out/stop capture=''
+# Whatever ends the script (done, a failed wait, Ctrl-C): the capture stops
+# after its round, and the namespace goes with its claims.
 finish() {
   local rc=$?
   touch "$stop"
-  wait "$capture" || rc=1
+  if [[ -n $capture ]]; then wait "$capture" || rc=1; fi
   say "removing namespace $ns"
   "$KUBECTL" delete namespace "$ns" --wait=true --timeout=300s >/dev/null || rc=1
   exit "$rc"
 }
 trap finish EXIT
+"$KUBECTL" create namespace "$ns" >/dev/null
+tests/dashboard/capture.sh "$out" --interval "$interval" --duration 1800 --until "$stop" --cluster &
+capture=$!
 
 # One claim and its pod; the pod writes 8 MiB into the volume, then sleeps.
 # dash-00 is the one that grows: xfs, which refuses filesystems under 300 MB.
