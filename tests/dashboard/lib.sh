@@ -14,7 +14,7 @@ DASH_MOD=$DASH_SRC/go
 # go.mod, go.sum, the Go release and the flags.
 DASH_CACHE=${STEAD_DASHBOARD_CACHE:-$STEAD_CACHE/dashboard-promql-$STEAD_PROMETHEUS_VERSION}
 DASH_BIN=$DASH_CACHE/bin/dashboard
-DASHBOARD_JSON=$DASH_SRC/../../deploy/grafana/stead-dashboard.json
+DASHBOARD_JSON=$(cd "$DASH_SRC/../.." && pwd)/deploy/grafana/stead-dashboard.json
 
 dlog() { printf '[dashboard] %s\n' "$*" >&2; }
 ddie() { printf '[dashboard] error: %s\n' "$*" >&2; exit 1; }
