@@ -169,7 +169,9 @@ def main():
             xs, ys = lines(s, step)
             ax.plot(xs, ys, color=PALETTE[i % len(PALETTE)], lw=1.4, label=s["legend"] or "{}")
         ax.set_xlim(t0, t1)
-        ax.set_ylim(bottom=0) if all(value(v) >= 0 for s in series for _, v in s["points"] if math.isfinite(value(v))) else None
+        finite = [value(v) for s in series for _, v in s["points"] if math.isfinite(value(v))]
+        if all(v >= 0 for v in finite):
+            ax.set_ylim(bottom=0)  # as Grafana's soft minimum for non-negative data
         ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _pos, f=f: f(v)))
         ax.xaxis.set_major_formatter(mdates.DateFormatter("%H:%M:%S", tz=dt.timezone.utc))
         ax.xaxis.set_major_locator(mdates.AutoDateLocator(minticks=3, maxticks=8, interval_multiples=True))
