@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds the dashboard's PromQL program (go/, on Prometheus' engine at
 # lib.sh STEAD_PROMETHEUS_VERSION, from the Go module proxy) into the cache
-# (lib.sh DASH_BIN), once per set of inputs: go/*.go, go.mod, go.sum, the Go
+# (lib.sh DASH_BIN), once per set of inputs: go/*.go, go/testdata, go.mod, go.sum, the Go
 # release and the flags. A second run builds nothing. Prints nothing on
 # stdout.
 set -euo pipefail
@@ -15,7 +15,7 @@ command -v go >/dev/null || ddie "go is missing: install Go 1.26 or newer (https
 
 module=github.com/prometheus/prometheus
 goflags=(-trimpath)
-key=$({ cat "$DASH_MOD/go.mod" "$DASH_MOD/go.sum" "$DASH_MOD"/*.go; go env GOVERSION
+key=$({ cat "$DASH_MOD/go.mod" "$DASH_MOD/go.sum" "$DASH_MOD"/*.go "$DASH_MOD"/testdata/*; go env GOVERSION
   echo "CGO_ENABLED=0 ${goflags[*]}"; } | sha256sum | cut -c1-16)
 stamp=$DASH_CACHE/bin/.dashboard-$key
 if [[ -e $stamp && -x $DASH_BIN ]]; then

@@ -16,7 +16,7 @@ source "$here/lib.sh"
 [[ -x $DASH_BIN ]] || ddie "$DASH_BIN is missing: run make dashboard-build"
 
 if [[ ${1:-} == --check ]]; then
-  exec "$DASH_BIN" --check --dashboard "$DASHBOARD_JSON"
+  exec "$DASH_BIN" --check --dashboard "$DASHBOARD_JSON" --fixture "$DASH_MOD/testdata/every-family.om"
 fi
 (($# >= 2)) || ddie "usage: $0 --check | CAPTURE_DIR OUT.png [NOTE]"
 capture=$1 png=$2 note=${3:-}

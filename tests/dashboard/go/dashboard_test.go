@@ -114,3 +114,26 @@ func TestEvaluateRatesAndStaleness(t *testing.T) {
 		t.Errorf("the gauge outlives its last scrape (at %d): a point at %v", t0/1000+20, last)
 	}
 }
+
+func TestSteadDashboardSelectsEveryFamily(t *testing.T) {
+	d, err := loadDashboard(steadDashboard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	errs, err := checkOverFixture(d, "testdata/every-family.om")
+	if err != nil || len(errs) > 0 {
+		t.Fatalf("%v %v", err, errs)
+	}
+}
+
+// A label value the agent never writes selects nothing: the check says so.
+func TestFixtureCheckFindsATypo(t *testing.T) {
+	d := oneTarget(`sum(rate(stead_provision_duration_seconds_count{instance=~"$instance",outcome="succes"}[$__rate_interval]))`)
+	errs, err := checkOverFixture(d, "testdata/every-family.om")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(errs) != 1 || !strings.Contains(errs[0].Error(), `panel "P" target A: selects no series`) {
+		t.Fatalf("want one error about no series, got %v", errs)
+	}
+}

@@ -2,9 +2,10 @@
 // evaluation behind docs/dashboard.png, on Prometheus' own PromQL engine (see
 // tests/dashboard/README.md).
 //
-//	dashboard --check --dashboard stead-dashboard.json
+//	dashboard --check --dashboard stead-dashboard.json [--fixture every-family.om]
 //	    every target parses with Grafana's variables substituted, and every
-//	    selector names a stead_ series and filters on instance=~"$instance"
+//	    selector names a stead_ series and filters on instance=~"$instance";
+//	    with a fixture, every target evaluates over it and selects series
 //	dashboard --dashboard stead-dashboard.json --capture DIR --out series.json
 //	    the check, then the capture loaded and every target run
 //	    as a range query over it, $instance being All; the series as JSON
@@ -76,22 +77,23 @@ type output struct {
 
 func main() {
 	dashPath := flag.String("dashboard", "", "the Grafana dashboard JSON")
-	checkOnly := flag.Bool("check", false, "only check that every target parses (no capture)")
+	checkOnly := flag.Bool("check", false, "only check the dashboard (no capture): every target parses, and selects series of --fixture")
+	fixture := flag.String("fixture", "", "with --check: the agent's every family (testdata/every-family.om), every target evaluated over it")
 	captureDir := flag.String("capture", "", "a capture of tests/dashboard/capture.sh")
 	outPath := flag.String("out", "", "where the series go (JSON)")
 	step := flag.Duration("step", 0, "the range queries' step ($__interval); 0: the scrape interval, or range/300 when larger")
 	flag.Parse()
 	if *dashPath == "" || (!*checkOnly && (*captureDir == "" || *outPath == "")) {
-		fmt.Fprintln(os.Stderr, "usage: dashboard --dashboard FILE (--check | --capture DIR --out FILE [--step D])")
+		fmt.Fprintln(os.Stderr, "usage: dashboard --dashboard FILE (--check [--fixture FILE] | --capture DIR --out FILE [--step D])")
 		os.Exit(2)
 	}
-	if err := run(*dashPath, *checkOnly, *captureDir, *outPath, *step); err != nil {
+	if err := run(*dashPath, *checkOnly, *fixture, *captureDir, *outPath, *step); err != nil {
 		fmt.Fprintf(os.Stderr, "dashboard: %v\n", err)
 		os.Exit(1)
 	}
 }
 
-func run(dashPath string, checkOnly bool, captureDir, outPath string, step time.Duration) error {
+func run(dashPath string, checkOnly bool, fixture, captureDir, outPath string, step time.Duration) error {
 	d, err := loadDashboard(dashPath)
 	if err != nil {
 		return err
@@ -104,7 +106,18 @@ func run(dashPath string, checkOnly bool, captureDir, outPath string, step time.
 		n += len(p.Targets)
 	}
 	if checkOnly {
-		fmt.Fprintf(os.Stderr, "dashboard: %s: %d panels, %d targets: every one parses and filters on $instance\n", dashPath, len(d.panels()), n)
+		also := ""
+		if fixture != "" {
+			errs, err := checkOverFixture(d, fixture)
+			if err != nil {
+				return err
+			}
+			if len(errs) > 0 {
+				return fmt.Errorf("%s: %d bad targets:\n%w", dashPath, len(errs), errors.Join(errs...))
+			}
+			also = ", evaluates without a warning and selects series of the agent's every family"
+		}
+		fmt.Fprintf(os.Stderr, "dashboard: %s: %d panels, %d targets: every one parses, filters on $instance%s\n", dashPath, len(d.panels()), n, also)
 		return nil
 	}
 	c, err := openCapture(captureDir)
