@@ -1,8 +1,9 @@
 # Stead — the one entry point for building, testing and demonstrating.
 #
 #   make test   fmt check, clippy -D warnings, cargo tests (real mounts; run as root),
-#               the Helm chart's render check, csi-sanity on every backend, the
-#               cluster tiers, the upstream Kubernetes external-storage e2e suite
+#               the Helm chart's render check, the dashboard's PromQL check, csi-sanity
+#               on every backend, the cluster tiers, the upstream Kubernetes
+#               external-storage e2e suite
 #   make demo   the seed's StatefulSet on the bundled local cluster
 #
 # Each test tier keeps its own targets in a fragment next to its code.
@@ -38,7 +39,7 @@ unit:
 
 # The tiers wired into `make test` are the ones that pass; see README. The
 # upstream e2e suite comes last: it judges what the cluster tiers built.
-test: lint unit helm-check sanity cluster-smoke provision-test e2e helm-install-test upstream-e2e
+test: lint unit helm-check dashboard-check sanity cluster-smoke provision-test e2e helm-install-test upstream-e2e
 
 -include tests/sanity/sanity.mk
 -include tests/cluster/cluster.mk
@@ -47,3 +48,4 @@ test: lint unit helm-check sanity cluster-smoke provision-test e2e helm-install-
 -include benches/alloc.mk
 -include tests/upstream/upstream.mk
 -include tests/helm/helm.mk
+-include tests/dashboard/dashboard.mk

@@ -477,4 +477,71 @@ mod tests {
             "a second scrape reads the pools again"
         );
     }
+
+    /// A sample line without its value: what a query selects.
+    fn series_of(text: &str) -> std::collections::BTreeSet<&str> {
+        text.lines()
+            .map(|l| match l.strip_prefix('#') {
+                Some(_) => l,
+                None => l.rsplit_once(' ').map_or(l, |(series, _)| series),
+            })
+            .collect()
+    }
+
+    /// tests/dashboard/go/testdata/every-family.om, against which `make
+    /// dashboard-check` evaluates every panel of the Grafana dashboard, has
+    /// the series this registry exposes: every family, and the label values
+    /// the panels select (a non-OK code, outcome="success", a non-2xx
+    /// status). STEAD_BLESS=1 writes it anew.
+    #[test]
+    fn the_dashboards_fixture_has_every_series_the_agent_exposes() {
+        let m = Metrics::new(|| {
+            vec![PoolStats {
+                pool: "image".into(),
+                backend: BackendKind::Image,
+                size: 1 << 30,
+                free: 700 << 20,
+                available: 600 << 20,
+                promised: 300 << 20,
+                used: 200 << 20,
+                volumes: Attachment::ALL
+                    .iter()
+                    .map(|&a| (a, u64::from(a == Attachment::Published)))
+                    .collect(),
+            }]
+        });
+        let ms = Duration::from_millis(1);
+        m.observe_rpc("CreateVolume", tonic::Code::Ok, ms);
+        m.observe_rpc("CreateVolume", tonic::Code::InvalidArgument, ms);
+        m.provisioning.start("u", "stead");
+        m.provisioning.finish("u", Outcome::Success);
+        m.deletion.start("u", "stead");
+        m.deletion.finish("u", Outcome::Success);
+        m.reconcile_error("claim", "csi");
+        m.event_dropped("queue_full");
+        m.expansion(Outcome::Success);
+        for code in ["200", "404"] {
+            m.apiserver
+                .get_or_create(&apiserver::Labels::new(
+                    "get",
+                    "persistentvolumeclaims",
+                    code,
+                ))
+                .inc();
+        }
+        let text = m.encode().unwrap();
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/dashboard/go/testdata/every-family.om"
+        );
+        if std::env::var_os("STEAD_BLESS").is_some() {
+            std::fs::write(path, &text).unwrap();
+        }
+        let fixture = std::fs::read_to_string(path).unwrap_or_default();
+        assert_eq!(
+            series_of(&fixture),
+            series_of(&text),
+            "{path} is not what the agent exposes: run STEAD_BLESS=1 cargo test --lib metrics, then make dashboard-check"
+        );
+    }
 }
