@@ -128,6 +128,8 @@ pub(crate) struct Ctx<C> {
     immediate_waiting: AtomicBool,
     events: events::Events,
     ledger: ledger::AsyncLedger,
+    /// The volumes of `release` classes (see `ledger::NODE_LOSS`).
+    releasable: ledger::AsyncLedger,
     capacity_changed: Arc<Notify>,
     /// Consecutive failures per object uid, for backoff.
     failures: Mutex<backoff::Backoffs>,
@@ -206,6 +208,7 @@ where
     F: std::future::Future<Output = ()> + Send + Sync + 'static,
 {
     let ledger = ledger::AsyncLedger::open(&config.state_dir).await?;
+    let releasable = ledger::AsyncLedger::open_named(&config.state_dir, ledger::NODE_LOSS).await?;
     let shutdown = shutdown.shared();
 
     // Before any watch: every PV of this node carries its node's label, so
@@ -307,6 +310,7 @@ where
         nodes,
         immediate_waiting: AtomicBool::new(false),
         ledger,
+        releasable,
         capacity_changed: Arc::new(Notify::new()),
         failures: Mutex::default(),
         no_room: Mutex::default(),
@@ -642,6 +646,9 @@ pub(crate) mod tests {
             client,
             csi: controller(tmp.path(), &metrics),
             ledger: ledger::AsyncLedger::open(&config.state_dir).await.unwrap(),
+            releasable: ledger::AsyncLedger::open_named(&config.state_dir, ledger::NODE_LOSS)
+                .await
+                .unwrap(),
             config,
             classes: class_store,
             claims: reflector::store().0,

@@ -143,6 +143,7 @@ pub(crate) async fn reconcile<C: CsiController>(
         reclaim_delete: true,
         mount_options: vec![],
         allowed_topologies: vec![],
+        node_loss: class::NodeLoss::Keep,
     };
     if let Some(action) = expand_if_grown(&ctx, &pvc).await? {
         return Ok(action);
@@ -295,6 +296,14 @@ pub(crate) async fn reconcile<C: CsiController>(
         ),
     );
     ctx.ledger.record(&volume_name, &key, &uid).await?;
+    if class.node_loss.is_release() {
+        // Before the volume and its PV: a PV that says `release` always has
+        // a claim that says so (what the admission policy lets another
+        // node's agent delete), and a volume that may lose its PV to node
+        // loss always has its mark (what this node reclaims on return).
+        label_claim(&ctx, &pvc, &class).await?;
+        ctx.releasable.record(&volume_name, &key, &uid).await?;
+    }
     let volume = match ctx.csi.create_volume(tonic::Request::new(request)).await {
         Ok(resp) => resp.into_inner().volume.unwrap_or_default(),
         Err(status) => return create_failed(&ctx, &pvc, &volume_name, status).await,
@@ -466,6 +475,31 @@ async fn select_node<C>(
         Err(kube::Error::Api(s)) if s.code == 409 => Ok(None),
         Err(e) => Err(e.into()),
     }
+}
+
+/// Labels a claim of a `release` class as its PV is labelled (the node, the
+/// opt-in; see `pv::labels`), unless it is already: what the admission
+/// policy reads before it lets the node-loss leader delete the claim.
+async fn label_claim<C>(
+    ctx: &Ctx<C>,
+    pvc: &PersistentVolumeClaim,
+    class: &ClassSpec,
+) -> Result<(), Error> {
+    let wanted = pv::labels(class, &ctx.config.node);
+    let has = pvc.labels();
+    if wanted.iter().all(|(k, v)| has.get(k) == Some(v)) {
+        return Ok(());
+    }
+    let patch = json!({"metadata": {"labels": wanted}});
+    let api: Api<PersistentVolumeClaim> =
+        Api::namespaced(ctx.client.clone(), &pvc.namespace().unwrap_or_default());
+    api.patch(
+        &pvc.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(&patch),
+    )
+    .await?;
+    Ok(())
 }
 
 /// Takes an Immediate claim for this node: sets `selected-node` with an
