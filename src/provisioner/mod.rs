@@ -11,6 +11,7 @@ pub mod class;
 pub mod client;
 mod events;
 pub mod ledger;
+pub mod nodeloss;
 pub mod pv;
 pub mod quantity;
 mod reclaim;
@@ -387,6 +388,7 @@ where
     let own_node = schedulable::follow(ctx.clone(), node_events, resync, node_changed.clone());
     let stranded = stranded::run(ctx.clone(), node_changed);
     let snapshots = snapshotter::run(ctx.clone());
+    let node_loss = nodeloss::run(ctx.clone());
 
     tokio::select! {
         _ = async { tokio::join!(claims_run, volumes_run) } => {}
@@ -397,6 +399,7 @@ where
         _ = own_node => {}
         _ = stranded => {}
         _ = snapshots => {}
+        _ = node_loss => {}
         _ = shutdown => {}
     }
     class_watch.abort();
