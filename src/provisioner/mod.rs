@@ -500,7 +500,10 @@ pub(crate) mod tests {
         pub volumes: Writer<PersistentVolume>,
         pub requests: Arc<StdMutex<Vec<Seen>>>,
         posted: StdMutex<mpsc::Receiver<(k8s_openapi::api::core::v1::ObjectReference, Event)>>,
-        _tmp: tempfile::TempDir,
+        /// The node service of the same plugin (to stage a volume).
+        pub node: csi::NodeService,
+        /// Pool, kubelet dir and state live under it.
+        pub tmp: tempfile::TempDir,
     }
 
     impl Fake {
@@ -593,6 +596,14 @@ pub(crate) mod tests {
         tmp: &std::path::Path,
         metrics: &Arc<metrics::Metrics>,
     ) -> Arc<ObservedController<ControllerService>> {
+        controller_and_node(tmp, metrics).0
+    }
+
+    /// [`controller`] and the node service of the same plugin.
+    fn controller_and_node(
+        tmp: &std::path::Path,
+        metrics: &Arc<metrics::Metrics>,
+    ) -> (Arc<ObservedController<ControllerService>>, csi::NodeService) {
         let plugin = Plugin::new(csi::Config {
             node_id: NODE.into(),
             pools: vec![
@@ -603,10 +614,11 @@ pub(crate) mod tests {
             kubelet_dir: tmp.join("kubelet"),
         })
         .unwrap();
-        Arc::new(ObservedController::new(
+        let controller = Arc::new(ObservedController::new(
             plugin.controller_service(),
             metrics.clone(),
-        ))
+        ));
+        (controller, plugin.node_service())
     }
 
     /// The provisioner's config for node [`NODE`], its state under `tmp`.
@@ -645,9 +657,10 @@ pub(crate) mod tests {
         // Posted events are queued for the test to read, never recorded.
         let (events, posted) = events::Events::queued(metrics.clone());
         let config = config(tmp.path());
+        let (csi, node) = controller_and_node(tmp.path(), &metrics);
         let ctx = Ctx {
             client,
-            csi: controller(tmp.path(), &metrics),
+            csi,
             ledger: ledger::AsyncLedger::open(&config.state_dir).await.unwrap(),
             releasable: ledger::AsyncLedger::open_named(&config.state_dir, ledger::NODE_LOSS)
                 .await
@@ -669,7 +682,8 @@ pub(crate) mod tests {
             volumes,
             requests,
             posted: StdMutex::new(posted),
-            _tmp: tmp,
+            node,
+            tmp,
         }
     }
 
