@@ -800,6 +800,59 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_release_claim_is_labelled_and_marked_before_its_volume_and_pv() {
+        let class = sc(
+            "db",
+            &[("onNodeLoss", "release")],
+            "WaitForFirstConsumer",
+            "Delete",
+        );
+        let f = fake(&[class]).await;
+        let mut claim = pvc("data-0", "16Mi", Some(NODE));
+        claim.spec.as_mut().unwrap().storage_class_name = Some("db".into());
+        reconcile(Arc::new(claim.clone()), f.ctx.clone())
+            .await
+            .unwrap();
+        let seen = f.requests.lock().unwrap().clone();
+        let label = seen
+            .iter()
+            .position(|r| {
+                r.method == "PATCH"
+                    && r.path == "/api/v1/namespaces/db/persistentvolumeclaims/data-0"
+                    && r.body.contains(r#""stead.csi.dev/on-node-loss":"release""#)
+                    && r.body.contains(r#""stead.csi.dev/node":"node-a""#)
+            })
+            .unwrap_or_else(|| panic!("the claim is labelled: {seen:?}"));
+        let pv = seen
+            .iter()
+            .position(|r| r.method == "POST" && r.path == "/api/v1/persistentvolumes")
+            .unwrap();
+        assert!(label < pv, "the claim's label before the PV: {seen:?}");
+        assert!(
+            seen[pv]
+                .body
+                .contains(r#""stead.csi.dev/on-node-loss":"release""#)
+        );
+        assert!(
+            seen[pv]
+                .body
+                .contains(r#""stead.csi.dev/node-loss-timeout-seconds":"300""#)
+        );
+        let marks = f.ctx.releasable.older_than(Duration::ZERO).await.unwrap();
+        assert_eq!(marks.len(), 1, "the volume's node-loss mark stays");
+        assert_eq!(marks[0].claim, "db/data-0");
+        assert!(
+            f.ctx
+                .ledger
+                .older_than(Duration::ZERO)
+                .await
+                .unwrap()
+                .is_empty(),
+            "its intent went with the PV"
+        );
+    }
+
+    #[tokio::test]
     async fn a_claim_of_this_node_is_timed_once_from_first_seen_to_its_pv() {
         let (mut f, claim) = reconciled("16Mi").await;
         assert!(
