@@ -536,7 +536,9 @@ pub(crate) mod tests {
 
     #[test]
     fn bad_node_loss_parameters_are_refused_naming_class_and_parameter() {
-        let cases: [(&[(&str, &str)], &str, &str); 6] = [
+        /// The parameters, the reclaim policy, the error's start.
+        type Case<'a> = (&'a [(&'a str, &'a str)], &'a str, &'a str);
+        let cases: [Case; 6] = [
             (
                 &[("onNodeLoss", "Release")],
                 "Delete",

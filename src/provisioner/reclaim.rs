@@ -562,7 +562,11 @@ mod tests {
             t0 + grace - Duration::from_secs(1),
         )
         .await;
-        assert_eq!(on_disk(&f).await, [name.clone()], "kept within the grace");
+        assert_eq!(
+            on_disk(&f).await,
+            std::slice::from_ref(&name),
+            "kept within the grace"
+        );
         reap_released(&f.ctx, &pvs, &mut released, t0 + grace).await;
         assert!(on_disk(&f).await.is_empty(), "removed after the grace");
         assert!(!marked(&f, &name).await, "its mark goes with it");
@@ -582,7 +586,11 @@ mod tests {
             t0 + Duration::from_secs(86_400),
         )
         .await;
-        assert_eq!(on_disk(&f).await, [name.clone()], "its PV is there");
+        assert_eq!(
+            on_disk(&f).await,
+            std::slice::from_ref(&name),
+            "its PV is there"
+        );
         assert!(marked(&f, &name).await);
 
         // No PV, but its intent is back (a claim being provisioned): the
@@ -637,7 +645,11 @@ mod tests {
         let t0 = Instant::now();
         reap_released(&f.ctx, &pvs, &mut released, t0).await;
         reap_released(&f.ctx, &pvs, &mut released, t0 + grace).await;
-        assert_eq!(on_disk(&f).await, [name.clone()], "kept while staged");
+        assert_eq!(
+            on_disk(&f).await,
+            std::slice::from_ref(&name),
+            "kept while staged"
+        );
         assert!(marked(&f, &name).await);
         f.metrics(&[r#"stead_csi_rpc_duration_seconds_count{method="DeleteVolume",code="FailedPrecondition"} 1"#]);
 

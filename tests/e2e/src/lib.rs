@@ -1147,7 +1147,7 @@ impl StoppedKubelet {
             .stdin(std::process::Stdio::null())
             .stdout(out)
             .stderr(err);
-        let child = cmd
+        let mut child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("starting the kubelet of {name} again: {e}"));
         // setsid and nsenter exec: the child's pid is the kubelet's.
@@ -1156,6 +1156,11 @@ impl StoppedKubelet {
             .join(format!("{name}.kubelet.pid"));
         std::fs::write(&pid_file, format!("{}\n", child.id()))
             .unwrap_or_else(|e| panic!("writing {}: {e}", pid_file.display()));
+        // The kubelet outlives the test run as it would outlive up.sh; a
+        // thread reaps it should it end while the suite still runs.
+        std::thread::spawn(move || {
+            let _ = child.wait();
+        });
         let nodes = Api::<k8s_openapi::api::core::v1::Node>::all(client.clone());
         wait_for(
             &nodes,

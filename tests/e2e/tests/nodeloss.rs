@@ -147,7 +147,7 @@ async fn restore(client: &kube::Client, kubelet: StoppedKubelet, node: &str) {
             let list = pods.list(&lp).await.map_err(|e| e.to_string())?;
             list.items
                 .iter()
-                .any(|p| is_ready(p))
+                .any(is_ready)
                 .then_some(())
                 .ok_or_else(|| format!("{} agent pods, none Ready", list.items.len()))
         },
