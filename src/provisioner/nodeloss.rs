@@ -13,9 +13,9 @@
 //! ([`verdict`]). For each PV there ([`plan`]): an Event on the claim; the
 //! pods on the lost node that use the claim are deleted (grace 0); the claim
 //! is deleted (the StatefulSet controller creates it again for its Pending
-//! pod: `createMissingPersistentVolumeClaims` in its `updateStatefulSet`
-//! since Kubernetes 1.27, so the pod gets a new empty volume on a live
-//! node); Stead's finalizer is removed from the PV and the PV deleted. Each
+//! pod: `processReplica` calls `createMissingPersistentVolumeClaims`, in
+//! Kubernetes v1.34.4's `pkg/controller/statefulset/stateful_set_control.go`;
+//! so the pod gets a new empty volume on a live node); Stead's finalizer is removed from the PV and the PV deleted. Each
 //! step is an Event on the claim, and is taken only after a fresh GET of the
 //! Node says it is still lost (and while this agent still leads).
 //!
@@ -870,5 +870,192 @@ mod tests {
         ] {
             assert!(note.contains(part), "{part:?} in {note}");
         }
+    }
+
+    /// The leader's steps for one PV of a node that is gone, against a fake
+    /// apiserver: the claim, the pods of the node, then each step after a
+    /// fresh GET of the Node; `back_after`: the Node GET answers a Ready node
+    /// from that GET on (the node came back mid-way).
+    async fn release_on_fake(
+        back_after: Option<usize>,
+    ) -> (
+        crate::provisioner::tests::Fake,
+        Vec<String>,
+        Vec<(String, String)>,
+    ) {
+        use crate::provisioner::tests::{Answer, fake_answering, status};
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let claim = pvc("data-0", "16Mi", Some("n2"));
+        let claim_json = serde_json::to_string(&claim).unwrap();
+        let pod_json = serde_json::to_value(pod("db-0", "n2", "data-0")).unwrap();
+        let node_gets = Arc::new(AtomicUsize::new(0));
+        let answer: Answer = Arc::new(move |method: &http::Method, path: &str, _: &str| {
+            let get = *method == http::Method::GET;
+            match path {
+                "/api/v1/namespaces/db/persistentvolumeclaims/data-0" if get => {
+                    Some((200, claim_json.clone()))
+                }
+                "/api/v1/pods" if get => Some((
+                    200,
+                    json!({"apiVersion": "v1", "kind": "PodList", "metadata": {},
+                           "items": [pod_json.clone()]})
+                    .to_string(),
+                )),
+                "/api/v1/namespaces/db/pods/db-0" => Some((200, pod_json.to_string())),
+                "/api/v1/nodes/n2" if get => {
+                    let n = node_gets.fetch_add(1, Ordering::SeqCst);
+                    if back_after.is_some_and(|b| n >= b) {
+                        let mut back = node("True", vec![]);
+                        back.metadata.name = Some("n2".into());
+                        Some((200, serde_json::to_string(&back).unwrap()))
+                    } else {
+                        Some(status(404, "NotFound"))
+                    }
+                }
+                _ => None,
+            }
+        });
+        let f = fake_answering(&[], Some(answer)).await;
+        let pv = released_pv(&claim);
+        let (_tx, leading) = watch::channel(true);
+        let mut worker = Worker::default();
+        let mut pods = None;
+        volume(
+            &f.ctx,
+            &mut worker,
+            &leading,
+            &pv,
+            "n2",
+            &NodeState::Gone,
+            &mut pods,
+        )
+        .await
+        .unwrap();
+        let seen: Vec<String> = f
+            .requests
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                let q = if r.query.contains("gracePeriodSeconds")
+                    || r.body.contains("\"gracePeriodSeconds\":0")
+                {
+                    " grace=0"
+                } else if r.body.contains("\"uid\"") && r.method == "DELETE" {
+                    " uid-precondition"
+                } else {
+                    ""
+                };
+                format!("{} {}{q}", r.method, r.path)
+            })
+            .collect();
+        let posted = f.posted();
+        (f, seen, posted)
+    }
+
+    #[tokio::test]
+    async fn the_leader_releases_a_pv_of_a_gone_node_step_by_step_rechecking_the_node() {
+        let (_f, seen, posted) = release_on_fake(None).await;
+        let pv = "/api/v1/persistentvolumes/pvc-0a1b2c3d-0000-4000-8000-000000000001";
+        assert_eq!(
+            seen,
+            [
+                "GET /api/v1/namespaces/db/persistentvolumeclaims/data-0".to_string(),
+                "GET /api/v1/pods".into(),
+                "GET /api/v1/nodes/n2".into(),
+                "DELETE /api/v1/namespaces/db/pods/db-0 grace=0".into(),
+                "GET /api/v1/nodes/n2".into(),
+                "DELETE /api/v1/namespaces/db/persistentvolumeclaims/data-0 uid-precondition"
+                    .into(),
+                "GET /api/v1/nodes/n2".into(),
+                format!("PATCH {pv}"),
+                "GET /api/v1/nodes/n2".into(),
+                format!("DELETE {pv}"),
+            ]
+        );
+        let reasons: Vec<&str> = posted.iter().map(|(r, _)| r.as_str()).collect();
+        assert_eq!(
+            reasons,
+            [
+                "NodeLost",
+                "NodeLossPodDeleted",
+                "NodeLossClaimDeleted",
+                "NodeLossFinalizerRemoved",
+                "NodeLossVolumeReleased"
+            ]
+        );
+        assert!(
+            posted[0].1.starts_with(
+                "node n2 is lost: its Node object is gone; class db releases claim db/data-0"
+            ),
+            "{}",
+            posted[0].1
+        );
+        assert!(
+            posted[1]
+                .1
+                .contains("deleted pod db/db-0 (grace 0) on lost node n2")
+        );
+    }
+
+    #[tokio::test]
+    async fn a_node_that_comes_back_mid_way_stops_the_release() {
+        // The Node is back at the second fresh GET: the pod was deleted,
+        // the claim and the PV are left alone.
+        let (_f, seen, posted) = release_on_fake(Some(1)).await;
+        assert!(
+            seen.iter()
+                .any(|r| r.starts_with("DELETE /api/v1/namespaces/db/pods/db-0"))
+        );
+        assert!(
+            !seen
+                .iter()
+                .any(|r| r.contains("persistentvolumeclaims/data-0") && r.starts_with("DELETE")),
+            "{seen:?}"
+        );
+        assert!(
+            !seen.iter().any(|r| r.contains("/persistentvolumes/")),
+            "{seen:?}"
+        );
+        let last = posted.last().unwrap();
+        assert_eq!(last.0, "NodeLossStopped");
+        assert!(last.1.contains("node n2 is back"), "{}", last.1);
+    }
+
+    #[tokio::test]
+    async fn a_kept_pv_of_a_gone_node_gets_one_warning_and_nothing_is_deleted() {
+        let f = crate::provisioner::tests::fake(&[]).await;
+        let pv = pv::tests::made_for(&pvc("data-0", "16Mi", Some("n2")), "n2");
+        assert_eq!(pv::node_loss(&pv), NodeLoss::Keep);
+        let (_tx, leading) = watch::channel(true);
+        let mut worker = Worker::default();
+        for _ in 0..3 {
+            let mut pods = None;
+            volume(
+                &f.ctx,
+                &mut worker,
+                &leading,
+                &pv,
+                "n2",
+                &NodeState::Gone,
+                &mut pods,
+            )
+            .await
+            .unwrap();
+        }
+        let posted = f.posted();
+        assert_eq!(
+            posted.len(),
+            1,
+            "once per claim, not every round: {posted:?}"
+        );
+        assert_eq!(posted[0].0, "NodeLostVolumeKept");
+        assert!(
+            posted[0]
+                .1
+                .contains("node n2 is lost: its Node object is gone")
+        );
+        let seen = f.requests.lock().unwrap().clone();
+        assert!(seen.is_empty(), "nothing read, nothing deleted: {seen:?}");
     }
 }
