@@ -1081,14 +1081,14 @@ impl LocalNode {
         }
     }
 
-    /// SIGKILLs the Stead agent running in this node's network namespace (the
-    /// DaemonSet's pod uses the host network): with its kubelet dead, nobody
-    /// starts it again. The number of processes killed.
+    /// SIGKILLs the Stead agent of this node: the `stead` processes in the
+    /// node's cgroup tree (`tests/cluster` gives each node's kubelet
+    /// `cgroupRoot: /<node>`, so its pods' processes are under it in every
+    /// hierarchy). With its kubelet dead, nobody starts it again; the node's
+    /// other pods go on running, as on a node cut off from the cluster. The
+    /// number of processes killed.
     pub async fn kill_agent(&self) -> usize {
-        use std::os::unix::fs::MetadataExt;
-        let netns = std::fs::metadata(format!("/run/netns/{}", self.name))
-            .unwrap_or_else(|e| panic!("network namespace of {}: {e}", self.name))
-            .ino();
+        let root = format!("/{}/", self.name);
         let mut killed = Vec::new();
         for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
             let pid = entry.file_name().to_string_lossy().into_owned();
@@ -1097,9 +1097,15 @@ impl LocalNode {
             }
             let is_stead = std::fs::read_link(format!("/proc/{pid}/exe"))
                 .is_ok_and(|e| e.file_name().is_some_and(|n| n == "stead"));
-            let here =
-                std::fs::metadata(format!("/proc/{pid}/ns/net")).is_ok_and(|m| m.ino() == netns);
-            if is_stead && here {
+            let here = is_stead
+                && std::fs::read_to_string(format!("/proc/{pid}/cgroup")).is_ok_and(|c| {
+                    c.lines().any(|l| {
+                        l.splitn(3, ':')
+                            .nth(2)
+                            .is_some_and(|p| p.starts_with(&root))
+                    })
+                });
+            if here {
                 signal_kill(&pid);
                 killed.push(pid);
             }
