@@ -1058,4 +1058,72 @@ mod tests {
         let seen = f.requests.lock().unwrap().clone();
         assert!(seen.is_empty(), "nothing read, nothing deleted: {seen:?}");
     }
+
+    #[tokio::test]
+    async fn a_round_finds_the_nodes_that_hold_stead_pvs_and_are_gone() {
+        use crate::provisioner::tests::{Answer, fake_answering};
+        let kept = pv::tests::made_for(&pvc("data-0", "16Mi", Some("n2")), "n2");
+        let kept_json = serde_json::to_value(&kept).unwrap();
+        let mut live = node("True", vec![]);
+        live.metadata.name = Some("n1".into());
+        let live_json = serde_json::to_value(&live).unwrap();
+        let answer: Answer = Arc::new(move |method: &http::Method, path: &str, query: &str| {
+            if *method != http::Method::GET {
+                return None;
+            }
+            let list = |kind: &str, items: Vec<serde_json::Value>| {
+                Some((
+                    200,
+                    json!({"apiVersion": "v1", "kind": kind, "metadata": {}, "items": items})
+                        .to_string(),
+                ))
+            };
+            match path {
+                // n1 is the only Node: n2, which holds a PV, is gone.
+                "/api/v1/nodes" => list("NodeList", vec![live_json.clone()]),
+                "/api/v1/persistentvolumes" if query.contains("%3Dn2") => {
+                    list("PersistentVolumeList", vec![kept_json.clone()])
+                }
+                "/api/v1/persistentvolumes" => Some((
+                    200,
+                    json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadataList",
+                    "metadata": {}, "items": [
+                        {"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata",
+                         "metadata": {"name": "a", "labels": {NODE_LABEL: "n1"}}},
+                        {"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata",
+                         "metadata": {"name": "b", "labels": {NODE_LABEL: "n2"}}},
+                    ]})
+                    .to_string(),
+                )),
+                _ => None,
+            }
+        });
+        let f = fake_answering(&[], Some(answer)).await;
+        let (_tx, leading) = watch::channel(true);
+        let mut worker = Worker::default();
+        round(&f.ctx, &mut worker, &leading).await.unwrap();
+        let posted = f.posted();
+        assert_eq!(posted.len(), 1, "{posted:?}");
+        assert_eq!(posted[0].0, "NodeLostVolumeKept");
+        assert!(
+            posted[0]
+                .1
+                .contains(&format!("holds volume {}", kept.name_any()))
+        );
+        let seen = f.requests.lock().unwrap().clone();
+        let pv_lists: Vec<&str> = seen
+            .iter()
+            .filter(|r| r.path == "/api/v1/persistentvolumes")
+            .map(|r| r.query.as_str())
+            .collect();
+        assert_eq!(
+            pv_lists.len(),
+            2,
+            "the metadata list, then n2's PVs alone: {seen:?}"
+        );
+        assert!(
+            !pv_lists[1].contains("%3Dn1"),
+            "the live node's PVs are not read"
+        );
+    }
 }
