@@ -434,7 +434,15 @@ async fn volume<C>(
             // Said once a kept volume's node is lost by the default wait.
             if let Verdict::Lost { since } = verdict(state, DEFAULT_NODE_LOSS_TIMEOUT, now) {
                 let key = subject.uid.clone().unwrap_or_else(|| name.clone());
-                if found.metadata.deletion_timestamp.is_none() && worker.kept.insert(key) {
+                // A Released PV's claim is gone already: no pod waits for it.
+                let released = matches!(
+                    found.status.as_ref().and_then(|s| s.phase.as_deref()),
+                    Some("Released" | "Failed")
+                );
+                if found.metadata.deletion_timestamp.is_none()
+                    && !released
+                    && worker.kept.insert(key)
+                {
                     let lost = describe(node, since, DEFAULT_NODE_LOSS_TIMEOUT);
                     let note = kept_message(&lost, found);
                     tracing::warn!(pv = %name, node, "{note}");
@@ -1055,6 +1063,26 @@ mod tests {
                 .1
                 .contains("node n2 is lost: its Node object is gone")
         );
+        // Its claim deleted (as the Warning suggests): the PV is Released,
+        // nothing more is said.
+        let mut released = pv.clone();
+        released.status = Some(k8s_openapi::api::core::v1::PersistentVolumeStatus {
+            phase: Some("Released".into()),
+            ..Default::default()
+        });
+        let mut fresh = Worker::default();
+        volume(
+            &f.ctx,
+            &mut fresh,
+            &leading,
+            &released,
+            "n2",
+            &NodeState::Gone,
+            &mut None,
+        )
+        .await
+        .unwrap();
+        assert!(f.posted().is_empty());
         let seen = f.requests.lock().unwrap().clone();
         assert!(seen.is_empty(), "nothing read, nothing deleted: {seen:?}");
     }
