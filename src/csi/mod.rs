@@ -103,6 +103,12 @@ impl Plugin {
         NodeServer::new(NodeService::new(self.shared.clone()))
     }
 
+    /// The Node service for in-process calls (tests that stage a volume
+    /// beside the provisioner).
+    pub fn node_service(&self) -> NodeService {
+        NodeService::new(self.shared.clone())
+    }
+
     /// The Controller service for in-process calls through the generated
     /// `controller_server::Controller` trait (cheap to clone).
     pub fn controller_service(&self) -> ControllerService {

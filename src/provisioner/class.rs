@@ -3,6 +3,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
+use std::time::Duration;
 
 use k8s_openapi::api::storage::v1::StorageClass;
 
@@ -15,19 +16,52 @@ pub const PARAM_POOL: &str = "pool";
 pub const PARAM_FSTYPE: &str = "csi.storage.k8s.io/fstype";
 /// The parameter that chooses thick (the default) or thin image volumes.
 pub const PARAM_ALLOCATION: &str = "allocation";
+/// The parameter that says what happens to a volume when its node is lost:
+/// `keep` (the default) or `release` (see `nodeloss`).
+pub const PARAM_ON_NODE_LOSS: &str = "onNodeLoss";
+/// How long a node may be NotReady and unreachable before its `release`
+/// volumes are released (a deleted Node is lost at once).
+pub const PARAM_NODE_LOSS_TIMEOUT: &str = "nodeLossTimeout";
+/// The default of [`PARAM_NODE_LOSS_TIMEOUT`]: the 300 s that Kubernetes'
+/// DefaultTolerationSeconds gives every pod for `node.kubernetes.io/unreachable`,
+/// after which the taint manager evicts the pod anyway.
+pub const DEFAULT_NODE_LOSS_TIMEOUT: Duration = Duration::from_secs(300);
+/// The shortest [`PARAM_NODE_LOSS_TIMEOUT`]: a node is tainted unreachable
+/// after 40 s without a heartbeat (kube-controller-manager's default
+/// node-monitor-grace-period); a minute more keeps a network blip or a
+/// kubelet restart from giving up a node's data.
+pub const MIN_NODE_LOSS_TIMEOUT: Duration = Duration::from_secs(60);
 /// Filesystems the image backend can make.
 pub const FS_TYPES: [&str; 2] = ["ext4", "xfs"];
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ClassError {
     #[error(
-        "StorageClass {class}: unknown parameter {key:?} (Stead accepts only \"pool\", \"allocation\" and \"csi.storage.k8s.io/fstype\")"
+        "StorageClass {class}: unknown parameter {key:?} (Stead accepts only \"pool\", \"allocation\", \"onNodeLoss\", \"nodeLossTimeout\" and \"csi.storage.k8s.io/fstype\")"
     )]
     UnknownParameter { class: String, key: String },
     #[error(
         "StorageClass {class}: parameter allocation {value:?} is not supported (thick, the default, or thin)"
     )]
     Allocation { class: String, value: String },
+    #[error(
+        "StorageClass {class}: parameter onNodeLoss {value:?} is not supported (keep, the default, or release)"
+    )]
+    OnNodeLoss { class: String, value: String },
+    #[error("StorageClass {class}: parameter nodeLossTimeout {value:?} {reason}")]
+    NodeLossTimeout {
+        class: String,
+        value: String,
+        reason: String,
+    },
+    #[error(
+        "StorageClass {class}: parameter nodeLossTimeout applies only with onNodeLoss: release (a kept volume waits for its node however long)"
+    )]
+    TimeoutWithoutRelease { class: String },
+    #[error(
+        "StorageClass {class}: onNodeLoss: release gives up the data of a lost node, which reclaimPolicy Retain promises to keep; use reclaimPolicy Delete, or onNodeLoss: keep"
+    )]
+    ReleaseRetained { class: String },
     #[error("StorageClass {class}: parameter {key:?} is empty")]
     EmptyParameter { class: String, key: &'static str },
     #[error(
@@ -83,6 +117,52 @@ impl fmt::Display for TopologyTerm {
     }
 }
 
+/// What happens to a class's volumes when their node is lost (its Node
+/// deleted, or NotReady and tainted unreachable for longer than `timeout`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum NodeLoss {
+    /// Nothing is deleted: the pod waits for its node (the default).
+    #[default]
+    Keep,
+    /// The claim is released so that its pod starts elsewhere with a new
+    /// empty volume; the lost node's data is given up.
+    Release { timeout: Duration },
+}
+
+impl NodeLoss {
+    pub fn is_release(&self) -> bool {
+        matches!(self, NodeLoss::Release { .. })
+    }
+}
+
+/// Parses a duration as Kubernetes writes them (`90s`, `5m`, `1h30m`):
+/// one or more whole numbers, each followed by `h`, `m` or `s`. Hand-written
+/// because that grammar is these few lines; a crate (humantime) would accept
+/// other spellings (`5 minutes`) that the README would then have to promise.
+pub fn parse_duration(text: &str) -> Option<Duration> {
+    let mut total: u64 = 0;
+    let mut digits = String::new();
+    if text.is_empty() {
+        return None;
+    }
+    for c in text.chars() {
+        if c.is_ascii_digit() {
+            digits.push(c);
+            continue;
+        }
+        let unit = match c {
+            'h' => 3600,
+            'm' => 60,
+            's' => 1,
+            _ => return None,
+        };
+        let n: u64 = digits.parse().ok()?;
+        total = total.checked_add(n.checked_mul(unit)?)?;
+        digits.clear();
+    }
+    digits.is_empty().then_some(Duration::from_secs(total))
+}
+
 /// A Stead StorageClass, validated.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClassSpec {
@@ -98,6 +178,8 @@ pub struct ClassSpec {
     pub mount_options: Vec<String>,
     /// The class's `allowedTopologies`; empty: every node.
     pub allowed_topologies: Vec<TopologyTerm>,
+    /// `onNodeLoss` and `nodeLossTimeout`.
+    pub node_loss: NodeLoss,
 }
 
 impl ClassSpec {
@@ -154,8 +236,41 @@ pub fn parse(sc: &StorageClass) -> Result<ClassSpec, ClassError> {
     let mut pool = None;
     let mut fs_type = None;
     let mut allocation = None;
+    let mut release = false;
+    let mut timeout = None;
     for (key, value) in sc.parameters.iter().flatten() {
         match key.as_str() {
+            PARAM_ON_NODE_LOSS => {
+                release = match value.as_str() {
+                    "keep" => false,
+                    "release" => true,
+                    _ => {
+                        return Err(ClassError::OnNodeLoss {
+                            class,
+                            value: value.clone(),
+                        });
+                    }
+                };
+            }
+            PARAM_NODE_LOSS_TIMEOUT => {
+                let bad = |reason: String| ClassError::NodeLossTimeout {
+                    class: class.clone(),
+                    value: value.clone(),
+                    reason,
+                };
+                let Some(d) = parse_duration(value) else {
+                    return Err(bad(
+                        "is not a duration (whole numbers with h, m or s: 90s, 5m, 1h30m)".into(),
+                    ));
+                };
+                if d < MIN_NODE_LOSS_TIMEOUT {
+                    return Err(bad(format!(
+                        "is shorter than the minimum {} s (a node is tainted unreachable after 40 s without a heartbeat; a shorter wait would give up the data of a node that only blinked)",
+                        MIN_NODE_LOSS_TIMEOUT.as_secs()
+                    )));
+                }
+                timeout = Some(d);
+            }
             PARAM_ALLOCATION => {
                 allocation =
                     Some(
@@ -201,6 +316,14 @@ pub fn parse(sc: &StorageClass) -> Result<ClassSpec, ClassError> {
             });
         }
     };
+    let node_loss = match (release, timeout) {
+        (true, t) if reclaim_delete => NodeLoss::Release {
+            timeout: t.unwrap_or(DEFAULT_NODE_LOSS_TIMEOUT),
+        },
+        (true, _) => return Err(ClassError::ReleaseRetained { class }),
+        (false, Some(_)) => return Err(ClassError::TimeoutWithoutRelease { class }),
+        (false, None) => NodeLoss::Keep,
+    };
     let allowed_topologies = allowed_topologies(sc, &class)?;
     Ok(ClassSpec {
         name: class,
@@ -211,6 +334,7 @@ pub fn parse(sc: &StorageClass) -> Result<ClassSpec, ClassError> {
         reclaim_delete,
         mount_options: sc.mount_options.clone().unwrap_or_default(),
         allowed_topologies,
+        node_loss,
     })
 }
 
@@ -364,6 +488,102 @@ pub(crate) mod tests {
         assert!(spec.reclaim_delete);
         assert!(!spec.wait_for_first_consumer);
         assert!(spec.csi_parameters().is_empty());
+    }
+
+    #[test]
+    fn node_loss_defaults_to_keep_and_release_takes_a_timeout() {
+        let plain = parse(&class("plain", &[], "WaitForFirstConsumer", "Delete")).unwrap();
+        assert_eq!(plain.node_loss, NodeLoss::Keep);
+        let released = parse(&class(
+            "db",
+            &[("onNodeLoss", "release")],
+            "WaitForFirstConsumer",
+            "Delete",
+        ))
+        .unwrap();
+        assert_eq!(
+            released.node_loss,
+            NodeLoss::Release {
+                timeout: DEFAULT_NODE_LOSS_TIMEOUT
+            }
+        );
+        let timed = parse(&class(
+            "db",
+            &[("onNodeLoss", "release"), ("nodeLossTimeout", "1h30m")],
+            "WaitForFirstConsumer",
+            "Delete",
+        ))
+        .unwrap();
+        assert_eq!(
+            timed.node_loss,
+            NodeLoss::Release {
+                timeout: Duration::from_secs(5400)
+            }
+        );
+        assert!(
+            !timed.csi_parameters().contains_key("onNodeLoss"),
+            "the provisioner's business, not CreateVolume's"
+        );
+        let kept = parse(&class(
+            "db",
+            &[("onNodeLoss", "keep")],
+            "WaitForFirstConsumer",
+            "Retain",
+        ))
+        .unwrap();
+        assert_eq!(kept.node_loss, NodeLoss::Keep);
+    }
+
+    #[test]
+    fn bad_node_loss_parameters_are_refused_naming_class_and_parameter() {
+        /// The parameters, the reclaim policy, the error's start.
+        type Case<'a> = (&'a [(&'a str, &'a str)], &'a str, &'a str);
+        let cases: [Case; 6] = [
+            (
+                &[("onNodeLoss", "Release")],
+                "Delete",
+                "StorageClass db: parameter onNodeLoss \"Release\" is not supported (keep, the default, or release)",
+            ),
+            (
+                &[("onNodeLoss", "release"), ("nodeLossTimeout", "5 minutes")],
+                "Delete",
+                "StorageClass db: parameter nodeLossTimeout \"5 minutes\" is not a duration",
+            ),
+            (
+                &[("onNodeLoss", "release"), ("nodeLossTimeout", "30s")],
+                "Delete",
+                "StorageClass db: parameter nodeLossTimeout \"30s\" is shorter than the minimum 60 s",
+            ),
+            (
+                &[("onNodeLoss", "release"), ("nodeLossTimeout", "")],
+                "Delete",
+                "StorageClass db: parameter nodeLossTimeout \"\" is not a duration",
+            ),
+            (
+                &[("nodeLossTimeout", "10m")],
+                "Delete",
+                "StorageClass db: parameter nodeLossTimeout applies only with onNodeLoss: release",
+            ),
+            (
+                &[("onNodeLoss", "release")],
+                "Retain",
+                "StorageClass db: onNodeLoss: release gives up the data of a lost node, which reclaimPolicy Retain promises to keep",
+            ),
+        ];
+        for (params, reclaim, want) in cases {
+            let err = parse(&class("db", params, "WaitForFirstConsumer", reclaim)).unwrap_err();
+            assert!(err.to_string().starts_with(want), "{err} / {want}");
+        }
+    }
+
+    #[test]
+    fn durations_are_whole_numbers_with_units() {
+        assert_eq!(parse_duration("90s"), Some(Duration::from_secs(90)));
+        assert_eq!(parse_duration("5m"), Some(Duration::from_secs(300)));
+        assert_eq!(parse_duration("1h2m3s"), Some(Duration::from_secs(3723)));
+        for bad in ["", "5", "m", "1.5m", "-5m", "5d", "99999999999999999999h"] {
+            assert_eq!(parse_duration(bad), None, "{bad:?}");
+        }
     }
 
     fn zoned(terms: Vec<Vec<(&str, Vec<&str>)>>) -> StorageClass {

@@ -45,9 +45,22 @@ fn now() -> u64 {
         .unwrap_or(0)
 }
 
+/// The folder of the provisioning intents, under the state dir.
+pub const PROVISIONING: &str = "provisioning";
+/// The folder of the marks of volumes whose class releases them on node
+/// loss (see `nodeloss`): written with the intent, before CreateVolume, and
+/// kept for the volume's life; what lets a node that comes back find the
+/// volumes whose PV the node-loss leader deleted.
+pub const NODE_LOSS: &str = "node-loss";
+
 impl Ledger {
     pub fn open(state_dir: &Path) -> Result<Self, LedgerError> {
-        let dir = state_dir.join("provisioning");
+        Self::open_named(state_dir, PROVISIONING)
+    }
+
+    /// A ledger in folder `name` of the state dir.
+    pub fn open_named(state_dir: &Path, name: &str) -> Result<Self, LedgerError> {
+        let dir = state_dir.join(name);
         fs::create_dir_all(&dir).map_err(|source| LedgerError {
             path: dir.clone(),
             source,
@@ -147,8 +160,13 @@ pub struct AsyncLedger {
 impl AsyncLedger {
     /// Opens (creates) `<state_dir>/provisioning` off the runtime.
     pub async fn open(state_dir: &Path) -> Result<Self, LedgerError> {
+        Self::open_named(state_dir, PROVISIONING).await
+    }
+
+    /// Opens (creates) `<state_dir>/<name>` off the runtime.
+    pub async fn open_named(state_dir: &Path, name: &'static str) -> Result<Self, LedgerError> {
         let dir = state_dir.to_path_buf();
-        let ledger = blocking(state_dir.join("provisioning"), move || Ledger::open(&dir)).await?;
+        let ledger = blocking(state_dir.join(name), move || Ledger::open_named(&dir, name)).await?;
         Ok(Self { ledger })
     }
 

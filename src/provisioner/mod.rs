@@ -11,6 +11,7 @@ pub mod class;
 pub mod client;
 mod events;
 pub mod ledger;
+pub mod nodeloss;
 pub mod pv;
 pub mod quantity;
 mod reclaim;
@@ -129,6 +130,8 @@ pub(crate) struct Ctx<C> {
     immediate_waiting: AtomicBool,
     events: events::Events,
     ledger: ledger::AsyncLedger,
+    /// The volumes of `release` classes (see `ledger::NODE_LOSS`).
+    releasable: ledger::AsyncLedger,
     capacity_changed: Arc<Notify>,
     /// Consecutive failures per object uid, for backoff.
     failures: Mutex<backoff::Backoffs>,
@@ -273,6 +276,7 @@ where
     F: std::future::Future<Output = ()> + Send + Sync + 'static,
 {
     let ledger = ledger::AsyncLedger::open(&config.state_dir).await?;
+    let releasable = ledger::AsyncLedger::open_named(&config.state_dir, ledger::NODE_LOSS).await?;
     let shutdown = shutdown.shared();
 
     // Before any watch: every PV of this node carries its node's label, so
@@ -374,6 +378,7 @@ where
         nodes,
         immediate_waiting: AtomicBool::new(false),
         ledger,
+        releasable,
         capacity_changed: Arc::new(Notify::new()),
         failures: Mutex::default(),
         no_room: Mutex::default(),
@@ -452,6 +457,7 @@ where
     let own_node = schedulable::follow(ctx.clone(), node_events, resync, node_changed.clone());
     let stranded = stranded::run(ctx.clone(), node_changed);
     let snapshots = snapshotter::run(ctx.clone());
+    let node_loss = nodeloss::run(ctx.clone());
 
     tokio::select! {
         _ = async { tokio::join!(claims_run, volumes_run) } => {}
@@ -462,6 +468,7 @@ where
         _ = own_node => {}
         _ = stranded => {}
         _ = snapshots => {}
+        _ = node_loss => {}
         _ = shutdown => {}
     }
     class_watch.abort();
@@ -565,7 +572,10 @@ pub(crate) mod tests {
         pub volumes: Writer<PersistentVolume>,
         pub requests: Arc<StdMutex<Vec<Seen>>>,
         posted: StdMutex<mpsc::Receiver<(k8s_openapi::api::core::v1::ObjectReference, Event)>>,
-        _tmp: tempfile::TempDir,
+        /// The node service of the same plugin (to stage a volume).
+        pub node: csi::NodeService,
+        /// Pool, kubelet dir and state live under it.
+        pub tmp: tempfile::TempDir,
     }
 
     impl Fake {
@@ -658,6 +668,14 @@ pub(crate) mod tests {
         tmp: &std::path::Path,
         metrics: &Arc<metrics::Metrics>,
     ) -> Arc<ObservedController<ControllerService>> {
+        controller_and_node(tmp, metrics).0
+    }
+
+    /// [`controller`] and the node service of the same plugin.
+    fn controller_and_node(
+        tmp: &std::path::Path,
+        metrics: &Arc<metrics::Metrics>,
+    ) -> (Arc<ObservedController<ControllerService>>, csi::NodeService) {
         let plugin = Plugin::new(csi::Config {
             node_id: NODE.into(),
             pools: vec![
@@ -668,10 +686,11 @@ pub(crate) mod tests {
             kubelet_dir: tmp.join("kubelet"),
         })
         .unwrap();
-        Arc::new(ObservedController::new(
+        let controller = Arc::new(ObservedController::new(
             plugin.controller_service(),
             metrics.clone(),
-        ))
+        ));
+        (controller, plugin.node_service())
     }
 
     /// The provisioner's config for node [`NODE`], its state under `tmp`.
@@ -710,10 +729,14 @@ pub(crate) mod tests {
         // Posted events are queued for the test to read, never recorded.
         let (events, posted) = events::Events::queued(metrics.clone());
         let config = config(tmp.path());
+        let (csi, node) = controller_and_node(tmp.path(), &metrics);
         let ctx = Ctx {
             client,
-            csi: controller(tmp.path(), &metrics),
+            csi,
             ledger: ledger::AsyncLedger::open(&config.state_dir).await.unwrap(),
+            releasable: ledger::AsyncLedger::open_named(&config.state_dir, ledger::NODE_LOSS)
+                .await
+                .unwrap(),
             config,
             classes: class_store,
             claims: reflector::store().0,
@@ -733,7 +756,8 @@ pub(crate) mod tests {
             volumes,
             requests,
             posted: StdMutex::new(posted),
-            _tmp: tmp,
+            node,
+            tmp,
         }
     }
 

@@ -10,7 +10,7 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
-use super::class::ClassSpec;
+use super::class::{ClassSpec, NodeLoss};
 use super::{claim, quantity, scope};
 use crate::proto::csi::v1::Volume;
 use crate::{DRIVER_NAME, NODE_LABEL, TOPOLOGY_KEY};
@@ -20,6 +20,50 @@ pub const ANN_PROVISIONED_BY: &str = "pv.kubernetes.io/provisioned-by";
 /// Held on every PV with reclaim policy Delete until its volume is deleted,
 /// so that the PV object never disappears while its data still exists.
 pub const FINALIZER: &str = "stead.csi.dev/volume-protection";
+
+/// On a PV (and its claim) of a class with `onNodeLoss: release`: value
+/// [`RELEASE`]. What the node-loss leader and the admission policies read,
+/// recorded at provisioning: a class changed later does not change it.
+pub const NODE_LOSS_LABEL: &str = "stead.csi.dev/on-node-loss";
+/// The value of [`NODE_LOSS_LABEL`].
+pub const RELEASE: &str = "release";
+/// On a PV of a `release` class: the class's `nodeLossTimeout`, in seconds.
+pub const ANN_NODE_LOSS_TIMEOUT: &str = "stead.csi.dev/node-loss-timeout-seconds";
+
+/// The labels of a PV (and of its claim) of `class` on `node`: the node's,
+/// which each agent's PV watch selects (see `scope`), and the opt-in of node
+/// loss.
+pub fn labels(class: &ClassSpec, node: &str) -> BTreeMap<String, String> {
+    let mut labels = BTreeMap::from([(NODE_LABEL.to_string(), scope::node_label(node))]);
+    if class.node_loss.is_release() {
+        labels.insert(NODE_LOSS_LABEL.to_string(), RELEASE.to_string());
+    }
+    labels
+}
+
+/// The node-loss policy a PV was provisioned with (its label and
+/// annotation); a label whose timeout annotation is missing or unreadable
+/// takes the default timeout.
+pub fn node_loss(pv: &PersistentVolume) -> NodeLoss {
+    let meta = &pv.metadata;
+    if meta
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(NODE_LOSS_LABEL))
+        .map(String::as_str)
+        != Some(RELEASE)
+    {
+        return NodeLoss::Keep;
+    }
+    let timeout = meta
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(ANN_NODE_LOSS_TIMEOUT))
+        .and_then(|t| t.parse::<u64>().ok())
+        .map(std::time::Duration::from_secs)
+        .unwrap_or(super::class::DEFAULT_NODE_LOSS_TIMEOUT);
+    NodeLoss::Release { timeout }
+}
 
 /// Builds the PV for `pvc` (of `class`) backed by `volume` on `node`.
 pub fn build_pv(
@@ -44,15 +88,19 @@ pub fn build_pv(
     PersistentVolume {
         metadata: ObjectMeta {
             name: Some(volume.volume_id.clone()),
-            annotations: Some(BTreeMap::from([(
-                ANN_PROVISIONED_BY.to_string(),
-                DRIVER_NAME.to_string(),
-            )])),
-            // What this node's PV watch selects (see `scope`).
-            labels: Some(BTreeMap::from([(
-                NODE_LABEL.to_string(),
-                scope::node_label(node),
-            )])),
+            annotations: Some(
+                [(ANN_PROVISIONED_BY.to_string(), DRIVER_NAME.to_string())]
+                    .into_iter()
+                    .chain(match class.node_loss {
+                        NodeLoss::Release { timeout } => Some((
+                            ANN_NODE_LOSS_TIMEOUT.to_string(),
+                            timeout.as_secs().to_string(),
+                        )),
+                        NodeLoss::Keep => None,
+                    })
+                    .collect(),
+            ),
+            labels: Some(labels(class, node)),
             finalizers: class.reclaim_delete.then(|| vec![FINALIZER.to_string()]),
             ..Default::default()
         },
@@ -269,6 +317,52 @@ pub(crate) mod tests {
         assert_eq!(spec.volume_mode.as_deref(), Some("Filesystem"));
         assert_eq!(pv_node(&pv), Some("node-a"));
         assert_eq!(stead_volume_handle(&pv), Some(csi.volume_handle.as_str()));
+    }
+
+    #[test]
+    fn a_release_class_is_recorded_on_the_pv_and_read_back() {
+        let class = class::parse(&sc(
+            "db",
+            &[("onNodeLoss", "release"), ("nodeLossTimeout", "2m")],
+            "WaitForFirstConsumer",
+            "Delete",
+        ))
+        .unwrap();
+        let claim = pvc("db-vol-db-ss-0", "500Mi", Some("node-a"));
+        let pv = build_pv(&claim, &class, &volume(), "node-a");
+        let labels = pv.metadata.labels.as_ref().unwrap();
+        assert_eq!(labels[NODE_LOSS_LABEL], "release");
+        assert_eq!(labels["stead.csi.dev/node"], "node-a");
+        assert_eq!(
+            pv.metadata.annotations.as_ref().unwrap()[ANN_NODE_LOSS_TIMEOUT],
+            "120"
+        );
+        assert_eq!(
+            node_loss(&pv),
+            NodeLoss::Release {
+                timeout: std::time::Duration::from_secs(120)
+            }
+        );
+        // A kept class's PV has neither; a PV whose annotation was lost
+        // takes the default timeout.
+        let kept = made_for(&claim, "node-a");
+        assert!(
+            !kept
+                .metadata
+                .labels
+                .as_ref()
+                .unwrap()
+                .contains_key(NODE_LOSS_LABEL)
+        );
+        assert_eq!(node_loss(&kept), NodeLoss::Keep);
+        let mut bare = pv.clone();
+        bare.metadata.annotations = None;
+        assert_eq!(
+            node_loss(&bare),
+            NodeLoss::Release {
+                timeout: class::DEFAULT_NODE_LOSS_TIMEOUT
+            }
+        );
     }
 
     #[test]

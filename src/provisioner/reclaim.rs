@@ -1,11 +1,14 @@
 //! Deleting what users released, and reclaiming what a crash leaked.
 //!
 //! Data is deleted only for a PV of this node that is Released with reclaim
-//! policy Delete (or a PV the user deleted that is no longer bound), and for
-//! leaked volumes that never had a PV (see `ledger`).
+//! policy Delete (or a PV the user deleted that is no longer bound), for
+//! leaked volumes that never had a PV (see `ledger`), and for volumes of a
+//! `release` class whose PV is gone, as node loss leaves them on a node that
+//! comes back ([`reap_released`]).
 
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::PersistentVolume;
 use kube::api::{DeleteParams, Patch, PatchParams};
@@ -117,6 +120,7 @@ pub(crate) async fn reconcile<C: CsiController>(
                 return Ok(Action::await_change());
             }
             ctx.delete_volume(handle).await?;
+            ctx.releasable.remove(handle).await?;
             tracing::info!(pv = %name, volume.id = %handle, "deleted volume of deleted PV");
             ctx.capacity_changed.notify_one();
         }
@@ -144,6 +148,7 @@ pub(crate) async fn reconcile<C: CsiController>(
             );
             return Err(e);
         }
+        ctx.releasable.remove(handle).await?;
         tracing::info!(pv = %name, volume.id = %handle, node = %ctx.config.node, "deleted volume of released PV");
         ctx.capacity_changed.notify_one();
         let api: Api<PersistentVolume> = Api::all(ctx.client.clone());
@@ -206,9 +211,92 @@ pub(crate) async fn reap_leaks<C: CsiController>(ctx: Arc<Ctx<C>>) {
     if ctx.claims.wait_until_ready().await.is_err() {
         return;
     }
+    let mut released = Released::default();
     loop {
         tokio::time::sleep(period).await;
         reap_round(&ctx, &pvs, ctx.config.leak_grace).await;
+        reap_released(&ctx, &pvs, &mut released, Instant::now()).await;
+    }
+}
+
+/// The volumes of `release` classes whose PV the apiserver did not have,
+/// and since when this agent has seen it so (in memory: a restart starts
+/// the grace again, which only waits longer).
+#[derive(Debug, Default)]
+pub(crate) struct Released {
+    missing: HashMap<String, Instant>,
+}
+
+/// One round of the returning node's reaper: a volume of a `release` class
+/// (its node-loss mark, see `ledger::NODE_LOSS`) whose PV is gone from the
+/// apiserver for [`Config::leak_grace`](super::Config) is deleted. That is
+/// what node loss leaves on a node that comes back: the leader deleted the
+/// PV (and the claim) while the node was away, and only this node can
+/// delete the data. A volume that still has its provisioning intent is the
+/// leak reaper's (its PV may be about to be made); one that is staged or
+/// published is kept (DeleteVolume refuses it, `FailedPrecondition`) until
+/// kubelet has unmounted it, and tried again each round.
+pub(crate) async fn reap_released<C: CsiController>(
+    ctx: &Ctx<C>,
+    pvs: &Api<PersistentVolume>,
+    released: &mut Released,
+    now: Instant,
+) {
+    let grace = ctx.config.leak_grace;
+    let (marks, intents) = match (
+        ctx.releasable.older_than(Duration::ZERO).await,
+        ctx.ledger.older_than(Duration::ZERO).await,
+    ) {
+        (Ok(m), Ok(i)) => (m, i),
+        (Err(e), _) | (_, Err(e)) => {
+            tracing::warn!(error = %e, "cannot read the node-loss marks or provisioning intents");
+            return;
+        }
+    };
+    let provisioning: HashSet<&str> = intents.iter().map(|i| i.volume.as_str()).collect();
+    let marked: HashSet<&str> = marks.iter().map(|m| m.volume.as_str()).collect();
+    released.missing.retain(|v, _| marked.contains(v.as_str()));
+    for mark in &marks {
+        let volume = mark.volume.as_str();
+        if provisioning.contains(volume) {
+            continue;
+        }
+        match pvs.get_opt(volume).await {
+            Ok(Some(_)) => {
+                released.missing.remove(volume);
+                continue;
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(pvc = %mark.claim, volume.id = %volume, error = %e, "cannot check PV");
+                continue;
+            }
+        }
+        let since = *released.missing.entry(volume.to_string()).or_insert(now);
+        let waited = now.saturating_duration_since(since);
+        if waited < grace {
+            tracing::info!(pvc = %mark.claim, volume.id = %volume, node = %ctx.config.node,
+                waited_s = waited.as_secs(), grace_s = grace.as_secs(),
+                "the PV of this released volume is gone (node loss released its claim while this node was away); its data is removed after the grace");
+            continue;
+        }
+        match ctx.delete_volume(volume).await {
+            Ok(()) => {
+                tracing::warn!(pvc = %mark.claim, volume.id = %volume, node = %ctx.config.node, waited_s = waited.as_secs(),
+                    "removed the data of a volume released by node loss: its PV and claim were deleted while this node was away");
+                released.missing.remove(volume);
+                if let Err(e) = ctx.releasable.remove(volume).await {
+                    // The volume is gone; next round finds nothing to
+                    // delete and drops the mark again.
+                    tracing::warn!(volume.id = %volume, error = %e, "cannot drop the node-loss mark of a removed volume");
+                }
+                ctx.capacity_changed.notify_one();
+            }
+            Err(e) => {
+                tracing::warn!(pvc = %mark.claim, volume.id = %volume, node = %ctx.config.node, error = %e,
+                "kept a volume released by node loss: it cannot be removed yet (staged or published: kubelet has not unmounted it); tried again next round")
+            }
+        }
     }
 }
 
@@ -408,6 +496,179 @@ mod tests {
         volume_with_intent(&f).await;
         assert!(reap(&f).await);
         f.metrics(&[r#"stead_csi_rpc_duration_seconds_count{method="DeleteVolume",code="OK"} 1"#]);
+    }
+
+    /// A volume of a `release` class that got its PV (its intent gone, its
+    /// node-loss mark kept), on an apiserver that no longer has that PV (or
+    /// has it: `pv_exists`): what node loss leaves on a node that comes
+    /// back. The fake and the volume's name.
+    async fn released_volume(pv_exists: bool) -> (Fake, String) {
+        let answer: Answer = StdArc::new(move |method: &http::Method, path: &str, _: &str| {
+            (*method == http::Method::GET && path.contains("/persistentvolumes/") && !pv_exists)
+                .then(|| status(404, "NotFound"))
+        });
+        let f = fake_answering(&[], Some(answer)).await;
+        let name = volume_with_intent(&f).await;
+        f.ctx.ledger.remove(&name).await.unwrap();
+        f.ctx
+            .releasable
+            .record(&name, "db/data-0", "0a1b2c3d-0000-4000-8000-000000000001")
+            .await
+            .unwrap();
+        (f, name)
+    }
+
+    /// The volumes on the fake's pool.
+    async fn on_disk(f: &Fake) -> Vec<String> {
+        let listed = f
+            .ctx
+            .csi
+            .list_volumes(tonic::Request::new(Default::default()))
+            .await
+            .unwrap()
+            .into_inner();
+        listed
+            .entries
+            .into_iter()
+            .filter_map(|e| e.volume.map(|v| v.volume_id))
+            .collect()
+    }
+
+    /// Whether the volume's node-loss mark is still there.
+    async fn marked(f: &Fake, volume: &str) -> bool {
+        f.ctx
+            .releasable
+            .older_than(Duration::ZERO)
+            .await
+            .unwrap()
+            .iter()
+            .any(|m| m.volume == volume)
+    }
+
+    #[tokio::test]
+    async fn a_released_volume_whose_pv_is_gone_is_removed_only_after_the_grace() {
+        let (f, name) = released_volume(false).await;
+        let pvs: Api<PersistentVolume> = Api::all(f.ctx.client.clone());
+        let grace = f.ctx.config.leak_grace;
+        let mut released = Released::default();
+        let t0 = Instant::now();
+        // The times are given, not waited for: the grace counts from the
+        // round that first found the PV gone.
+        reap_released(&f.ctx, &pvs, &mut released, t0).await;
+        reap_released(
+            &f.ctx,
+            &pvs,
+            &mut released,
+            t0 + grace - Duration::from_secs(1),
+        )
+        .await;
+        assert_eq!(
+            on_disk(&f).await,
+            std::slice::from_ref(&name),
+            "kept within the grace"
+        );
+        reap_released(&f.ctx, &pvs, &mut released, t0 + grace).await;
+        assert!(on_disk(&f).await.is_empty(), "removed after the grace");
+        assert!(!marked(&f, &name).await, "its mark goes with it");
+    }
+
+    #[tokio::test]
+    async fn a_released_volume_whose_pv_exists_or_that_still_provisions_is_kept() {
+        let (f, name) = released_volume(true).await;
+        let pvs: Api<PersistentVolume> = Api::all(f.ctx.client.clone());
+        let mut released = Released::default();
+        let t0 = Instant::now();
+        reap_released(&f.ctx, &pvs, &mut released, t0).await;
+        reap_released(
+            &f.ctx,
+            &pvs,
+            &mut released,
+            t0 + Duration::from_secs(86_400),
+        )
+        .await;
+        assert_eq!(
+            on_disk(&f).await,
+            std::slice::from_ref(&name),
+            "its PV is there"
+        );
+        assert!(marked(&f, &name).await);
+
+        // No PV, but its intent is back (a claim being provisioned): the
+        // leak reaper's, which knows whether a claim waits for it.
+        let (f, name) = released_volume(false).await;
+        f.ctx.ledger.record(&name, "db/data-0", "u").await.unwrap();
+        let pvs: Api<PersistentVolume> = Api::all(f.ctx.client.clone());
+        let mut released = Released::default();
+        reap_released(&f.ctx, &pvs, &mut released, t0).await;
+        reap_released(
+            &f.ctx,
+            &pvs,
+            &mut released,
+            t0 + Duration::from_secs(86_400),
+        )
+        .await;
+        assert_eq!(on_disk(&f).await, [name]);
+    }
+
+    #[tokio::test]
+    async fn a_released_volume_is_never_removed_while_it_is_mounted() {
+        use crate::proto::csi::v1::node_server::Node as _;
+        use crate::proto::csi::v1::volume_capability::{
+            AccessMode, AccessType, MountVolume, access_mode::Mode,
+        };
+        use crate::proto::csi::v1::{
+            NodeStageVolumeRequest, NodeUnstageVolumeRequest, VolumeCapability,
+        };
+        let (f, name) = released_volume(false).await;
+        // kubelet of the returning node has not yet unmounted the old pod's
+        // volume: it is staged (a real bind mount).
+        let staging = f.tmp.path().join("kubelet/staging").join(&name);
+        std::fs::create_dir_all(&staging).unwrap();
+        let staging_path = staging.display().to_string();
+        f.node
+            .node_stage_volume(tonic::Request::new(NodeStageVolumeRequest {
+                volume_id: name.clone(),
+                staging_target_path: staging_path.clone(),
+                volume_capability: Some(VolumeCapability {
+                    access_mode: Some(AccessMode {
+                        mode: Mode::SingleNodeWriter as i32,
+                    }),
+                    access_type: Some(AccessType::Mount(MountVolume::default())),
+                }),
+                ..Default::default()
+            }))
+            .await
+            .unwrap();
+        let pvs: Api<PersistentVolume> = Api::all(f.ctx.client.clone());
+        let grace = f.ctx.config.leak_grace;
+        let mut released = Released::default();
+        let t0 = Instant::now();
+        reap_released(&f.ctx, &pvs, &mut released, t0).await;
+        reap_released(&f.ctx, &pvs, &mut released, t0 + grace).await;
+        assert_eq!(
+            on_disk(&f).await,
+            std::slice::from_ref(&name),
+            "kept while staged"
+        );
+        assert!(marked(&f, &name).await);
+        f.metrics(&[r#"stead_csi_rpc_duration_seconds_count{method="DeleteVolume",code="FailedPrecondition"} 1"#]);
+
+        f.node
+            .node_unstage_volume(tonic::Request::new(NodeUnstageVolumeRequest {
+                volume_id: name.clone(),
+                staging_target_path: staging_path,
+            }))
+            .await
+            .unwrap();
+        reap_released(
+            &f.ctx,
+            &pvs,
+            &mut released,
+            t0 + grace + Duration::from_secs(1),
+        )
+        .await;
+        assert!(on_disk(&f).await.is_empty(), "removed once unmounted");
+        assert!(!marked(&f, &name).await);
     }
 
     #[test]

@@ -338,6 +338,7 @@ pub(crate) async fn reconcile<C: CsiController>(
         reclaim_delete: true,
         mount_options: vec![],
         allowed_topologies: vec![],
+        node_loss: class::NodeLoss::Keep,
     };
     if let Some(action) = expand_if_grown(&ctx, &pvc).await? {
         return Ok(action);
@@ -477,6 +478,14 @@ pub(crate) async fn reconcile<C: CsiController>(
     };
 
     ctx.ledger.record(&volume_name, &key, &uid).await?;
+    if class.node_loss.is_release() {
+        // Before the volume and its PV: a PV that says `release` always has
+        // a claim that says so (what the admission policy lets another
+        // node's agent delete), and a volume that may lose its PV to node
+        // loss always has its mark (what this node reclaims on return).
+        label_claim(&ctx, &pvc, &class).await?;
+        ctx.releasable.record(&volume_name, &key, &uid).await?;
+    }
     // Most creates take milliseconds, and their claim gets one event, when
     // it is done. One that takes longer (a thick image, a copy of a
     // snapshot) says what it is doing meanwhile.
@@ -684,6 +693,31 @@ async fn select_node<C, K: Resource<DynamicType = ()>>(
         Err(kube::Error::Api(s)) if s.code == 409 => Ok(None),
         Err(e) => Err(e.into()),
     }
+}
+
+/// Labels a claim of a `release` class as its PV is labelled (the node, the
+/// opt-in; see `pv::labels`), unless it is already: what the admission
+/// policy reads before it lets the node-loss leader delete the claim.
+async fn label_claim<C>(
+    ctx: &Ctx<C>,
+    pvc: &PersistentVolumeClaim,
+    class: &ClassSpec,
+) -> Result<(), Error> {
+    let wanted = pv::labels(class, &ctx.config.node);
+    let has = pvc.labels();
+    if wanted.iter().all(|(k, v)| has.get(k) == Some(v)) {
+        return Ok(());
+    }
+    let patch = json!({"metadata": {"labels": wanted}});
+    let api: Api<PersistentVolumeClaim> =
+        Api::namespaced(ctx.client.clone(), &pvc.namespace().unwrap_or_default());
+    api.patch(
+        &pvc.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(&patch),
+    )
+    .await?;
+    Ok(())
 }
 
 /// Takes an Immediate claim for this node: sets `selected-node` with an
@@ -981,6 +1015,59 @@ mod tests {
         let claim = Arc::new(pvc("data-0", size, Some(NODE)));
         reconcile(claim.clone(), f.ctx.clone()).await.unwrap();
         (f, claim)
+    }
+
+    #[tokio::test]
+    async fn a_release_claim_is_labelled_and_marked_before_its_volume_and_pv() {
+        let class = sc(
+            "db",
+            &[("onNodeLoss", "release")],
+            "WaitForFirstConsumer",
+            "Delete",
+        );
+        let f = fake(&[class]).await;
+        let mut claim = pvc("data-0", "16Mi", Some(NODE));
+        claim.spec.as_mut().unwrap().storage_class_name = Some("db".into());
+        reconcile(Arc::new(claim.clone()), f.ctx.clone())
+            .await
+            .unwrap();
+        let seen = f.requests.lock().unwrap().clone();
+        let label = seen
+            .iter()
+            .position(|r| {
+                r.method == "PATCH"
+                    && r.path == "/api/v1/namespaces/db/persistentvolumeclaims/data-0"
+                    && r.body.contains(r#""stead.csi.dev/on-node-loss":"release""#)
+                    && r.body.contains(r#""stead.csi.dev/node":"node-a""#)
+            })
+            .unwrap_or_else(|| panic!("the claim is labelled: {seen:?}"));
+        let pv = seen
+            .iter()
+            .position(|r| r.method == "POST" && r.path == "/api/v1/persistentvolumes")
+            .unwrap();
+        assert!(label < pv, "the claim's label before the PV: {seen:?}");
+        assert!(
+            seen[pv]
+                .body
+                .contains(r#""stead.csi.dev/on-node-loss":"release""#)
+        );
+        assert!(
+            seen[pv]
+                .body
+                .contains(r#""stead.csi.dev/node-loss-timeout-seconds":"300""#)
+        );
+        let marks = f.ctx.releasable.older_than(Duration::ZERO).await.unwrap();
+        assert_eq!(marks.len(), 1, "the volume's node-loss mark stays");
+        assert_eq!(marks[0].claim, "db/data-0");
+        assert!(
+            f.ctx
+                .ledger
+                .older_than(Duration::ZERO)
+                .await
+                .unwrap()
+                .is_empty(),
+            "its intent went with the PV"
+        );
     }
 
     #[tokio::test]

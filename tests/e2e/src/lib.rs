@@ -1015,3 +1015,178 @@ where
         .await
         .unwrap_or_else(|e| panic!("creating {}: {e}", obj.name_any()));
 }
+
+/// The local cluster's state folder (`STEAD_CLUSTER_DIR`, else the folder of
+/// its kubeconfig, as `tests/cluster` lays it out).
+fn cluster_dir() -> PathBuf {
+    if let Ok(dir) = std::env::var("STEAD_CLUSTER_DIR") {
+        return PathBuf::from(dir);
+    }
+    std::env::var("KUBECONFIG")
+        .ok()
+        .and_then(|k| PathBuf::from(k).parent().map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from("/tmp/stead-cluster"))
+}
+
+/// A node's kubelet killed by [`LocalNode::kill_kubelet`]: what it takes to
+/// start it again as `tests/cluster/up.sh` started it.
+#[derive(Debug)]
+pub struct StoppedKubelet {
+    node: LocalNode,
+    /// The kubelet's own argv (after the nsenter that started it).
+    argv: Vec<String>,
+}
+
+impl LocalNode {
+    /// SIGKILLs this node's kubelet (its pid file in the cluster's
+    /// `pids/<node>.kubelet.pid`, checked to be a kubelet), as a node that
+    /// dies does: its containers go on running, nobody reports its status.
+    pub async fn kill_kubelet(&self) -> StoppedKubelet {
+        let pid_file = cluster_dir()
+            .join("pids")
+            .join(format!("{}.kubelet.pid", self.name));
+        let pid = std::fs::read_to_string(&pid_file)
+            .unwrap_or_else(|e| panic!("reading {}: {e}", pid_file.display()));
+        let pid = pid.trim().to_string();
+        let exe = std::fs::read_link(format!("/proc/{pid}/exe"))
+            .unwrap_or_else(|e| panic!("kubelet of {} (pid {pid}) does not run: {e}", self.name));
+        assert!(
+            exe.to_string_lossy()
+                .trim_end_matches(" (deleted)")
+                .ends_with("/kubelet"),
+            "pid {pid} of {} is {}, not a kubelet",
+            pid_file.display(),
+            exe.display()
+        );
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).expect("the kubelet's cmdline");
+        let argv: Vec<String> = cmdline
+            .split(|b| *b == 0)
+            .filter(|a| !a.is_empty())
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        signal_kill(&pid);
+        // Polled: the kernel reaps it at once; there is nothing to wait on.
+        poll_until(
+            &format!("kubelet of {} (pid {pid}) to exit", self.name),
+            Duration::from_secs(30),
+            || match std::fs::read_link(format!("/proc/{pid}/exe")) {
+                Ok(e) if e.to_string_lossy().contains("kubelet") => Err("still running".into()),
+                _ => Ok(()),
+            },
+        )
+        .await;
+        StoppedKubelet {
+            node: self.clone(),
+            argv,
+        }
+    }
+
+    /// SIGKILLs the Stead agent of this node: the `stead` processes in the
+    /// node's cgroup tree (`tests/cluster` gives each node's kubelet
+    /// `cgroupRoot: /<node>`, so its pods' processes are under it in every
+    /// hierarchy). With its kubelet dead, nobody starts it again; the node's
+    /// other pods go on running, as on a node cut off from the cluster. The
+    /// number of processes killed.
+    pub async fn kill_agent(&self) -> usize {
+        let root = format!("/{}/", self.name);
+        let mut killed = Vec::new();
+        for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
+            let pid = entry.file_name().to_string_lossy().into_owned();
+            if !pid.bytes().all(|b| b.is_ascii_digit()) {
+                continue;
+            }
+            let is_stead = std::fs::read_link(format!("/proc/{pid}/exe"))
+                .is_ok_and(|e| e.file_name().is_some_and(|n| n == "stead"));
+            let here = is_stead
+                && std::fs::read_to_string(format!("/proc/{pid}/cgroup")).is_ok_and(|c| {
+                    c.lines().any(|l| {
+                        l.splitn(3, ':')
+                            .nth(2)
+                            .is_some_and(|p| p.starts_with(&root))
+                    })
+                });
+            if here {
+                signal_kill(&pid);
+                killed.push(pid);
+            }
+        }
+        // Polled: SIGKILL ends them at once; there is nothing to wait on.
+        poll_until(
+            &format!("Stead agent of {} to exit", self.name),
+            Duration::from_secs(30),
+            || match killed
+                .iter()
+                .find(|p| std::path::Path::new(&format!("/proc/{p}/exe")).exists())
+            {
+                Some(p) => Err(format!("pid {p} still runs")),
+                None => Ok(()),
+            },
+        )
+        .await;
+        killed.len()
+    }
+}
+
+impl StoppedKubelet {
+    /// Starts the kubelet again, in the node's namespaces, with the same
+    /// arguments, its output appended to its log and its pid where the
+    /// cluster keeps it (so that `make cluster-down` stops it); then waits
+    /// until its Node is Ready (it registers the Node again if it was
+    /// deleted).
+    pub async fn start(self, client: &Client) {
+        let name = &self.node.name;
+        let log = cluster_dir()
+            .join("logs")
+            .join(format!("{name}.kubelet.log"));
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap_or_else(|e| panic!("opening {}: {e}", log.display()));
+        let err = out.try_clone().expect("log file");
+        let mut cmd = std::process::Command::new("setsid");
+        cmd.arg("nsenter")
+            .arg(format!("--net=/run/netns/{name}"))
+            .arg(format!("--mount={}", self.node.mntns.display()))
+            .arg("--")
+            .args(&self.argv)
+            .stdin(std::process::Stdio::null())
+            .stdout(out)
+            .stderr(err);
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting the kubelet of {name} again: {e}"));
+        // setsid and nsenter exec: the child's pid is the kubelet's.
+        let pid_file = cluster_dir()
+            .join("pids")
+            .join(format!("{name}.kubelet.pid"));
+        std::fs::write(&pid_file, format!("{}\n", child.id()))
+            .unwrap_or_else(|e| panic!("writing {}: {e}", pid_file.display()));
+        // The kubelet outlives the test run as it would outlive up.sh; a
+        // thread reaps it should it end while the suite still runs.
+        std::thread::spawn(move || {
+            let _ = child.wait();
+        });
+        let nodes = Api::<k8s_openapi::api::core::v1::Node>::all(client.clone());
+        wait_for(
+            &nodes,
+            name,
+            "the Node to be Ready again",
+            Duration::from_secs(180),
+            |n| {
+                n.and_then(|n| n.status.as_ref())
+                    .and_then(|s| s.conditions.as_ref())
+                    .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+            },
+        )
+        .await;
+    }
+}
+
+fn signal_kill(pid: &str) {
+    let status = std::process::Command::new("kill")
+        .args(["-KILL", pid])
+        .status()
+        .expect("running kill");
+    assert!(status.success(), "kill -KILL {pid} failed");
+}
