@@ -17,6 +17,7 @@ pub mod mount;
 pub mod provisioner;
 pub mod registration;
 pub mod storage;
+pub mod transfer;
 
 pub mod proto {
     //! Generated protocol code.
@@ -30,6 +31,12 @@ pub mod proto {
     pub mod pluginregistration {
         #![allow(clippy::all, clippy::pedantic)]
         tonic::include_proto!("pluginregistration");
+    }
+    pub mod transfer {
+        pub mod v1 {
+            #![allow(clippy::all, clippy::pedantic)]
+            tonic::include_proto!("stead.transfer.v1");
+        }
     }
 }
 

@@ -10,7 +10,7 @@ use futures::FutureExt;
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
-use stead::cli::{Cli, Command, LogFormat, NodeArgs};
+use stead::cli::{Cli, Command, LogFormat, NodeArgs, TransferCertsArgs};
 use stead::csi::{self, Plugin};
 use stead::health;
 use stead::metrics::Metrics;
@@ -221,5 +221,35 @@ async fn run() -> ExitCode {
                 }
             }
         }
+        Command::TransferCerts(args) => match transfer_certs(&args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("stead transfer-certs: {e}");
+                ExitCode::FAILURE
+            }
+        },
     }
+}
+
+/// `stead transfer-certs`: a CA and the agents' leaf, written to --out.
+fn transfer_certs(args: &TransferCertsArgs) -> Result<(), String> {
+    use stead::transfer::certs;
+    let out = args.out.display();
+    if !args.force
+        && let Some(name) = certs::present_in(&args.out)
+    {
+        return Err(format!(
+            "{out} already holds {name}; pass --force to replace the trust material"
+        ));
+    }
+    let material = certs::generate(&args.name, args.days)
+        .map_err(|e| format!("making the certificates for {:?}: {e}", args.name))?;
+    material
+        .write_to(&args.out)
+        .map_err(|e| format!("writing into {out}: {e}"))?;
+    println!(
+        "wrote {out}/ca.crt, {out}/tls.crt and {out}/tls.key (name {}, valid {} days)",
+        args.name, args.days
+    );
+    Ok(())
 }
