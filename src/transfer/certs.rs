@@ -22,7 +22,7 @@ use rcgen::{
 use super::tls::{CA_FILE, CERT_FILE, KEY_FILE};
 
 /// A CA certificate, and a leaf certificate and its key, in PEM.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Material {
     pub ca_pem: String,
     pub cert_pem: String,
