@@ -45,5 +45,6 @@ test: lint unit helm-check sanity cluster-smoke provision-test e2e helm-install-
 -include tests/e2e/e2e.mk
 -include tests/provision/provision.mk
 -include benches/alloc.mk
+-include benches/transfer.mk
 -include tests/upstream/upstream.mk
 -include tests/helm/helm.mk
