@@ -252,11 +252,15 @@ fn machine() -> Result<String> {
 
 /// The filesystem and device under `path`.
 fn disk_of(path: &Path) -> String {
-    let fs = run(Command::new("findmnt").args(["-no", "FSTYPE,SOURCE", "-T"]).arg(path))
-        .unwrap_or_default();
+    let fs = run(Command::new("findmnt")
+        .args(["-no", "FSTYPE,SOURCE", "-T"])
+        .arg(path))
+    .unwrap_or_default();
     let dev = fs.split_whitespace().nth(1).unwrap_or("").to_owned();
-    let model = run(Command::new("lsblk").args(["-dno", "SIZE,ROTA,MODEL"]).arg(&dev))
-        .unwrap_or_default();
+    let model = run(Command::new("lsblk")
+        .args(["-dno", "SIZE,ROTA,MODEL"])
+        .arg(&dev))
+    .unwrap_or_default();
     format!(
         "{} on {dev} ({}), folder {}",
         fs.split_whitespace().next().unwrap_or("?"),
@@ -291,7 +295,10 @@ fn render(machine: &str, disk: &str, rows: &[Row]) -> String {
         s,
         "- Setup: one `image` pool in a folder on that disk; a thin 1 GiB volume written whole with pseudo-random bytes and fsync'd (every byte is data, so nothing is skipped as a hole). Each run copies its image into another folder of the same disk: *transfer* is `stead::transfer::pull` from an in-process Pull server on 127.0.0.1 (both ends in one process, on the same 2 cores), timed from the call to its return (TLS handshake, 1 MiB chunks each with its BLAKE3, the content digest on both sides, a checkpoint every 64 MiB, the final fsyncs and rename); *dd* copies the same file to the same folder with `bs=1M conv=fsync` (buffered writes and one fsync, as the receiver writes), and `oflag=direct` for scale. Before every run the source's pages are dropped from the page cache (fsync, then `posix_fadvise(DONTNEED)` on that file only), so each run reads it from the disk; each copy is deleted after its run. {RUNS} runs of each, interleaved; MB = 10^6 bytes.\n"
     );
-    let _ = writeln!(s, "| method | command | median | min–max of {RUNS} | throughput (median) |");
+    let _ = writeln!(
+        s,
+        "| method | command | median | min–max of {RUNS} | throughput (median) |"
+    );
     let _ = writeln!(s, "|---|---|---|---|---|");
     for r in rows {
         let mut t = r.times.clone();

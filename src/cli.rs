@@ -16,7 +16,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the node agent: the CSI plugin of this node.
-    Node(NodeArgs),
+    Node(Box<NodeArgs>),
     /// Make the trust material of the agent-to-agent transfer path: a new
     /// CA (`ca.crt`) and one leaf certificate and key signed by it
     /// (`tls.crt`, `tls.key`) that every agent presents, to be put in the
@@ -169,6 +169,26 @@ pub struct NodeArgs {
     /// e.g. `0.0.0.0:9809`. Unset: not served.
     #[arg(long, env = "STEAD_HEALTH_ADDR")]
     pub health_addr: Option<std::net::SocketAddr>,
+
+    /// Address to serve agent-to-agent transfers on (Pull of a volume's or
+    /// snapshot's data over mutual TLS), e.g. `0.0.0.0:9810`. Unset: not
+    /// served.
+    #[arg(long, env = "STEAD_TRANSFER_ADDR")]
+    pub transfer_addr: Option<std::net::SocketAddr>,
+
+    /// Folder of the transfer trust material, `ca.crt`, `tls.crt` and
+    /// `tls.key` (the Secret made from `stead transfer-certs`, mounted);
+    /// read again at every connection, so a rotation needs no restart.
+    #[arg(
+        long,
+        env = "STEAD_TRANSFER_TRUST_DIR",
+        default_value = "/etc/stead/transfer"
+    )]
+    pub transfer_trust_dir: std::path::PathBuf,
+
+    /// The name a peer agent's certificate must carry.
+    #[arg(long, env = "STEAD_TRANSFER_SERVER_NAME", default_value = crate::transfer::DEFAULT_SERVER_NAME)]
+    pub transfer_server_name: String,
 }
 
 impl NodeArgs {

@@ -63,6 +63,8 @@ pub enum Error {
     Provisioner(#[from] provisioner::Error),
     #[error("health endpoint: {0}")]
     Health(std::io::Error),
+    #[error("transfer: {0}")]
+    Transfer(#[from] transfer::Error),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -269,18 +269,17 @@ enum Start {
     Done(Report),
 }
 
-fn blocking<T: Send + 'static>(
+/// Runs a step that touches the disk on a blocking thread.
+async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, Error> + Send + 'static,
-) -> impl Future<Output = Result<T, Error>> {
-    async move {
-        tokio::task::spawn_blocking(f)
-            .await
-            .map_err(|e| Error::Io {
-                what: "running a blocking step of the transfer",
-                path: PathBuf::new(),
-                source: io::Error::other(e.to_string()),
-            })?
-    }
+) -> Result<T, Error> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::Io {
+            what: "running a blocking step of the transfer",
+            path: PathBuf::new(),
+            source: io::Error::other(e.to_string()),
+        })?
 }
 
 /// Finds what an earlier call left for `source` into the target.
