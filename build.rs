@@ -1,7 +1,7 @@
 //! Compiles the CSI, kubelet plugin-registration and agent-to-agent
-//! transfer protocols with the
-//! pure-Rust `protox` compiler, so that a fresh machine needs no `protoc`,
-//! and lists the CSI methods for the metrics (`csi_methods.rs`).
+//! transfer protocols with the pure-Rust `protox` compiler, so that a fresh
+//! machine needs no `protoc`, and lists the CSI methods for the metrics
+//! (`csi_methods.rs`).
 
 use std::fmt::Write;
 

@@ -384,6 +384,44 @@ async fn a_cut_stream_is_resumed_within_the_same_pull() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_that_changed_since_the_checkpoint_starts_over() {
+    let b = Bench::new();
+    let (_, _) = b.sparse_snapshot("v-changes", &[(0, 16 * MIB)]);
+    let id = VolumeId::parse("v-changes").unwrap();
+    let src = b.store.data_path(&b.store.get(&id).unwrap()).unwrap();
+    let source = SourceRef::Volume(id);
+    let secret = Secret::new(
+        b._root.path(),
+        "trust",
+        &material(transfer::DEFAULT_SERVER_NAME),
+    );
+    let trust = secret.trust();
+    let server = Server::start(b.store.clone(), trust.clone()).await;
+
+    server.service.cut_next_stream_after(8 * MIB);
+    assert!(
+        transfer::pull(&server.addr, &trust, &source, &b.target(), &once())
+            .await
+            .is_err()
+    );
+    assert_eq!(checkpoint_offset(&b), 8 * MIB);
+    // The volume is written meanwhile (below and above the checkpoint).
+    let f = File::options().write(true).open(&src).unwrap();
+    f.write_all_at(&[0xAB; 4096], 4096).unwrap();
+    f.write_all_at(&[0xCD; 8192], 600 * MIB).unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+
+    let report = transfer::pull(&server.addr, &trust, &source, &b.target(), &once())
+        .await
+        .unwrap();
+    assert_eq!(report.resumed_from, 0, "started over");
+    assert_eq!(report.received_bytes, data_bytes(&src, 0));
+    assert_same_content(&src, &b.target());
+    assert_eq!(b.entries(), vec!["disk.img"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_receiver_killed_between_chunks_resumes_from_its_checkpoint() {
     let b = Bench::new();
     let (source, src) = b.sparse_snapshot("v-kill", &[(MIB, 96 * MIB), (800 * MIB, 64 * MIB)]);

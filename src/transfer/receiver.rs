@@ -344,7 +344,7 @@ pub async fn pull(
         Start::Resume(c) => Some(c),
         Start::Fresh => None,
     };
-    let resumed_from = state.as_ref().map_or(0, |c| c.offset);
+    let mut resumed_from = state.as_ref().map_or(0, |c| c.offset);
     let mut run = Run {
         peer,
         source,
@@ -356,11 +356,16 @@ pub async fn pull(
     };
     let mut last = None;
     let attempts = options.attempts.max(1);
-    for attempt in 0..attempts {
+    let mut attempt = 0;
+    // A source that changed since the checkpoint starts over at once, not
+    // counted as an attempt; bounded, for a source that keeps changing.
+    let mut restarts = 0;
+    while attempt < attempts {
         if attempt > 0 {
             // Backoff between streams: a peer restarting, a network blip.
             tokio::time::sleep(Duration::from_millis(200 << attempt.min(5))).await;
         }
+        attempt += 1;
         match run.stream(trust, &mut state).await {
             Ok(digest) => {
                 let size = state.as_ref().map_or(0, |c| c.size);
@@ -376,9 +381,16 @@ pub async fn pull(
                 });
             }
             Err(Failure::Fatal(e)) => return Err(e),
-            Err(Failure::Retry(e)) => {
+            Err(Failure::Restart(e)) if restarts < 2 => {
+                tracing::info!(peer, source = %source, target = %target.display(), reason = %e,
+                    "transfer starts over");
+                restarts += 1;
+                attempt -= 1;
+                resumed_from = 0;
+            }
+            Err(Failure::Retry(e) | Failure::Restart(e)) => {
                 tracing::warn!(peer, source = %source, target = %target.display(),
-                    attempt = attempt + 1, error = %e, "transfer stream broke; resuming from the checkpoint");
+                    attempt, error = %e, "transfer stream broke; resuming from the checkpoint");
                 last = Some(e);
             }
         }
@@ -393,6 +405,9 @@ pub async fn pull(
 enum Failure {
     /// Worth another stream from the checkpoint.
     Retry(Error),
+    /// The source changed since the checkpoint, which is gone: another
+    /// stream from the start.
+    Restart(Error),
     /// Not: the request, the source or the data is wrong.
     Fatal(Error),
 }
@@ -529,7 +544,7 @@ impl Run<'_> {
             self.digest = None;
             // The stream asked for data after an offset of the old
             // generation: ask again from the start.
-            return Err(Failure::Retry(Error::Protocol {
+            return Err(Failure::Restart(Error::Protocol {
                 source_ref: self.source.clone(),
                 peer: self.peer.to_owned(),
                 reason: "source generation changed; restarting from offset 0".into(),
