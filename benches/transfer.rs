@@ -60,7 +60,25 @@ struct Row {
     method: &'static str,
     command: String,
     times: Vec<Duration>,
+    /// CPU seconds (user + system) each run took: this process's for a
+    /// transfer (both ends), dd's for dd.
+    cpu: Vec<f64>,
     note: String,
+}
+
+/// CPU seconds (user + system) used so far by this process and by its
+/// waited-for children, from /proc/self/stat.
+fn cpu_seconds(tick: f64) -> Result<(f64, f64)> {
+    let stat = fs::read_to_string("/proc/self/stat")?;
+    let after = stat.rsplit_once(") ").map(|(_, a)| a).unwrap_or("");
+    let f: Vec<f64> = after
+        .split_whitespace()
+        .map(|t| t.parse().unwrap_or(0.0))
+        .collect();
+    // Fields 14-17 of proc(5): utime, stime, cutime, cstime; `after`
+    // starts at field 3.
+    let get = |i: usize| f.get(i - 3).copied().unwrap_or(0.0) / tick;
+    Ok((get(14) + get(15), get(16) + get(17)))
 }
 
 async fn bench() -> Result<()> {
@@ -112,6 +130,7 @@ async fn bench() -> Result<()> {
         method: "transfer",
         command: "`stead::transfer::pull` over mutual TLS 1.3 on 127.0.0.1".into(),
         times: Vec::new(),
+        cpu: Vec::new(),
         note: String::new(),
     };
     let dd_args = |extra: &str| {
@@ -125,14 +144,19 @@ async fn bench() -> Result<()> {
         method: "dd",
         command: "`dd bs=1M conv=fsync`".into(),
         times: Vec::new(),
+        cpu: Vec::new(),
         note: String::new(),
     };
     let mut direct_row = Row {
         method: "dd direct",
         command: "`dd bs=1M conv=fsync oflag=direct`".into(),
         times: Vec::new(),
+        cpu: Vec::new(),
         note: String::new(),
     };
+    let tick: f64 = run(Command::new("getconf").arg("CLK_TCK"))
+        .and_then(|t| t.parse().ok())
+        .unwrap_or(100.0);
     let mut wire_total = 0;
     for run in 0..RUNS {
         drop_cache(&src)?;
@@ -141,9 +165,11 @@ async fn bench() -> Result<()> {
             wire_bytes: Some(wire.clone()),
             ..Options::default()
         };
+        let (cpu0, _) = cpu_seconds(tick)?;
         let t = Instant::now();
         let report = transfer::pull(&addr, &trust, &source, &target, &options).await?;
         let took = t.elapsed();
+        transfer_row.cpu.push(cpu_seconds(tick)?.0 - cpu0);
         if report.received_bytes != GIB {
             return Err(format!("run {run}: received {} bytes", report.received_bytes).into());
         }
@@ -155,6 +181,7 @@ async fn bench() -> Result<()> {
         for (row, extra) in [(&mut dd_row, ""), (&mut direct_row, " oflag=direct")] {
             drop_cache(&src)?;
             let args = dd_args(extra);
+            let (_, cpu0) = cpu_seconds(tick)?;
             let t = Instant::now();
             let out = Command::new("dd")
                 .args(args.split(' '))
@@ -166,6 +193,7 @@ async fn bench() -> Result<()> {
             }
             println!("{} run {run}: {took:?}", row.method);
             row.times.push(took);
+            row.cpu.push(cpu_seconds(tick)?.1 - cpu0);
             fs::remove_file(&copy)?;
         }
     }
@@ -214,6 +242,12 @@ fn median(times: &[Duration]) -> Duration {
     let mut t = times.to_vec();
     t.sort();
     t[t.len() / 2]
+}
+
+fn median_f(v: &[f64]) -> f64 {
+    let mut t = v.to_vec();
+    t.sort_by(f64::total_cmp);
+    t.get(t.len() / 2).copied().unwrap_or(0.0)
 }
 
 fn mbps(d: Duration) -> f64 {
@@ -297,22 +331,23 @@ fn render(machine: &str, disk: &str, rows: &[Row]) -> String {
     );
     let _ = writeln!(
         s,
-        "| method | command | median | min–max of {RUNS} | throughput (median) |"
+        "| method | command | median | min–max of {RUNS} | throughput (median) | CPU time (median) |"
     );
-    let _ = writeln!(s, "|---|---|---|---|---|");
+    let _ = writeln!(s, "|---|---|---|---|---|---|");
     for r in rows {
         let mut t = r.times.clone();
         t.sort();
         let (lo, hi) = (t.first().copied(), t.last().copied());
         let _ = writeln!(
             s,
-            "| {} | {} | {:.2} s | {:.2} s–{:.2} s | {:.0} MB/s |",
+            "| {} | {} | {:.2} s | {:.2} s–{:.2} s | {:.0} MB/s | {:.2} s |",
             r.method,
             r.command,
             median(&r.times).as_secs_f64(),
             lo.unwrap_or_default().as_secs_f64(),
             hi.unwrap_or_default().as_secs_f64(),
             mbps(median(&r.times)),
+            median_f(&r.cpu),
         );
     }
     let ratio = mbps(median(&rows[0].times)) / mbps(median(&rows[1].times));
@@ -322,6 +357,10 @@ fn render(machine: &str, disk: &str, rows: &[Row]) -> String {
         "- transfer / dd (conv=fsync): {:.0}% of the loopback copy rate; {}",
         ratio * 100.0,
         rows[0].note
+    );
+    let _ = writeln!(
+        s,
+        "- CPU time is user + system of this process for a transfer (sender and receiver together: reading, BLAKE3 of every chunk and the content digest on each side, TLS, HTTP/2, protobuf) and of `dd` for dd (its reads and writes; the kernel's writeback of the page cache is charged to neither). With the load average above the core count the transfer, which needs the CPU, waits for it; `dd` mostly waits for the disk."
     );
     let _ = writeln!(s, "{SECTION_END}");
     s
