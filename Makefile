@@ -46,6 +46,7 @@ test: lint unit helm-check dashboard-check sanity cluster-smoke provision-test e
 -include tests/e2e/e2e.mk
 -include tests/provision/provision.mk
 -include benches/alloc.mk
+-include benches/transfer.mk
 -include tests/upstream/upstream.mk
 -include tests/helm/helm.mk
 -include tests/dashboard/dashboard.mk

@@ -1,11 +1,16 @@
-//! Compiles the CSI and kubelet plugin-registration protocols with the
-//! pure-Rust `protox` compiler, so that a fresh machine needs no `protoc`,
-//! and lists the CSI methods for the metrics (`csi_methods.rs`).
+//! Compiles the CSI, kubelet plugin-registration and agent-to-agent
+//! transfer protocols with the pure-Rust `protox` compiler, so that a fresh
+//! machine needs no `protoc`, and lists the CSI methods for the metrics
+//! (`csi_methods.rs`).
 
 use std::fmt::Write;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["proto/csi.proto", "proto/pluginregistration.proto"];
+    let protos = [
+        "proto/csi.proto",
+        "proto/pluginregistration.proto",
+        "proto/transfer.proto",
+    ];
     for p in protos {
         println!("cargo:rerun-if-changed={p}");
     }

@@ -16,7 +16,35 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the node agent: the CSI plugin of this node.
-    Node(NodeArgs),
+    Node(Box<NodeArgs>),
+    /// Make the trust material of the agent-to-agent transfer path: a new
+    /// CA (`ca.crt`) and one leaf certificate and key signed by it
+    /// (`tls.crt`, `tls.key`) that every agent presents, to be put in the
+    /// Secret the DaemonSet mounts. The CA's key is not kept.
+    TransferCerts(TransferCertsArgs),
+}
+
+/// Options of `stead transfer-certs`.
+#[derive(Debug, Clone, Args)]
+pub struct TransferCertsArgs {
+    /// Folder to write `ca.crt`, `tls.crt` and `tls.key` (0600) into;
+    /// created if missing.
+    #[arg(long)]
+    pub out: std::path::PathBuf,
+
+    /// The name the leaf certificate carries, which agents check when they
+    /// pull from each other.
+    #[arg(long, default_value = crate::transfer::DEFAULT_SERVER_NAME)]
+    pub name: String,
+
+    /// Days the CA and the leaf are valid.
+    #[arg(long, default_value_t = 365, value_parser = clap::value_parser!(u32).range(1..=3650))]
+    pub days: u32,
+
+    /// Replace files already in --out (by default they are kept and the
+    /// command fails, so that a CA in use is not replaced by mistake).
+    #[arg(long, default_value_t = false)]
+    pub force: bool,
 }
 
 /// Log output format.
@@ -141,6 +169,26 @@ pub struct NodeArgs {
     /// e.g. `0.0.0.0:9809`. Unset: not served.
     #[arg(long, env = "STEAD_HEALTH_ADDR")]
     pub health_addr: Option<std::net::SocketAddr>,
+
+    /// Address to serve agent-to-agent transfers on (Pull of a volume's or
+    /// snapshot's data over mutual TLS), e.g. `0.0.0.0:9810`. Unset: not
+    /// served.
+    #[arg(long, env = "STEAD_TRANSFER_ADDR")]
+    pub transfer_addr: Option<std::net::SocketAddr>,
+
+    /// Folder of the transfer trust material, `ca.crt`, `tls.crt` and
+    /// `tls.key` (the Secret made from `stead transfer-certs`, mounted);
+    /// read again at every connection, so a rotation needs no restart.
+    #[arg(
+        long,
+        env = "STEAD_TRANSFER_TRUST_DIR",
+        default_value = "/etc/stead/transfer"
+    )]
+    pub transfer_trust_dir: std::path::PathBuf,
+
+    /// The name a peer agent's certificate must carry.
+    #[arg(long, env = "STEAD_TRANSFER_SERVER_NAME", default_value = crate::transfer::DEFAULT_SERVER_NAME)]
+    pub transfer_server_name: String,
 }
 
 impl NodeArgs {
@@ -213,12 +261,26 @@ mod tests {
             "b:image:/y,c:dir:/z:reserve=0",
         ])
         .unwrap();
-        let Command::Node(args) = cli.command;
+        let Command::Node(args) = cli.command else {
+            panic!("not the node command");
+        };
         assert_eq!(args.pools.len(), 3);
         assert_eq!(args.pools[0].name, "a");
         assert_eq!(args.pools[1].reserve, crate::storage::Reserve::DEFAULT);
         assert_eq!(args.pools[2].reserve, crate::storage::Reserve::Bytes(0));
         assert_eq!(args.log_format, LogFormat::Text);
+    }
+
+    #[test]
+    fn transfer_certs_takes_a_folder_and_defaults() {
+        let cli = Cli::try_parse_from(["stead", "transfer-certs", "--out", "/tmp/x"]).unwrap();
+        let Command::TransferCerts(args) = cli.command else {
+            panic!("not the transfer-certs command");
+        };
+        assert_eq!(args.name, crate::transfer::DEFAULT_SERVER_NAME);
+        assert_eq!(args.days, 365);
+        assert!(!args.force);
+        assert!(Cli::try_parse_from(["stead", "transfer-certs"]).is_err());
     }
 
     #[test]

@@ -17,6 +17,7 @@ pub mod mount;
 pub mod provisioner;
 pub mod registration;
 pub mod storage;
+pub mod transfer;
 
 pub mod proto {
     //! Generated protocol code.
@@ -30,6 +31,12 @@ pub mod proto {
     pub mod pluginregistration {
         #![allow(clippy::all, clippy::pedantic)]
         tonic::include_proto!("pluginregistration");
+    }
+    pub mod transfer {
+        pub mod v1 {
+            #![allow(clippy::all, clippy::pedantic)]
+            tonic::include_proto!("stead.transfer.v1");
+        }
     }
 }
 
@@ -56,6 +63,8 @@ pub enum Error {
     Provisioner(#[from] provisioner::Error),
     #[error("health endpoint: {0}")]
     Health(std::io::Error),
+    #[error("transfer: {0}")]
+    Transfer(#[from] transfer::Error),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

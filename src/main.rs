@@ -10,7 +10,7 @@ use futures::FutureExt;
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
-use stead::cli::{Cli, Command, LogFormat, NodeArgs};
+use stead::cli::{Cli, Command, LogFormat, NodeArgs, TransferCertsArgs};
 use stead::csi::{self, Plugin};
 use stead::health;
 use stead::metrics::Metrics;
@@ -173,10 +173,30 @@ async fn run_node(args: NodeArgs) -> stead::Result<()> {
             .map_err(stead::Error::Health)
     };
 
+    let transfer = async {
+        let Some(addr) = args.transfer_addr else {
+            return Ok(());
+        };
+        let trust =
+            stead::transfer::TrustDir::open(&args.transfer_trust_dir, &args.transfer_server_name)?;
+        let listener = stead::transfer::server::bind(addr).await?;
+        tracing::info!(addr = %addr, trust.dir = %args.transfer_trust_dir.display(),
+            "serving agent-to-agent transfers");
+        let sources: Arc<dyn stead::transfer::Sources> = Arc::new(plugin.clone());
+        stead::transfer::serve(
+            listener,
+            stead::transfer::TransferService::new(sources),
+            Arc::new(trust),
+            shutdown.clone(),
+        )
+        .await?;
+        Ok::<_, stead::Error>(())
+    };
+
     // Every part stops on the signal; should one hang (an unreachable
     // apiserver, a stuck kernel call), the agent still exits, so that a
     // restart is never blocked.
-    let parts = async { tokio::try_join!(csi_server, registration, provisioner, health) };
+    let parts = async { tokio::try_join!(csi_server, registration, provisioner, health, transfer) };
     let deadline = async {
         shutdown.clone().await;
         tokio::time::sleep(SHUTDOWN_DEADLINE).await;
@@ -213,7 +233,7 @@ async fn run() -> ExitCode {
     match cli.command {
         Command::Node(args) => {
             init_tracing(args.log_format);
-            match run_node(args).await {
+            match run_node(*args).await {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!(error = %e, "stead node failed");
@@ -221,5 +241,35 @@ async fn run() -> ExitCode {
                 }
             }
         }
+        Command::TransferCerts(args) => match transfer_certs(&args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("stead transfer-certs: {e}");
+                ExitCode::FAILURE
+            }
+        },
     }
+}
+
+/// `stead transfer-certs`: a CA and the agents' leaf, written to --out.
+fn transfer_certs(args: &TransferCertsArgs) -> Result<(), String> {
+    use stead::transfer::certs;
+    let out = args.out.display();
+    if !args.force
+        && let Some(name) = certs::present_in(&args.out)
+    {
+        return Err(format!(
+            "{out} already holds {name}; pass --force to replace the trust material"
+        ));
+    }
+    let material = certs::generate(&args.name, args.days)
+        .map_err(|e| format!("making the certificates for {:?}: {e}", args.name))?;
+    material
+        .write_to(&args.out)
+        .map_err(|e| format!("writing into {out}: {e}"))?;
+    println!(
+        "wrote {out}/ca.crt, {out}/tls.crt and {out}/tls.key (name {}, valid {} days)",
+        args.name, args.days
+    );
+    Ok(())
 }

@@ -62,6 +62,17 @@ pub struct Plugin {
     shared: Arc<Shared>,
 }
 
+/// The sources of the agent-to-agent transfer server: this node's volumes
+/// and snapshots, found in its store.
+impl crate::transfer::Sources for Plugin {
+    fn locate(
+        &self,
+        source: &crate::transfer::SourceRef,
+    ) -> Result<PathBuf, crate::transfer::Error> {
+        crate::transfer::Sources::locate(&self.shared.store, source)
+    }
+}
+
 impl Plugin {
     /// Opens the pools (creating missing directories, finishing interrupted
     /// creates and deletes, loading every volume) and builds the services.

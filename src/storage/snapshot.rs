@@ -348,6 +348,15 @@ fn now() -> (i64, i32) {
 }
 
 impl Store {
+    /// The data of a snapshot: its image file (image) or tree (dir).
+    pub fn snapshot_data_path(&self, meta: &SnapshotMeta) -> Result<PathBuf> {
+        let pool = self.pool(Some(&meta.pool))?;
+        Ok(data_in(
+            &pool.snapshot_root().join(&meta.folder),
+            meta.backend,
+        ))
+    }
+
     /// The record of a snapshot, if it exists.
     pub fn snapshot(&self, id: &VolumeId) -> Option<SnapshotMeta> {
         self.read_snapshots().get(id).cloned()
