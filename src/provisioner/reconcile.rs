@@ -102,25 +102,16 @@ pub(crate) async fn reconcile_meta<C: CsiController>(
     // not again at a change that cannot have grown it (kube-controller-
     // manager binding it, writing its status).
     let uid = meta.uid().unwrap_or_default();
-    let bound_here = has_pv(&ctx.volumes, &*meta)
-        && claim::annotation(&*meta, claim::ANN_BIND_COMPLETED).is_some();
-    if bound_here && !claim::Writes::of(meta.meta()).may_have_grown(ctx.size_read(&uid)) {
-        tracing::trace!(pvc = %key, "bound, and its size was not written since it was read");
+    if let Some(read) = ctx.size_read(&uid)
+        && !claim::Writes::of(meta.meta()).may_have_grown(Some(read))
+    {
+        tracing::trace!(pvc = %key, "its volume is made, and its size was not written since");
         return Ok(Action::await_change());
     }
     let api: Api<PersistentVolumeClaim> =
         Api::namespaced(ctx.client.clone(), &meta.namespace().unwrap_or_default());
     match api.get_opt(&meta.name_any()).await? {
-        Some(pvc) => {
-            let writes = claim::Writes::of(&pvc.metadata);
-            let done = reconcile(Arc::new(pvc), ctx.clone()).await?;
-            // Only once its reconcile succeeded: a failed expansion is
-            // retried by reading the claim again. Kept from the first read
-            // (the one that provisions it), so that its binding does not
-            // make it read again.
-            ctx.read_size(&uid, writes);
-            Ok(done)
-        }
+        Some(pvc) => reconcile(Arc::new(pvc), ctx).await,
         // Deleted since the event: its deletion is an event of its own.
         None => Ok(Action::await_change()),
     }
@@ -177,11 +168,7 @@ async fn take_from_meta<C: CsiController>(
     };
     let Some(why) = why else {
         tracing::info!(pvc = %key, node = %node, "took Immediate claim");
-        let writes = claim::Writes::of(&pvc.metadata);
-        let done = reconcile(Arc::new(pvc), ctx.clone()).await?;
-        // As for a claim read (see `reconcile_meta`).
-        ctx.read_size(&uid, writes);
-        return Ok(done);
+        return reconcile(Arc::new(pvc), ctx).await;
     };
     let wanted = claim::requested_bytes(&pvc).map(|(b, _)| b).unwrap_or(0);
     ctx.give_back(&uid, &class_name, wanted);
@@ -341,7 +328,13 @@ pub(crate) async fn reconcile<C: CsiController>(
         node_loss: class::NodeLoss::Keep,
     };
     if let Some(action) = expand_if_grown(&ctx, &pvc).await? {
+        ctx.read_size(&uid, claim::Writes::of(&pvc.metadata));
         return Ok(action);
+    }
+    if has_pv(&ctx.volumes, &*pvc) {
+        // Its volume is made (and the claim bound to it, or about to be):
+        // nothing to do until its size is written again.
+        ctx.read_size(&uid, claim::Writes::of(&pvc.metadata));
     }
     let decision = claim::decide(&pvc, &probe, &node);
     // A claim filled from a source can only go where its data is, however
@@ -411,6 +404,7 @@ pub(crate) async fn reconcile<C: CsiController>(
         // reconcile before the claim is bound, a restarted agent) is not
         // the claim's wait.
         ctx.metrics.provisioning.forget(&uid);
+        ctx.read_size(&uid, claim::Writes::of(&pvc.metadata));
         return Ok(Action::await_change());
     }
 
@@ -515,6 +509,9 @@ pub(crate) async fn reconcile<C: CsiController>(
         Err(status) => return create_failed(&ctx, &pvc, &volume_name, status).await,
     };
     create_pv(&ctx, &pvc, &class, &volume).await?;
+    // The claim is read again only when its size is written (expansion),
+    // not when it is bound or its status written.
+    ctx.read_size(&uid, claim::Writes::of(&pvc.metadata));
     ctx.metrics.provisioning.finish(&uid, Outcome::Success);
     ctx.ledger.remove(&volume_name).await?;
     ctx.succeeded(&uid);
