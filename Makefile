@@ -47,3 +47,4 @@ test: lint unit helm-check sanity cluster-smoke provision-test e2e helm-install-
 -include benches/alloc.mk
 -include tests/upstream/upstream.mk
 -include tests/helm/helm.mk
+-include tests/scale/scale.mk
