@@ -92,9 +92,16 @@ avail=$(df --output=avail -B1G / | tail -1)
 # --- binaries -----------------------------------------------------------------
 # Kubernetes and etcd: tests/cluster's cached build (nothing is built when cached).
 "$here/../cluster/build.sh"
-slog "building the agent and the bench program (release)"
-(cd "$repo" && "$CARGO" build --locked --release --bin stead &&
-  "$CARGO" build --locked --release -p stead-e2e --bin bench_scale)
+# SCALE_NO_BUILD=1: use the release binaries already in the target folder
+# (when another build holds cargo's lock).
+if [[ ${SCALE_NO_BUILD:-} == 1 ]]; then
+  [[ -x $target/release/stead && -x $target/release/bench_scale ]] ||
+    sdie "SCALE_NO_BUILD=1 but $target/release/{stead,bench_scale} are not built"
+else
+  slog "building the agent and the bench program (release)"
+  (cd "$repo" && "$CARGO" build --locked --release --bin stead &&
+    "$CARGO" build --locked --release -p stead-e2e --bin bench_scale)
+fi
 
 mkdir -p "$SCALE_PKI" "$SCALE_LOGS" "$SCALE_PIDS" "$SCALE_STATE/nodes"
 chmod 700 "$SCALE_PKI"

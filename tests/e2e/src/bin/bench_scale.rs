@@ -681,6 +681,16 @@ async fn create_cluster_objects(client: &Client, nodes: usize) -> Result<(), Err
             nodes
                 .patch_status(&name, &PatchParams::default(), &Patch::Merge(&status))
                 .await?;
+            // The apiserver's TaintNodesByCondition admission gives a new
+            // node the not-ready taint; the node lifecycle controller (off
+            // here) takes it off once the node is Ready.
+            nodes
+                .patch(
+                    &name,
+                    &PatchParams::default(),
+                    &Patch::Merge(&json!({"spec": {"taints": null}})),
+                )
+                .await?;
             let csinode: CSINode = from_json(json!({
                 "metadata": {"name": name},
                 "spec": {"drivers": [{"name": "stead.csi.dev", "nodeID": name,
