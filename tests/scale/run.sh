@@ -103,8 +103,11 @@ else
     "$CARGO" build --locked --release -p stead-e2e --bin bench_scale)
 fi
 
-mkdir -p "$SCALE_PKI" "$SCALE_LOGS" "$SCALE_PIDS" "$SCALE_STATE/nodes"
+mkdir -p "$SCALE_PKI" "$SCALE_LOGS" "$SCALE_PIDS" "$SCALE_STATE/nodes" "$SCALE_STATE/bin"
 chmod 700 "$SCALE_PKI"
+# Copies of what was just built: a target folder shared with other
+# checkouts may get another build of the agent while the bench runs.
+cp "$target/release/stead" "$target/release/bench_scale" "$SCALE_STATE/bin/"
 
 # --- certificates ---------------------------------------------------------------
 new_key "$SCALE_PKI/ca.key"
@@ -178,11 +181,11 @@ slog "control plane up on $SCALE_APISERVER_URL (state in $SCALE_STATE)"
 # --- the benchmark -----------------------------------------------------------------
 export SCALE_STATE SCALE_AGENT_PORT_BASE
 KUBECONFIG=$SCALE_KUBECONFIG \
-  STEAD_BIN=$target/release/stead \
+  STEAD_BIN=$SCALE_STATE/bin/stead \
   SCALE_AGENT_KUBECONFIG=$SCALE_STATE/agent.kubeconfig \
   SCALE_APISERVER_PID=$(scale_pid kube-apiserver) \
   SCALE_ETCD_PID=$(scale_pid etcd) \
   SCALE_KCM_PID=$(scale_pid kube-controller-manager) \
   SCALE_SCHEDULER_PID=$(scale_pid kube-scheduler) \
   SCALE_K8S_VERSION=$STEAD_K8S_VERSION \
-  "$target/release/bench_scale"
+  "$SCALE_STATE/bin/bench_scale"

@@ -582,6 +582,29 @@ async fn phase(
     })
 }
 
+/// A phase's figures on stderr as soon as it ends: a run stopped later
+/// still shows them.
+fn progress(p: &Phase, rss: (u64, u64)) {
+    eprintln!(
+        "[bench-scale] {}: {} claims, {} not Bound; all PVs after {:.1} s, all Bound after {:.1} s; claim→PV p50 {} p99 {}; claim→Bound p50 {} p99 {}; agent requests {} ({:.1} per claim; apiserver's count {}); apiserver {} cores; agent RSS median {} max {}",
+        p.what,
+        p.claims,
+        p.missing.len(),
+        p.all_pv.as_secs_f64(),
+        p.all_bound.as_secs_f64(),
+        ms(p.pv_p50),
+        ms(p.pv_p99),
+        ms(p.bound_p50),
+        ms(p.bound_p99),
+        total(&p.requests),
+        total(&p.requests) as f64 / p.claims.max(1) as f64,
+        p.apiserver_agents,
+        cores(&p.cpu, |c| c.apiserver),
+        mib(rss.0),
+        mib(rss.1),
+    );
+}
+
 /// NOISE claims of a class that is not Stead's, each pre-bound to a static
 /// PV of another driver, created together; the wait until all are Bound.
 async fn noise(
@@ -838,6 +861,7 @@ async fn main() -> Result<(), Error> {
     )
     .await?;
     let rss_wffc = agents.memory("VmRSS");
+    progress(&w, rss_wffc);
     let im = phase(
         &client,
         &agents,
@@ -852,6 +876,7 @@ async fn main() -> Result<(), Error> {
     )
     .await?;
     let rss_claims = agents.memory("VmRSS");
+    progress(&im, rss_claims);
     let pods_running = *running.lock().unwrap();
 
     let req_noise0 = agents.requests();
