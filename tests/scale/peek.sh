@@ -18,6 +18,7 @@ k get pvc -n scale --no-headers -o custom-columns=N:.metadata.name,P:.status.pha
   awk '{split($1, a, "-"); n[a[1] " " $2]++} END {for (x in n) print "  " x, n[x]}' | sort
 echo "PVs: $(k get pv --no-headers 2>/dev/null | wc -l)"
 echo "pods Running: $(k get pods -n scale --no-headers --field-selector status.phase=Running 2>/dev/null | wc -l)"
+echo "pods not scheduled yet: $(k get pods -n scale --no-headers --field-selector spec.nodeName= 2>/dev/null | wc -l)"
 
 rss=() requests=0
 for f in "$SCALE_PIDS"/stead.*.pid; do

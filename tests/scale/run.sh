@@ -93,13 +93,15 @@ avail=$(df --output=avail -B1G / | tail -1)
 # --- binaries -----------------------------------------------------------------
 # Kubernetes and etcd: tests/cluster's cached build (nothing is built when cached).
 "$here/../cluster/build.sh"
-# SCALE_NO_BUILD=1: use the release binaries already in the target folder
-# (when another build holds cargo's lock).
+# SCALE_NO_BUILD=1: use release binaries already built, from $SCALE_BINARIES
+# (default: the target folder), when another build holds cargo's lock.
+built=${SCALE_BINARIES:-$target/release}
 if [[ ${SCALE_NO_BUILD:-} == 1 ]]; then
-  [[ -x $target/release/stead && -x $target/release/bench_scale ]] ||
-    sdie "SCALE_NO_BUILD=1 but $target/release/{stead,bench_scale} are not built"
+  [[ -x $built/stead && -x $built/bench_scale ]] ||
+    sdie "SCALE_NO_BUILD=1 but $built/{stead,bench_scale} are not built"
 else
   slog "building the agent and the bench program (release)"
+  [[ $built == "$target/release" ]] || sdie "SCALE_BINARIES is for SCALE_NO_BUILD=1"
   (cd "$repo" && "$CARGO" build --locked --release --bin stead &&
     "$CARGO" build --locked --release -p stead-e2e --bin bench_scale)
 fi
@@ -108,7 +110,7 @@ mkdir -p "$SCALE_PKI" "$SCALE_LOGS" "$SCALE_PIDS" "$SCALE_STATE/nodes" "$SCALE_S
 chmod 700 "$SCALE_PKI"
 # Copies of what was just built: a target folder shared with other
 # checkouts may get another build of the agent while the bench runs.
-cp "$target/release/stead" "$target/release/bench_scale" "$SCALE_STATE/bin/"
+cp "$built/stead" "$built/bench_scale" "$SCALE_STATE/bin/"
 
 # --- certificates ---------------------------------------------------------------
 new_key "$SCALE_PKI/ca.key"
