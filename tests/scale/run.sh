@@ -34,6 +34,7 @@ target=${CARGO_TARGET_DIR:-$repo/target}
 # then the control plane in reverse; then the state folder.
 stop_all() {
   local f name pid i
+  if pid=$(scale_pid bench_scale); then kill -TERM "$pid" 2>/dev/null || true; fi
   for f in "$SCALE_PIDS"/stead.*.pid; do
     [[ -e $f ]] || continue
     name=$(basename "$f" .pid)
@@ -191,4 +192,9 @@ KUBECONFIG=$SCALE_KUBECONFIG \
   SCALE_KCM_PID=$(scale_pid kube-controller-manager) \
   SCALE_SCHEDULER_PID=$(scale_pid kube-scheduler) \
   SCALE_K8S_VERSION=$STEAD_K8S_VERSION \
-  "$SCALE_STATE/bin/bench_scale"
+  "$SCALE_STATE/bin/bench_scale" &
+# In the background, with its pid file: bash runs a trap only once the
+# foreground command ends, and a TERM sent to this script alone must stop
+# the bench too (stop_all stops it first).
+echo $! >"$SCALE_PIDS/bench_scale.pid"
+wait $!
