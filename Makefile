@@ -50,3 +50,4 @@ test: lint unit helm-check dashboard-check sanity cluster-smoke provision-test e
 -include tests/upstream/upstream.mk
 -include tests/helm/helm.mk
 -include tests/dashboard/dashboard.mk
+-include tests/scale/scale.mk
