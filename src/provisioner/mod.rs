@@ -141,12 +141,20 @@ pub(crate) struct Ctx<C> {
     /// For the bound claims of this node read whole: when the size they
     /// were read with was written (`claim::Writes`), so that a change that
     /// cannot have grown one is not read again.
-    sizes_read: Mutex<HashMap<String, Timestamp>>,
+    sizes_read: Mutex<HashMap<String, SizeRead>>,
     /// The Immediate claims this node took from their metadata and gave
     /// back (by uid): their class and size, so that they are taken again
     /// only when this node could serve them.
     given_back: Mutex<HashMap<String, GivenBack>>,
     metrics: Arc<Metrics>,
+}
+
+/// See [`Ctx::sizes_read`]: when the size of the version read was written,
+/// and that version.
+#[derive(Debug, Clone)]
+struct SizeRead {
+    size: Timestamp,
+    version: Option<String>,
 }
 
 /// See [`Ctx::given_back`].
@@ -226,19 +234,29 @@ impl<C> Ctx<C> {
 
     /// When the size of the claim of `uid` was written, as this node last
     /// read the claim whole (a bound claim of this node), if it did.
-    fn size_read(&self, uid: &str) -> Option<Timestamp> {
+    fn size_read(&self, uid: &str) -> Option<SizeRead> {
         self.sizes_read
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(uid)
-            .copied()
+            .cloned()
     }
 
-    /// A bound claim of this node was read whole with `writes`.
-    fn read_size(&self, uid: &str, writes: claim::Writes) {
+    /// A claim of this node whose volume is made was read whole as `meta`.
+    fn read_size(
+        &self,
+        uid: &str,
+        meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    ) {
         let mut read = self.sizes_read.lock().unwrap_or_else(|p| p.into_inner());
-        match writes.size {
-            Some(t) => read.insert(uid.to_string(), t),
+        match claim::Writes::of(meta).size {
+            Some(size) => read.insert(
+                uid.to_string(),
+                SizeRead {
+                    size,
+                    version: meta.resource_version.clone(),
+                },
+            ),
             None => read.remove(uid),
         };
     }

@@ -102,8 +102,11 @@ pub(crate) async fn reconcile_meta<C: CsiController>(
     // not again at a change that cannot have grown it (kube-controller-
     // manager binding it, writing its status).
     let uid = meta.uid().unwrap_or_default();
+    // The version read itself (the echo of this node's own take) is not
+    // read again either.
     if let Some(read) = ctx.size_read(&uid)
-        && !claim::Writes::of(meta.meta()).may_have_grown(Some(read))
+        && (read.version.is_some() && read.version == meta.meta().resource_version
+            || !claim::Writes::of(meta.meta()).may_have_grown(Some(read.size)))
     {
         tracing::trace!(pvc = %key, "its volume is made, and its size was not written since");
         return Ok(Action::await_change());
@@ -328,13 +331,13 @@ pub(crate) async fn reconcile<C: CsiController>(
         node_loss: class::NodeLoss::Keep,
     };
     if let Some(action) = expand_if_grown(&ctx, &pvc).await? {
-        ctx.read_size(&uid, claim::Writes::of(&pvc.metadata));
+        ctx.read_size(&uid, &pvc.metadata);
         return Ok(action);
     }
     if has_pv(&ctx.volumes, &*pvc) {
         // Its volume is made (and the claim bound to it, or about to be):
         // nothing to do until its size is written again.
-        ctx.read_size(&uid, claim::Writes::of(&pvc.metadata));
+        ctx.read_size(&uid, &pvc.metadata);
     }
     let decision = claim::decide(&pvc, &probe, &node);
     // A claim filled from a source can only go where its data is, however
@@ -404,7 +407,7 @@ pub(crate) async fn reconcile<C: CsiController>(
         // reconcile before the claim is bound, a restarted agent) is not
         // the claim's wait.
         ctx.metrics.provisioning.forget(&uid);
-        ctx.read_size(&uid, claim::Writes::of(&pvc.metadata));
+        ctx.read_size(&uid, &pvc.metadata);
         return Ok(Action::await_change());
     }
 
@@ -511,7 +514,7 @@ pub(crate) async fn reconcile<C: CsiController>(
     create_pv(&ctx, &pvc, &class, &volume).await?;
     // The claim is read again only when its size is written (expansion),
     // not when it is bound or its status written.
-    ctx.read_size(&uid, claim::Writes::of(&pvc.metadata));
+    ctx.read_size(&uid, &pvc.metadata);
     ctx.metrics.provisioning.finish(&uid, Outcome::Success);
     ctx.ledger.remove(&volume_name).await?;
     ctx.succeeded(&uid);

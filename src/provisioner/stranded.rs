@@ -74,6 +74,37 @@ impl Stranded {
     }
 }
 
+/// Trims a pod of the unscheduled-pod watch to what is read of it: its
+/// identity, node name, claim volumes, tolerations and phase. Every agent
+/// holds every unscheduled pod of the cluster; a burst of pending pods (a
+/// StatefulSet scaled up, a deployment of thousands) must not cost each
+/// agent their containers, environment and status too.
+pub fn keep_what_is_read(pod: &mut Pod) {
+    let meta = &mut pod.metadata;
+    meta.managed_fields = None;
+    meta.annotations = None;
+    meta.labels = None;
+    meta.owner_references = None;
+    if let Some(spec) = pod.spec.as_mut() {
+        *spec = k8s_openapi::api::core::v1::PodSpec {
+            node_name: spec.node_name.take(),
+            tolerations: spec.tolerations.take(),
+            volumes: spec.volumes.take().map(|vs| {
+                vs.into_iter()
+                    .filter(|v| v.persistent_volume_claim.is_some())
+                    .collect()
+            }),
+            ..Default::default()
+        };
+    }
+    if let Some(status) = pod.status.as_mut() {
+        *status = k8s_openapi::api::core::v1::PodStatus {
+            phase: status.phase.take(),
+            ..Default::default()
+        };
+    }
+}
+
 /// Whether the pod waits for a node: not bound to one, not being deleted,
 /// not finished.
 pub fn is_unscheduled(pod: &Pod) -> bool {
@@ -256,10 +287,7 @@ pub(crate) async fn run<C>(ctx: Arc<Ctx<C>>, node_changed: Arc<Notify>) {
             Api::<Pod>::all(ctx.client.clone()),
             watcher::Config::default().fields("spec.nodeName="),
         )
-        // Only spec, status and identity are read: the rest is not kept.
-        .modify(|p| {
-            p.managed_fields_mut().clear();
-        }),
+        .modify(keep_what_is_read),
     )
     .default_backoff()
     .applied_objects();
@@ -311,6 +339,44 @@ mod tests {
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 
     const NODE: &str = "stead-node-2";
+
+    #[test]
+    fn a_pod_is_kept_with_what_is_read_of_it_only() {
+        let mut p = pod("db-ss-0", &["data-0"]);
+        let spec = p.spec.as_mut().unwrap();
+        spec.containers = vec![k8s_openapi::api::core::v1::Container {
+            name: "db".into(),
+            image: Some("postgres".into()),
+            ..Default::default()
+        }];
+        spec.tolerations = Some(vec![k8s_openapi::api::core::v1::Toleration {
+            key: Some("node.kubernetes.io/unschedulable".into()),
+            ..Default::default()
+        }]);
+        spec.volumes.as_mut().unwrap().push(PodVolume {
+            name: "config".into(),
+            config_map: Some(Default::default()),
+            ..Default::default()
+        });
+        p.metadata.labels = Some([("app".to_string(), "db".to_string())].into());
+        p.status.as_mut().unwrap().conditions = Some(vec![Default::default()]);
+        keep_what_is_read(&mut p);
+        let spec = p.spec.as_ref().unwrap();
+        assert!(spec.containers.is_empty());
+        assert_eq!(spec.tolerations.as_ref().map(Vec::len), Some(1));
+        let volumes: Vec<&str> = spec
+            .volumes
+            .iter()
+            .flatten()
+            .map(|v| v.name.as_str())
+            .collect();
+        assert_eq!(volumes, ["v-data-0"]);
+        assert_eq!(p.metadata.labels, None);
+        assert_eq!(p.status.as_ref().unwrap().conditions, None);
+        // What decides is still there: identity, unscheduled, pending.
+        assert_eq!(p.metadata.uid.as_deref(), Some("uid-db-ss-0"));
+        assert!(is_unscheduled(&p));
+    }
 
     fn pod(name: &str, claims: &[&str]) -> Pod {
         Pod {
