@@ -98,6 +98,8 @@ spec:
 YAML
 }
 
+# The sleeps below pace the workload, not wait for it: a dashboard shows
+# time series, so idle stretches between the phases are what it must draw.
 say "a quiet start (20 s)"
 sleep 20
 say "$claims claims of ${classes[*]}, each with a pod, five at a time"

@@ -67,6 +67,6 @@ scale_wait() {
       tail -n 30 "$SCALE_LOGS/$name.log" >&2 || true
       sdie "$name not healthy after $limit s (log above)"
     fi
-    sleep 0.5
+    sleep 0.5 # a poll: the loop checks its condition and deadline
   done
 }

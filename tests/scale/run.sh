@@ -57,7 +57,7 @@ stop_all() {
       kill -KILL "${left[@]}" 2>/dev/null || true
       break
     fi
-    sleep 0.2
+    sleep 0.2 # a poll: the loop checks its condition and deadline
   done
 }
 

@@ -201,6 +201,7 @@ impl Agents {
                 if Instant::now() > deadline {
                     return Err(format!("agent on {} not ready after 120 s", a.addr).into());
                 }
+                // A poll: the loop checks its condition and deadline each round.
                 std::thread::sleep(Duration::from_millis(200));
             }
         }
@@ -542,6 +543,7 @@ async fn phase(
         if missing.is_empty() || Instant::now() > limit {
             break missing;
         }
+        // A poll: the loop checks its condition and deadline each round.
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     let all_bound = start.elapsed();
@@ -655,6 +657,7 @@ async fn noise(
         if bound >= n || Instant::now() > limit {
             break bound;
         }
+        // A poll: the loop checks its condition and deadline each round.
         tokio::time::sleep(Duration::from_millis(500)).await;
     };
     Ok((creating, start.elapsed(), bound))
@@ -836,6 +839,7 @@ async fn main() -> Result<(), Error> {
             )
             .into());
         }
+        // A poll: the loop checks its condition and deadline each round.
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     let agents_up = run_start.elapsed();
