@@ -212,6 +212,7 @@ impl NodeArgs {
             leak_grace: std::time::Duration::from_secs(self.leak_grace),
             pod_name: self.pod_name.clone(),
             pod_namespace: self.pod_namespace.clone(),
+            freed: Default::default(),
         }
     }
 

@@ -111,7 +111,10 @@ async fn run_node(args: NodeArgs) -> stead::Result<()> {
             plugin.controller_service(),
             metrics.clone(),
         ));
-        let config = args.provisioner_config();
+        let config = stead::provisioner::Config {
+            freed: plugin.freed(),
+            ..args.provisioner_config()
+        };
         let status = provisioner_status.clone();
         let attempt = {
             let shutdown = shutdown.clone();

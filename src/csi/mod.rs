@@ -126,6 +126,11 @@ impl Plugin {
         ControllerService::new(self.shared.clone())
     }
 
+    /// Tells which volumes stop being mounted here (see `storage::Freed`).
+    pub fn freed(&self) -> crate::storage::Freed {
+        self.shared.store.freed().clone()
+    }
+
     /// The node id this plugin serves.
     pub fn node_id(&self) -> &str {
         &self.shared.node_id

@@ -20,6 +20,8 @@ pub const FORGET_AFTER: Duration = Duration::from_secs(2 * 300);
 #[derive(Debug, Clone, Copy)]
 struct Failures {
     consecutive: u32,
+    /// The first failure of this run of failures.
+    first: Instant,
     last: Instant,
 }
 
@@ -33,15 +35,24 @@ impl Backoffs {
     /// Counts a failure of `uid` at `now`; the delay before its next attempt.
     /// Also drops the entries of objects not heard of for [`FORGET_AFTER`].
     pub fn failed(&mut self, uid: &str, now: Instant) -> Duration {
+        self.failed_since(uid, now).0
+    }
+
+    /// As [`Backoffs::failed`], with how long `uid` has been failing.
+    pub fn failed_since(&mut self, uid: &str, now: Instant) -> (Duration, Duration) {
         self.entries
             .retain(|_, f| now.saturating_duration_since(f.last) < FORGET_AFTER);
         let f = self.entries.entry(uid.to_string()).or_insert(Failures {
             consecutive: 0,
+            first: now,
             last: now,
         });
         f.consecutive = (f.consecutive + 1).min(10);
         f.last = now;
-        Duration::from_secs(1 << (f.consecutive - 1)).min(MAX_DELAY)
+        (
+            Duration::from_secs(1 << (f.consecutive - 1)).min(MAX_DELAY),
+            now.saturating_duration_since(f.first),
+        )
     }
 
     /// The object succeeded, or was deleted: its delays start over (or end).
@@ -68,6 +79,20 @@ mod tests {
         assert_eq!(delays, [1, 2, 4, 8, 16, 32, 64, 128, 256, 300, 300, 300]);
         b.forget("a");
         assert_eq!(b.failed("a", t), Duration::from_secs(1), "starts over");
+    }
+
+    #[test]
+    fn tells_how_long_an_object_has_been_failing() {
+        let mut b = Backoffs::default();
+        let t = Instant::now();
+        assert_eq!(b.failed_since("a", t).1, Duration::ZERO);
+        let later = t + Duration::from_secs(70);
+        assert_eq!(
+            b.failed_since("a", later),
+            (Duration::from_secs(2), Duration::from_secs(70))
+        );
+        b.forget("a");
+        assert_eq!(b.failed_since("a", later).1, Duration::ZERO, "starts over");
     }
 
     #[test]

@@ -62,6 +62,10 @@ pub struct Config {
     /// The agent's own pod, for owner references (downward API).
     pub pod_name: Option<String>,
     pub pod_namespace: Option<String>,
+    /// The plugin's signal that a volume is no longer mounted on this node
+    /// (`Plugin::freed`): a released volume kubelet was still unmounting is
+    /// deleted on it. Not a flag; the default is never told.
+    pub freed: crate::storage::Freed,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -177,6 +181,14 @@ impl<C> Ctx<C> {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .failed(uid, std::time::Instant::now())
+    }
+
+    /// As [`Ctx::backoff`], with how long the object has been failing.
+    fn backoff_since(&self, uid: &str) -> (Duration, Duration) {
+        self.failures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .failed_since(uid, std::time::Instant::now())
     }
 
     /// The object succeeded or is being deleted: its backoff is forgotten.
@@ -341,6 +353,24 @@ where
     )
     .with_config(controller::Config::default().concurrency(config.workers));
     let volumes = volumes_ctrl.store();
+    // A volume that kubelet stops using: its PV (if any, and released) is
+    // reconciled at once, not at the backoff of its refused deletion.
+    let freed = {
+        let volumes = volumes.clone();
+        tokio_stream::wrappers::BroadcastStream::new(config.freed.subscribe()).filter_map(
+            move |id| {
+                let pv = id.ok().and_then(|id| {
+                    volumes
+                        .state()
+                        .into_iter()
+                        .find(|pv| pv::stead_volume_handle(pv) == Some(id.as_str()))
+                        .map(|pv| ObjectRef::from_obj(&*pv))
+                });
+                std::future::ready(pv)
+            },
+        )
+    };
+    let volumes_ctrl = volumes_ctrl.reconcile_on(freed);
 
     // Every claim, as metadata only: the few that concern this node are
     // read whole by the reconcile (`reconcile::reconcile_meta`).
@@ -693,7 +723,11 @@ pub(crate) mod tests {
     fn controller_and_node(
         tmp: &std::path::Path,
         metrics: &Arc<metrics::Metrics>,
-    ) -> (Arc<ObservedController<ControllerService>>, csi::NodeService) {
+    ) -> (
+        Arc<ObservedController<ControllerService>>,
+        csi::NodeService,
+        crate::storage::Freed,
+    ) {
         let plugin = Plugin::new(csi::Config {
             node_id: NODE.into(),
             pools: vec![
@@ -708,7 +742,7 @@ pub(crate) mod tests {
             plugin.controller_service(),
             metrics.clone(),
         ));
-        (controller, plugin.node_service())
+        (controller, plugin.node_service(), plugin.freed())
     }
 
     /// The provisioner's config for node [`NODE`], its state under `tmp`.
@@ -722,6 +756,7 @@ pub(crate) mod tests {
             leak_grace: Duration::from_secs(60),
             pod_name: None,
             pod_namespace: None,
+            freed: Default::default(),
         }
     }
 
@@ -746,8 +781,11 @@ pub(crate) mod tests {
         nodes.apply_watcher_event(&watcher::Event::Apply(schedulable::tests::node(NODE)));
         // Posted events are queued for the test to read, never recorded.
         let (events, posted) = events::Events::queued(metrics.clone());
-        let config = config(tmp.path());
-        let (csi, node) = controller_and_node(tmp.path(), &metrics);
+        let (csi, node, freed) = controller_and_node(tmp.path(), &metrics);
+        let config = Config {
+            freed,
+            ..config(tmp.path())
+        };
         let ctx = Ctx {
             client,
             csi,

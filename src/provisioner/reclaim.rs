@@ -119,7 +119,9 @@ pub(crate) async fn reconcile<C: CsiController>(
             if phase(&pv) == "Bound" {
                 return Ok(Action::await_change());
             }
-            ctx.delete_volume(handle).await?;
+            if let Some(wait) = delete_pv_volume(&ctx, &pv, handle).await? {
+                return Ok(wait);
+            }
             ctx.releasable.remove(handle).await?;
             tracing::info!(pv = %name, volume.id = %handle, "deleted volume of deleted PV");
             ctx.capacity_changed.notify_one();
@@ -138,15 +140,8 @@ pub(crate) async fn reconcile<C: CsiController>(
 
     if released && delete_policy {
         ctx.metrics.deletion.start(&uid, class);
-        if let Err(e) = ctx.delete_volume(handle).await {
-            ctx.events.post(
-                pv.object_ref(&()),
-                EventType::Warning,
-                "VolumeFailedDelete",
-                "Delete",
-                e.to_string(),
-            );
-            return Err(e);
+        if let Some(wait) = delete_pv_volume(&ctx, &pv, handle).await? {
+            return Ok(wait);
         }
         ctx.releasable.remove(handle).await?;
         tracing::info!(pv = %name, volume.id = %handle, node = %ctx.config.node, "deleted volume of released PV");
@@ -165,6 +160,71 @@ pub(crate) async fn reconcile<C: CsiController>(
         ctx.succeeded(&uid);
     }
     Ok(Action::await_change())
+}
+
+/// How long a volume may stay mounted after its PV is released before the
+/// wait is reported: kubelet unmounts a deleted pod's volumes within seconds.
+const MOUNTED_TOO_LONG: Duration = Duration::from_secs(60);
+
+/// DeleteVolume of the volume of `pv`, which is released (or deleted) with
+/// reclaim policy Delete. `None`: the volume is gone. `Some(action)`: the
+/// plugin refused because the volume is still mounted on this node: kubelet
+/// has not yet unmounted the pod that used it. That is the normal order of a
+/// pod deleted with its claim, so it is not an error: the PV is reconciled
+/// again as soon as the plugin sees the volume free (`storage::Freed`, wired
+/// in `run`), or at its backoff if that signal is missed; only a wait longer
+/// than [`MOUNTED_TOO_LONG`] is a Warning. Any other failure is one, and
+/// goes to the error policy's backoff.
+async fn delete_pv_volume<C: CsiController>(
+    ctx: &Ctx<C>,
+    pv: &PersistentVolume,
+    handle: &str,
+) -> Result<Option<Action>, Error> {
+    let node = &ctx.config.node;
+    let name = pv.name_any();
+    let uid = pv.uid().unwrap_or_default();
+    match ctx.delete_volume(handle).await {
+        Ok(()) => Ok(None),
+        Err(Error::Csi {
+            code: Code::FailedPrecondition,
+            message,
+            ..
+        }) => {
+            let (wait, waited) = ctx.backoff_since(&uid);
+            tracing::debug!(pv = %name, volume.id = %handle, node = %node, retry_in = ?wait,
+                "volume still in use, deleted once unmounted: {message}");
+            if waited >= MOUNTED_TOO_LONG {
+                ctx.events.post(
+                    pv.object_ref(&()),
+                    EventType::Warning,
+                    "VolumeFailedDelete",
+                    "Delete",
+                    still_mounted_note(node, &name, handle, &message, waited),
+                );
+            }
+            Ok(Some(Action::requeue(wait)))
+        }
+        Err(e) => {
+            ctx.events.post(
+                pv.object_ref(&()),
+                EventType::Warning,
+                "VolumeFailedDelete",
+                "Delete",
+                format!(
+                    "node {node} could not delete volume {handle} of released PV {name}: {e}; Stead retries with a backoff (up to 5 min); the agent's log on node {node} tells more"
+                ),
+            );
+            Err(e)
+        }
+    }
+}
+
+/// The Warning of a released volume still mounted after `waited`.
+fn still_mounted_note(node: &str, pv: &str, handle: &str, why: &str, waited: Duration) -> String {
+    format!(
+        "node {node} cannot delete volume {handle} of released PV {pv} yet: {why}. It has been mounted for {} s since it was released; Stead deletes it as soon as it is unmounted. If no pod on node {node} uses it any more, kubelet failed to unmount it: see kubelet's log on {node}",
+        waited.as_secs()
+    )
 }
 
 pub(crate) fn error_policy<C: CsiController>(
@@ -610,24 +670,20 @@ mod tests {
         assert_eq!(on_disk(&f).await, [name]);
     }
 
-    #[tokio::test]
-    async fn a_released_volume_is_never_removed_while_it_is_mounted() {
+    /// Stages volume `name` as kubelet does (a real bind mount); its
+    /// staging path.
+    async fn stage(f: &Fake, name: &str) -> String {
         use crate::proto::csi::v1::node_server::Node as _;
         use crate::proto::csi::v1::volume_capability::{
             AccessMode, AccessType, MountVolume, access_mode::Mode,
         };
-        use crate::proto::csi::v1::{
-            NodeStageVolumeRequest, NodeUnstageVolumeRequest, VolumeCapability,
-        };
-        let (f, name) = released_volume(false).await;
-        // kubelet of the returning node has not yet unmounted the old pod's
-        // volume: it is staged (a real bind mount).
-        let staging = f.tmp.path().join("kubelet/staging").join(&name);
+        use crate::proto::csi::v1::{NodeStageVolumeRequest, VolumeCapability};
+        let staging = f.tmp.path().join("kubelet/staging").join(name);
         std::fs::create_dir_all(&staging).unwrap();
         let staging_path = staging.display().to_string();
         f.node
             .node_stage_volume(tonic::Request::new(NodeStageVolumeRequest {
-                volume_id: name.clone(),
+                volume_id: name.to_string(),
                 staging_target_path: staging_path.clone(),
                 volume_capability: Some(VolumeCapability {
                     access_mode: Some(AccessMode {
@@ -639,6 +695,88 @@ mod tests {
             }))
             .await
             .unwrap();
+        staging_path
+    }
+
+    /// Undoes [`stage`].
+    async fn unstage(f: &Fake, name: &str, staging_path: String) {
+        use crate::proto::csi::v1::NodeUnstageVolumeRequest;
+        use crate::proto::csi::v1::node_server::Node as _;
+        f.node
+            .node_unstage_volume(tonic::Request::new(NodeUnstageVolumeRequest {
+                volume_id: name.to_string(),
+                staging_target_path: staging_path,
+            }))
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_released_volume_still_mounted_is_deleted_once_unmounted_without_a_warning() {
+        let f = fake(&[]).await;
+        let name = volume_with_intent(&f).await;
+        let pv = released_pv("Released");
+        assert_eq!(pv::stead_volume_handle(&pv), Some(name.as_str()));
+        // The claim and its pod were deleted together: the PV is Released
+        // while kubelet still has the volume mounted.
+        let staging = stage(&f, &name).await;
+        let mut freed = f.ctx.config.freed.subscribe();
+        let action = reconcile(Arc::new(pv.clone()), f.ctx.clone()).await;
+        assert!(action.is_ok(), "not an error: {action:?}");
+        assert_eq!(
+            on_disk(&f).await,
+            std::slice::from_ref(&name),
+            "kept while staged"
+        );
+        assert_eq!(f.posted(), vec![], "no Warning for kubelet's normal order");
+        assert!(!f.requested(&format!(
+            "DELETE /api/v1/persistentvolumes/{}",
+            pv.name_any()
+        )));
+
+        unstage(&f, &name, staging).await;
+        assert_eq!(
+            freed.try_recv().unwrap(),
+            name,
+            "the plugin tells the volume is free"
+        );
+        reconcile(Arc::new(pv.clone()), f.ctx.clone())
+            .await
+            .unwrap();
+        assert!(on_disk(&f).await.is_empty(), "deleted once unmounted");
+        assert!(f.requested(&format!(
+            "DELETE /api/v1/persistentvolumes/{}",
+            pv.name_any()
+        )));
+    }
+
+    #[test]
+    fn a_volume_mounted_too_long_after_release_is_reported_with_the_next_step() {
+        let note = still_mounted_note(
+            NODE,
+            "pvc-1",
+            "pvc-1",
+            "volume pvc-1 is staged at /s",
+            Duration::from_secs(64),
+        );
+        for part in [
+            NODE,
+            "pvc-1",
+            "staged at /s",
+            "64 s",
+            "as soon as it is unmounted",
+            "kubelet's log",
+        ] {
+            assert!(note.contains(part), "{part} in {note}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_released_volume_is_never_removed_while_it_is_mounted() {
+        let (f, name) = released_volume(false).await;
+        // kubelet of the returning node has not yet unmounted the old pod's
+        // volume: it is staged (a real bind mount).
+        let staging_path = stage(&f, &name).await;
         let pvs: Api<PersistentVolume> = Api::all(f.ctx.client.clone());
         let grace = f.ctx.config.leak_grace;
         let mut released = Released::default();
@@ -653,13 +791,7 @@ mod tests {
         assert!(marked(&f, &name).await);
         f.metrics(&[r#"stead_csi_rpc_duration_seconds_count{method="DeleteVolume",code="FailedPrecondition"} 1"#]);
 
-        f.node
-            .node_unstage_volume(tonic::Request::new(NodeUnstageVolumeRequest {
-                volume_id: name.clone(),
-                staging_target_path: staging_path,
-            }))
-            .await
-            .unwrap();
+        unstage(&f, &name, staging_path).await;
         reap_released(
             &f.ctx,
             &pvs,

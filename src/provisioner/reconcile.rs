@@ -452,7 +452,7 @@ pub(crate) async fn reconcile<C: CsiController>(
             .map_err(|s| csi_error("GetCapacity", &volume_name, &node, s))?;
         if free < wanted {
             let note = format!(
-                "node {node} cannot take claim {key}: it asks for {} and pool {} has {} free",
+                "node {node} cannot take claim {key}: it asks for {} and pool {} has {} free; another node with room takes it, and this node looks again every 30 s",
                 quantity::human(wanted),
                 class.pool.as_deref().unwrap_or("(default)"),
                 quantity::human(free)
@@ -777,6 +777,22 @@ async fn create_pv<C: CsiController>(
     }
 }
 
+/// What the user of a claim whose expansion failed can do, by the plugin's
+/// code.
+fn resize_next_step(code: Code, node: &str) -> String {
+    match code {
+        Code::ResourceExhausted | Code::OutOfRange => format!(
+            "the claim keeps its size; free space in that pool on node {node} and Stead retries with a backoff (up to 5 min)"
+        ),
+        Code::InvalidArgument | Code::FailedPrecondition => {
+            "the claim keeps its size; Stead retries with a backoff, but the request must change for this to succeed".to_string()
+        }
+        _ => format!(
+            "the claim keeps its size; Stead retries with a backoff (up to 5 min); the agent's log on node {node} tells more"
+        ),
+    }
+}
+
 /// Whether the intent of a volume survives a failed CreateVolume: it goes
 /// only for the codes with which the plugin guarantees that nothing was
 /// created (the request was refused before any folder or file was made, see
@@ -811,7 +827,7 @@ async fn create_failed<C: CsiController>(
             ctx.fail(
                 pvc,
                 format!(
-                    "node {node} has no room for claim {key}: {}; releasing the node choice so another node can be picked",
+                    "node {node} has no room for claim {key}: {}; its node choice is released, so the scheduler tries another node (or waits until a node has room)",
                     status.message()
                 ),
             );
@@ -822,8 +838,9 @@ async fn create_failed<C: CsiController>(
             ctx.fail(
                 pvc,
                 format!(
-                    "node {node} refused volume {volume_name} for claim {key}: {}",
-                    status.message()
+                    "node {node} refused volume {volume_name} for claim {key}: {}; fix the claim or its StorageClass (a claim's class cannot change: delete and recreate the claim); Stead checks it again every {} s",
+                    status.message(),
+                    RECHECK.as_secs()
                 ),
             );
             Ok(Action::requeue(RECHECK))
@@ -943,9 +960,10 @@ async fn expand<C: CsiController>(
                 EventType::Warning,
                 "VolumeResizeFailed",
                 format!(
-                    "node {node} could not expand volume {handle} of claim {key} to {}: {}",
+                    "node {node} could not expand volume {handle} of claim {key} to {}: {}; {}",
                     quantity::human(wanted),
-                    status.message()
+                    status.message(),
+                    resize_next_step(status.code(), &node)
                 ),
             );
             return Err(csi_error("ControllerExpandVolume", handle, &node, status));
@@ -998,6 +1016,19 @@ async fn expand<C: CsiController>(
 mod tests {
     use super::*;
     use crate::provisioner::claim::tests::pvc;
+
+    #[test]
+    fn a_failed_expansion_says_what_the_user_can_do() {
+        let full = resize_next_step(Code::ResourceExhausted, "node-a");
+        assert!(full.contains("free space") && full.contains("node-a"), "{full}");
+        let refused = resize_next_step(Code::InvalidArgument, "node-a");
+        assert!(refused.contains("the request must change"), "{refused}");
+        let other = resize_next_step(Code::Internal, "node-a");
+        assert!(other.contains("log on node node-a"), "{other}");
+        for note in [full, refused, other] {
+            assert!(note.contains("keeps its size"), "{note}");
+        }
+    }
     use crate::provisioner::class::tests::class as sc;
     use crate::provisioner::tests::{Fake, NODE, fake, fake_answering};
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;

@@ -177,7 +177,7 @@ async fn reconcile<C: CsiController>(
                     EventType::Warning,
                     "SnapshotDeleteError",
                     format!(
-                        "node {node} could not delete snapshot {id}: {}",
+                        "node {node} could not delete snapshot {id}: {}; the VolumeSnapshotContent keeps its finalizer and Stead retries with a backoff (up to 5 min); the agent's log on node {node} tells more",
                         status.message()
                     ),
                 );
@@ -280,8 +280,13 @@ async fn create<C: CsiController>(
     let snap = match ctx.csi.create_snapshot(tonic::Request::new(req)).await {
         Ok(r) => r.into_inner().snapshot.unwrap_or_default(),
         Err(status) => {
+            let next = if final_code(status.code()) {
+                "Stead retries with a backoff (up to 5 min), which fails the same way until the VolumeSnapshotClass or the source volume changes: fix it, or delete this VolumeSnapshot and take a new one"
+            } else {
+                "Stead retries with a backoff (up to 5 min)"
+            };
             let message = format!(
-                "node {node} could not snapshot volume {volume} as {name}: {}",
+                "node {node} could not snapshot volume {volume} as {name}: {}; {next}",
                 status.message()
             );
             ctx.content_event(

@@ -58,7 +58,7 @@ pub use meta::VolumeMeta;
 pub use pool::{PoolSpec, RangeError, Reserve};
 pub use quota::{Enforcement, Quota};
 pub use snapshot::{ContentSource, SnapshotMeta};
-pub use store::{NewVolume, Pool, Store};
+pub use store::{Freed, NewVolume, Pool, Store};
 
 /// Errors of the storage layer; each names the volume or pool concerned.
 #[derive(Debug, thiserror::Error)]
@@ -81,7 +81,11 @@ pub enum Error {
         #[source]
         source: RangeError,
     },
-    #[error("volume {id}: {needed} bytes requested but pool {pool} can give {available} bytes")]
+    #[error(
+        "volume {id}: it asks for {} and pool {pool} has {} free ({needed} vs {available} bytes, after the pool's reserve)",
+        crate::provisioner::quantity::human(*needed as i64),
+        crate::provisioner::quantity::human(*available as i64)
+    )]
     Exhausted {
         id: VolumeId,
         pool: String,

@@ -101,6 +101,34 @@ pub struct Store {
     /// What the trees of `dir` volumes occupy, measured off the request
     /// path (stats and capacity read it; nothing here walks a tree).
     usage: UsageMeter,
+    /// Told the id of each volume whose node record becomes empty: nothing
+    /// is staged or published any more (see [`Freed`]).
+    freed: Freed,
+}
+
+/// Who wants to know that a volume stopped being used on this node: the
+/// provisioner, whose DeleteVolume of a released volume was refused while
+/// kubelet still had it mounted, deletes it at once instead of at its next
+/// backoff. A listener that lags misses ids (the backoff still retries).
+#[derive(Debug, Clone)]
+pub struct Freed(tokio::sync::broadcast::Sender<String>);
+
+impl Freed {
+    /// Ids told since this call.
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<String> {
+        self.0.subscribe()
+    }
+
+    fn tell(&self, id: &str) {
+        // No listener (no provisioner on this node) is not an error.
+        let _ = self.0.send(id.to_string());
+    }
+}
+
+impl Default for Freed {
+    fn default() -> Self {
+        Self(tokio::sync::broadcast::channel(1024).0)
+    }
 }
 
 impl Store {
@@ -188,7 +216,18 @@ impl Store {
             volumes: RwLock::new(volumes),
             snapshots: RwLock::new(snapshots),
             usage,
+            freed: Freed::default(),
         })
+    }
+
+    /// See [`Freed`].
+    pub fn freed(&self) -> &Freed {
+        &self.freed
+    }
+
+    /// Tells [`Freed`]'s listeners that volume `id` is used no more here.
+    pub(super) fn tell_freed(&self, id: &str) {
+        self.freed.tell(id);
     }
 
     pub fn pools(&self) -> &[Pool] {
@@ -824,7 +863,15 @@ mod tests {
         let pool = s.pool(None).unwrap();
         let avail = s.capacity(pool, None).unwrap().available;
         let too_big = new_volume("big", avail + pool::GIB);
-        assert!(matches!(s.create(&too_big), Err(Error::Exhausted { .. })));
+        let err = s.create(&too_big).unwrap_err();
+        assert!(matches!(err, Error::Exhausted { .. }));
+        // People read it in the claim's event: sizes in their units, and
+        // the exact bytes.
+        let text = err.to_string();
+        let asked = crate::provisioner::quantity::human((avail + pool::GIB) as i64);
+        for part in [asked.as_str(), "free", &pool.name, &format!("{} bytes", avail)] {
+            assert!(text.contains(part), "{part} in {text}");
+        }
         assert!(s.is_empty());
     }
 }

@@ -162,7 +162,11 @@ impl Store {
     pub fn save_node_state(&self, meta: &VolumeMeta, state: &NodeState) -> Result<()> {
         let dir = self.volume_dir(meta)?;
         meta::write_json(&dir, NODE_FILE, state, Durability::Process)
-            .map_err(io_at("writing node record", &dir))
+            .map_err(io_at("writing node record", &dir))?;
+        if state.staged.is_none() && state.published.is_empty() {
+            self.tell_freed(meta.id.as_str());
+        }
+        Ok(())
     }
 }
 
