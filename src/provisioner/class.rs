@@ -31,13 +31,17 @@ pub const DEFAULT_NODE_LOSS_TIMEOUT: Duration = Duration::from_secs(300);
 /// node-monitor-grace-period); a minute more keeps a network blip or a
 /// kubelet restart from giving up a node's data.
 pub const MIN_NODE_LOSS_TIMEOUT: Duration = Duration::from_secs(60);
+/// The parameter that says what a restore or clone does when the scheduler
+/// puts its pod on another node than the one that holds the data: `pull`
+/// (the default) or `refuse` (see [`CrossNode`]).
+pub const PARAM_CROSS_NODE_RESTORE: &str = "crossNodeRestore";
 /// Filesystems the image backend can make.
 pub const FS_TYPES: [&str; 2] = ["ext4", "xfs"];
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ClassError {
     #[error(
-        "StorageClass {class}: unknown parameter {key:?} (Stead accepts only \"pool\", \"allocation\", \"onNodeLoss\", \"nodeLossTimeout\" and \"csi.storage.k8s.io/fstype\")"
+        "StorageClass {class}: unknown parameter {key:?} (Stead accepts only \"pool\", \"allocation\", \"onNodeLoss\", \"nodeLossTimeout\", \"crossNodeRestore\" and \"csi.storage.k8s.io/fstype\")"
     )]
     UnknownParameter { class: String, key: String },
     #[error(
@@ -48,6 +52,10 @@ pub enum ClassError {
         "StorageClass {class}: parameter onNodeLoss {value:?} is not supported (keep, the default, or release)"
     )]
     OnNodeLoss { class: String, value: String },
+    #[error(
+        "StorageClass {class}: parameter crossNodeRestore {value:?} is not supported (pull, the default, or refuse)"
+    )]
+    CrossNodeRestore { class: String, value: String },
     #[error("StorageClass {class}: parameter nodeLossTimeout {value:?} {reason}")]
     NodeLossTimeout {
         class: String,
@@ -135,6 +143,38 @@ impl NodeLoss {
     }
 }
 
+/// What a claim filled from a source (a snapshot, a claim to clone) does
+/// when the scheduler puts its pod on a node other than the one holding the
+/// data.
+///
+/// `Pull` is the default because it is safe: the data is copied, never
+/// moved (the source stays whole on its node); it travels only between
+/// agents that present a certificate of the cluster's transfer CA (mutual
+/// TLS), is checked chunk by chunk and by a digest of the whole content
+/// before the volume gets its PV, and a transfer that cannot finish leaves
+/// no volume behind. An agent without the trust material (no Secret
+/// `stead-transfer-tls`) does what `Refuse` does, and says how to enable
+/// the pull. `Refuse` is for data that must not leave its node (or a
+/// network that must not carry it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CrossNode {
+    /// The chosen node's agent pulls the data from the holder's agent.
+    #[default]
+    Pull,
+    /// The claim's node choice is moved to the holder: its pod runs there,
+    /// or stays Pending when it cannot.
+    Refuse,
+}
+
+impl CrossNode {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            CrossNode::Pull => "pull",
+            CrossNode::Refuse => "refuse",
+        }
+    }
+}
+
 /// Parses a duration as Kubernetes writes them (`90s`, `5m`, `1h30m`):
 /// one or more whole numbers, each followed by `h`, `m` or `s`. Hand-written
 /// because that grammar is these few lines; a crate (humantime) would accept
@@ -180,6 +220,8 @@ pub struct ClassSpec {
     pub allowed_topologies: Vec<TopologyTerm>,
     /// `onNodeLoss` and `nodeLossTimeout`.
     pub node_loss: NodeLoss,
+    /// `crossNodeRestore`.
+    pub cross_node: CrossNode,
 }
 
 impl ClassSpec {
@@ -238,8 +280,21 @@ pub fn parse(sc: &StorageClass) -> Result<ClassSpec, ClassError> {
     let mut allocation = None;
     let mut release = false;
     let mut timeout = None;
+    let mut cross_node = CrossNode::default();
     for (key, value) in sc.parameters.iter().flatten() {
         match key.as_str() {
+            PARAM_CROSS_NODE_RESTORE => {
+                cross_node = match value.as_str() {
+                    "pull" => CrossNode::Pull,
+                    "refuse" => CrossNode::Refuse,
+                    _ => {
+                        return Err(ClassError::CrossNodeRestore {
+                            class,
+                            value: value.clone(),
+                        });
+                    }
+                };
+            }
             PARAM_ON_NODE_LOSS => {
                 release = match value.as_str() {
                     "keep" => false,
@@ -335,6 +390,7 @@ pub fn parse(sc: &StorageClass) -> Result<ClassSpec, ClassError> {
         mount_options: sc.mount_options.clone().unwrap_or_default(),
         allowed_topologies,
         node_loss,
+        cross_node,
     })
 }
 
@@ -574,6 +630,45 @@ pub(crate) mod tests {
             let err = parse(&class("db", params, "WaitForFirstConsumer", reclaim)).unwrap_err();
             assert!(err.to_string().starts_with(want), "{err} / {want}");
         }
+    }
+
+    #[test]
+    fn cross_node_restore_defaults_to_pull_and_is_refused_by_name_when_unknown() {
+        let plain = parse(&class("plain", &[], "WaitForFirstConsumer", "Delete")).unwrap();
+        assert_eq!(plain.cross_node, CrossNode::Pull);
+        let kept = parse(&class(
+            "local",
+            &[("crossNodeRestore", "refuse")],
+            "WaitForFirstConsumer",
+            "Delete",
+        ))
+        .unwrap();
+        assert_eq!(kept.cross_node, CrossNode::Refuse);
+        assert!(
+            !kept.csi_parameters().contains_key("crossNodeRestore"),
+            "the provisioner's business, not CreateVolume's"
+        );
+        let explicit = parse(&class(
+            "moving",
+            &[("crossNodeRestore", "pull")],
+            "Immediate",
+            "Retain",
+        ))
+        .unwrap();
+        assert_eq!(explicit.cross_node, CrossNode::Pull);
+        let err = parse(&class(
+            "odd",
+            &[("crossNodeRestore", "Pull")],
+            "WaitForFirstConsumer",
+            "Delete",
+        ))
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "StorageClass odd: parameter crossNodeRestore \"Pull\" is not supported (pull, the default, or refuse)"
+        );
+        let err = parse(&class("odd", &[("crossNode", "pull")], "Immediate", "Delete")).unwrap_err();
+        assert!(err.to_string().contains("\"crossNodeRestore\""), "{err}");
     }
 
     #[test]

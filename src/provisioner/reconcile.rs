@@ -329,6 +329,7 @@ pub(crate) async fn reconcile<C: CsiController>(
         mount_options: vec![],
         allowed_topologies: vec![],
         node_loss: class::NodeLoss::Keep,
+        cross_node: class::CrossNode::Pull,
     };
     if let Some(action) = expand_if_grown(&ctx, &pvc).await? {
         ctx.read_size(&uid, &pvc.metadata);
