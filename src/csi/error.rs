@@ -90,6 +90,7 @@ fn storage_code(e: &storage::Error) -> Code {
             ..
         }
         | S::Busy { .. }
+        | S::Incoming { .. }
         | S::PoolUnusable { .. } => Code::FailedPrecondition,
         S::Io { .. } | S::Image { .. } | S::Quota { .. } => Code::Internal,
     }

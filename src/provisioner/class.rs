@@ -667,7 +667,13 @@ pub(crate) mod tests {
             err.to_string(),
             "StorageClass odd: parameter crossNodeRestore \"Pull\" is not supported (pull, the default, or refuse)"
         );
-        let err = parse(&class("odd", &[("crossNode", "pull")], "Immediate", "Delete")).unwrap_err();
+        let err = parse(&class(
+            "odd",
+            &[("crossNode", "pull")],
+            "Immediate",
+            "Delete",
+        ))
+        .unwrap_err();
         assert!(err.to_string().contains("\"crossNodeRestore\""), "{err}");
     }
 

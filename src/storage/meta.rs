@@ -55,6 +55,10 @@ pub struct VolumeMeta {
     /// owning them, which its first overwrite takes from the pool.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub shared_bytes: u64,
+    /// What the volume received from another node (the source, its node
+    /// and digest), once that data became its image (see `incoming`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub received: Option<String>,
     /// What limits a `dir` volume to its size, if anything does.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quota: Option<Quota>,

@@ -37,6 +37,7 @@ pub mod copy;
 pub mod dir;
 pub mod id;
 pub mod image;
+pub mod incoming;
 pub mod kind;
 pub mod meta;
 pub mod pool;
@@ -118,6 +119,8 @@ pub enum Error {
     },
     #[error("volume {id}: {reason}")]
     Busy { id: VolumeId, reason: String },
+    #[error("volume {id}: data from another node: {reason}")]
+    Incoming { id: VolumeId, reason: String },
     #[error("{what} {}: {source}", path.display())]
     Io {
         what: &'static str,

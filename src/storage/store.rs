@@ -375,6 +375,7 @@ impl Store {
             source: source.cloned(),
             allocation,
             shared_bytes: 0,
+            received: None,
             quota: None,
         };
 
@@ -520,7 +521,7 @@ impl Store {
         Ok(meta)
     }
 
-    fn save(&self, meta: &VolumeMeta) -> Result<()> {
+    pub(super) fn save(&self, meta: &VolumeMeta) -> Result<()> {
         let dir = self.volume_dir(meta)?;
         meta::write_json(&dir, meta::VOLUME_FILE, meta, Durability::Disk)
             .map_err(io_at("writing volume record", &dir))?;
@@ -869,7 +870,12 @@ mod tests {
         // the exact bytes.
         let text = err.to_string();
         let asked = crate::provisioner::quantity::human((avail + pool::GIB) as i64);
-        for part in [asked.as_str(), "free", &pool.name, &format!("{} bytes", avail)] {
+        for part in [
+            asked.as_str(),
+            "free",
+            &pool.name,
+            &format!("{} bytes", avail),
+        ] {
             assert!(text.contains(part), "{part} in {text}");
         }
         assert!(s.is_empty());

@@ -69,6 +69,11 @@ impl Sources for Store {
                 let meta = self
                     .get(id)
                     .ok_or_else(|| Error::SourceNotFound(source.clone()))?;
+                // A volume still receiving its own data holds a placeholder:
+                // not what anyone asks for.
+                if self.is_incoming(&meta) {
+                    return Err(Error::SourceNotFound(source.clone()));
+                }
                 let path = self.data_path(&meta).map_err(|e| Error::Storage {
                     source_ref: source.clone(),
                     reason: e.to_string(),

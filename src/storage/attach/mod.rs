@@ -265,6 +265,15 @@ pub fn stage(
     cap: &Capability,
 ) -> Result<()> {
     check_access(meta, cap)?;
+    // Its image is a placeholder until the data from another node is in
+    // and verified (see `storage::incoming`); no PV names it before.
+    if store.is_incoming(meta) {
+        return Err(super::Error::Busy {
+            id: meta.id.clone(),
+            reason: "its data is still arriving from another node; it can be staged once its PersistentVolume exists".into(),
+        }
+        .into());
+    }
     let bind_flags = dir_bind_flags(meta, cap)?;
     let target = paths.open(staging, "staging_target_path", true)?;
     let mut state = store.node_state(meta)?;

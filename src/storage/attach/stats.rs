@@ -239,6 +239,7 @@ mod tests {
             source: None,
             allocation: Allocation::Thin,
             shared_bytes: 0,
+            received: None,
             quota: None,
         };
         assert_eq!(starved_message(&meta, 60, 60), None);
