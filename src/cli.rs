@@ -213,6 +213,7 @@ impl NodeArgs {
             pod_name: self.pod_name.clone(),
             pod_namespace: self.pod_namespace.clone(),
             freed: Default::default(),
+            transfer: None,
         }
     }
 

@@ -73,6 +73,43 @@ impl crate::transfer::Sources for Plugin {
     }
 }
 
+/// The volumes of this node that receive data from another node (the
+/// cross-node restore of the provisioner): each step under the volume's
+/// lock, as an RPC on it would be, on a blocking thread.
+#[tonic::async_trait]
+impl crate::transfer::Landing for Plugin {
+    fn backend(&self, pool: Option<&str>) -> Option<storage::BackendKind> {
+        self.shared.store.pool(pool).ok().map(|p| p.backend)
+    }
+
+    async fn begin(&self, volume: &str) -> Result<crate::transfer::Arrival, storage::Error> {
+        let id = VolumeId::parse(volume)?;
+        let _lock = self.shared.locks.lock(&id).await;
+        let shared = self.shared.clone();
+        tokio::task::spawn_blocking(move || shared.store.begin_incoming(&id))
+            .await
+            .map_err(|e| storage::Error::Io {
+                what: "preparing a volume to receive its data",
+                path: PathBuf::new(),
+                source: std::io::Error::other(e.to_string()),
+            })?
+    }
+
+    async fn settle(&self, volume: &str, received: &str) -> Result<(), storage::Error> {
+        let id = VolumeId::parse(volume)?;
+        let _lock = self.shared.locks.lock(&id).await;
+        let (shared, received) = (self.shared.clone(), received.to_owned());
+        tokio::task::spawn_blocking(move || shared.store.settle_incoming(&id, &received))
+            .await
+            .map_err(|e| storage::Error::Io {
+                what: "settling the data a volume received",
+                path: PathBuf::new(),
+                source: std::io::Error::other(e.to_string()),
+            })?
+            .map(|_| ())
+    }
+}
+
 impl Plugin {
     /// Opens the pools (creating missing directories, finishing interrupted
     /// creates and deletes, loading every volume) and builds the services.

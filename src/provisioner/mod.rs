@@ -9,6 +9,7 @@ pub mod capacity;
 pub mod claim;
 pub mod class;
 pub mod client;
+pub mod crossnode;
 mod events;
 pub mod ledger;
 pub mod nodeloss;
@@ -66,6 +67,10 @@ pub struct Config {
     /// (`Plugin::freed`): a released volume kubelet was still unmounting is
     /// deleted on it. Not a flag; the default is never told.
     pub freed: crate::storage::Freed,
+    /// How this agent pulls a claim's data from another node's agent
+    /// (`crossnode`); `None`: it does not, and such a claim goes to the
+    /// node that holds its data.
+    pub transfer: Option<Arc<crossnode::Transfer>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -757,6 +762,7 @@ pub(crate) mod tests {
             pod_name: None,
             pod_namespace: None,
             freed: Default::default(),
+            transfer: None,
         }
     }
 

@@ -17,7 +17,7 @@ use tonic::Code;
 use super::claim::{self, Allowed, Concern, Decision};
 use super::class::{self, ClassSpec};
 use super::source::{self, Resolution};
-use super::{Ctx, Error, csi_error, has_pv, pv, quantity, schedulable};
+use super::{Ctx, Error, crossnode, csi_error, has_pv, pv, quantity, schedulable};
 use crate::metrics::Outcome;
 use crate::proto::csi::v1::controller_server::Controller as CsiController;
 use crate::proto::csi::v1::{
@@ -34,7 +34,13 @@ const SLOW_CREATE: Duration = Duration::from_secs(2);
 impl<C: CsiController> Ctx<C> {
     /// Queues an event of the provisioning of a claim (recorded in the
     /// background).
-    fn event(&self, pvc: &PersistentVolumeClaim, type_: EventType, reason: &str, note: String) {
+    pub(crate) fn event(
+        &self,
+        pvc: &PersistentVolumeClaim,
+        type_: EventType,
+        reason: &str,
+        note: String,
+    ) {
         self.events
             .post(pvc.object_ref(&()), type_, reason, "Provision", note);
     }
@@ -51,7 +57,7 @@ impl<C: CsiController> Ctx<C> {
             .post(pvc.object_ref(&()), type_, reason, "Resize", note);
     }
 
-    fn fail(&self, pvc: &PersistentVolumeClaim, note: String) {
+    pub(crate) fn fail(&self, pvc: &PersistentVolumeClaim, note: String) {
         tracing::warn!(pvc = %claim::claim_key(pvc), node = %self.config.node, "{note}");
         self.event(pvc, EventType::Warning, "ProvisioningFailed", note);
     }
@@ -393,10 +399,6 @@ pub(crate) async fn reconcile<C: CsiController>(
         }
     };
     let volume_name = request.name.clone();
-    let wanted = request
-        .capacity_range
-        .map(|r| r.required_bytes)
-        .unwrap_or(0);
 
     // A PV of that name means the work is done (or a restart found it done).
     if ctx
@@ -412,16 +414,45 @@ pub(crate) async fn reconcile<C: CsiController>(
         return Ok(Action::await_change());
     }
 
+    // Data from another node: pulled into the volume once it is made.
+    let mut pull = None;
     let from = match &src {
         None => None,
-        Some(src) => match fill_from(&ctx, &pvc, &decision, src).await? {
-            Ok(content) => {
+        Some(src) => match fill_from(&ctx, &pvc, &decision, &class, src).await? {
+            Ok(Fill::Here(content)) => {
                 request.volume_content_source = Some(content);
                 Some(src.to_string())
+            }
+            Ok(Fill::Pull(plan)) => {
+                // As a restore on one node (`storage::snapshot`): a copy is
+                // never smaller than its source, so a request for less is
+                // met by the source's size; only a limit below it is refused.
+                if let Some(size) = plan.size_bytes {
+                    let range = request.capacity_range.get_or_insert_default();
+                    if range.limit_bytes != 0 && range.limit_bytes < size {
+                        ctx.fail(
+                            &pvc,
+                            format!(
+                                "{src} holds {} and claim {key} limits its volume to {}; a restore or clone is never smaller than its source: raise the claim's limit; no volume was created",
+                                quantity::human(size),
+                                quantity::human(range.limit_bytes)
+                            ),
+                        );
+                        return Ok(Action::requeue(RECHECK));
+                    }
+                    range.required_bytes = range.required_bytes.max(size);
+                }
+                let from = format!("{src}, pulled from node {}", plan.holder);
+                pull = Some(plan);
+                Some(from)
             }
             Err(action) => return Ok(action),
         },
     };
+    let wanted = request
+        .capacity_range
+        .map(|r| r.required_bytes)
+        .unwrap_or(0);
 
     let mut allowed = claim::allowed_here(&decision, &class, &node, ctx.own_node().as_deref());
     if allowed == Allowed::Skip {
@@ -512,6 +543,11 @@ pub(crate) async fn reconcile<C: CsiController>(
         Ok(resp) => resp.into_inner().volume.unwrap_or_default(),
         Err(status) => return create_failed(&ctx, &pvc, &volume_name, status).await,
     };
+    if let Some(plan) = &pull
+        && let Err(action) = crossnode::receive(&ctx, &pvc, plan, &volume).await?
+    {
+        return Ok(action);
+    }
     create_pv(&ctx, &pvc, &class, &volume).await?;
     // The claim is read again only when its size is written (expansion),
     // not when it is bound or its status written.
@@ -551,17 +587,28 @@ fn succeeded_note(volume: &Volume, node: &str, from: Option<&str>) -> String {
     )
 }
 
+/// Where the data of a claim filled from a source comes from.
+enum Fill {
+    /// This node holds it: CreateVolume copies it.
+    Here(VolumeContentSource),
+    /// Another node holds it: pulled into the new volume (`crossnode`).
+    Pull(crossnode::Plan),
+}
+
 /// The content source of a claim filled from `src`, when this node holds
-/// the data; otherwise what to do instead (`Err`): wait for the source, let
-/// the holder take an Immediate claim, or, for a claim whose pod the
-/// scheduler put on this node, say where the data is and move the node
+/// the data, or the pull of it from the node that does; otherwise what to
+/// do instead (`Err`): wait for the source, let the holder take an
+/// Immediate claim, or, for a claim whose pod the scheduler put on this
+/// node and whose data this node cannot pull (`crossNodeRestore: refuse`,
+/// no transfer here, a dir pool), say where the data is and move the node
 /// choice there (release it when no node is known to hold the data).
 async fn fill_from<C: CsiController>(
     ctx: &Ctx<C>,
     pvc: &PersistentVolumeClaim,
     decision: &Decision,
+    class: &ClassSpec,
     src: &source::SourceRef,
-) -> Result<Result<VolumeContentSource, Action>, Error> {
+) -> Result<Result<Fill, Action>, Error> {
     let node = &ctx.config.node;
     let key = claim::claim_key(pvc);
     match source::resolve(ctx, src).await? {
@@ -587,7 +634,9 @@ async fn fill_from<C: CsiController>(
             ctx.fail(pvc, format!("{why}; no volume was created"));
             Ok(Err(Action::requeue(RECHECK)))
         }
-        Resolution::Ready(r) if r.node.as_deref() == Some(node.as_str()) => Ok(Ok(r.content)),
+        Resolution::Ready(r) if r.node.as_deref() == Some(node.as_str()) => {
+            Ok(Ok(Fill::Here(r.content)))
+        }
         Resolution::Ready(r) => {
             if *decision == Decision::Claim {
                 tracing::debug!(pvc = %key, holder = r.node.as_deref().unwrap_or("unknown"),
@@ -604,6 +653,32 @@ async fn fill_from<C: CsiController>(
                 release_node(ctx, pvc).await?;
                 return Ok(Err(Action::requeue(Duration::from_secs(30))));
             };
+            let why = match class.cross_node {
+                class::CrossNode::Refuse => format!(
+                    "StorageClass {} says crossNodeRestore: refuse, so Stead does not move data between nodes",
+                    class.name
+                ),
+                class::CrossNode::Pull => match crossnode::cannot_pull(ctx, class) {
+                    Some(why) => why,
+                    None => {
+                        let Some(source) = crossnode::source_of(&r.content) else {
+                            ctx.fail(
+                                pvc,
+                                format!(
+                                    "the handle of {src} is not a volume or snapshot id of Stead's; no volume was created"
+                                ),
+                            );
+                            return Ok(Err(Action::requeue(RECHECK)));
+                        };
+                        return Ok(Ok(Fill::Pull(crossnode::Plan {
+                            holder,
+                            source,
+                            size_bytes: r.size_bytes,
+                            what: src.to_string(),
+                        })));
+                    }
+                },
+            };
             // The scheduler keeps a claim's selected node once set: its next
             // attempt places the pod on the holder, or leaves it Pending if
             // the pod cannot run there; meanwhile the holder's agent makes
@@ -612,7 +687,7 @@ async fn fill_from<C: CsiController>(
             ctx.fail(
                 pvc,
                 format!(
-                    "the data of {src} is on node {holder}, but the scheduler chose node {node} for claim {key}; Stead does not move data between nodes, so the claim's node choice is moved to {holder}: its pod runs there, or stays Pending if it cannot (a nodeSelector or affinity that excludes {holder})"
+                    "the data of {src} is on node {holder}, but the scheduler chose node {node} for claim {key}; {why}, so the claim's node choice is moved to {holder}: its pod runs there, or stays Pending if it cannot (a nodeSelector or affinity that excludes {holder})"
                 ),
             );
             move_node(ctx, pvc, &holder).await?;
@@ -651,7 +726,7 @@ async fn release_node<C>(ctx: &Ctx<C>, pvc: &PersistentVolumeClaim) -> Result<()
 /// Sets a claim's `selected-node` to `holder` in place of this node's, with
 /// an optimistic-concurrency patch: a claim changed meanwhile (released by
 /// the scheduler, moved by another agent) is left as it now is.
-async fn move_node<C>(
+pub(crate) async fn move_node<C>(
     ctx: &Ctx<C>,
     pvc: &PersistentVolumeClaim,
     holder: &str,

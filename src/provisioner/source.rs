@@ -2,8 +2,10 @@
 //! `dataSourceRef`) naming a VolumeSnapshot or another claim in the same
 //! namespace. Parsing is pure ([`data_source`]); resolving follows the
 //! snapshot to its content, or the claim to its PV, to find the handle and
-//! the node that holds the data ([`resolve`]). Data does not move between
-//! nodes: only the holder can provision such a claim.
+//! the node that holds the data ([`resolve`]). The holder provisions such
+//! a claim from its own copy; another node the scheduler chose pulls the
+//! data from the holder (`crossnode`) or, when it cannot, moves the claim
+//! to the holder.
 
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
 use kube::{Api, ResourceExt};
@@ -102,6 +104,9 @@ pub struct Resolved {
     pub content: VolumeContentSource,
     /// The node whose agent holds the data, when known.
     pub node: Option<String>,
+    /// The source's size (a snapshot's restoreSize, the capacity of the
+    /// cloned claim's PV), when known: the least a copy of it takes.
+    pub size_bytes: Option<i64>,
 }
 
 /// What [`resolve`] found.
@@ -154,6 +159,7 @@ pub(crate) async fn resolve<C: CsiController>(
                     "VolumeSnapshotContent {content_name} of {src} has no snapshot handle yet"
                 )));
             };
+            let size_bytes = content.status.as_ref().and_then(|s| s.restore_size);
             let labelled = content.labels().get(CONTENT_NODE_LABEL).cloned();
             let node = match labelled {
                 Some(n) => Some(n),
@@ -167,6 +173,7 @@ pub(crate) async fn resolve<C: CsiController>(
                     })),
                 },
                 node,
+                size_bytes,
             }))
         }
         // Read, not taken from a store: the agent watches claims as metadata
@@ -205,6 +212,12 @@ pub(crate) async fn resolve<C: CsiController>(
                     })),
                 },
                 node: pv::pv_node(&pv).map(str::to_string),
+                size_bytes: pv
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.capacity.as_ref())
+                    .and_then(|c| c.get("storage"))
+                    .and_then(|q| super::quantity::to_bytes(&q.0).ok()),
             }))
         }
     }

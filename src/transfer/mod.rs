@@ -10,17 +10,20 @@
 //! trust material in a Secret-volume layout, reloaded when kubelet swaps
 //! it), [`certs`] (a CA and the agents' leaf for that Secret), [`extent`]
 //! (SEEK_DATA/SEEK_HOLE), [`digest`] (the layout-independent content
-//! digest) and [`source`] (what can be sent, found through `storage`).
+//! digest), [`source`] (what can be sent, found through `storage`) and
+//! [`landing`] (the volume a pull lands in, also through `storage`).
 //!
-//! The restore path of the provisioner calls [`receiver::pull`] with the
-//! address of the agent that holds the snapshot, the trust of this agent
-//! ([`tls::TrustDir`]) and the target file in the new volume's folder (the
-//! folder carrying the storage layer's `.restoring` marker until its record
-//! is written, so that a crash leaves nothing recovery keeps).
+//! The cross-node restore of the provisioner (`provisioner::crossnode`)
+//! calls [`receiver::pull`] with the address of the agent that holds the
+//! snapshot or volume, the trust of this agent ([`tls::TrustDir`]) and the
+//! target file in the new volume's folder that [`Landing::begin`] names
+//! (the folder carrying the storage layer's `.incoming` marker until the
+//! data is verified and settled, see `storage::incoming`).
 
 pub mod certs;
 pub mod digest;
 pub mod extent;
+pub mod landing;
 pub mod receiver;
 pub mod server;
 pub mod source;
@@ -29,6 +32,7 @@ pub mod tls;
 use std::io;
 use std::path::{Path, PathBuf};
 
+pub use landing::{Arrival, Landing};
 pub use receiver::{Options, Report, pull, rollback};
 pub use server::{TransferService, serve};
 pub use source::{SourceRef, Sources};
