@@ -171,8 +171,12 @@ pub struct NodeArgs {
     pub health_addr: Option<std::net::SocketAddr>,
 
     /// Address to serve agent-to-agent transfers on (Pull of a volume's or
-    /// snapshot's data over mutual TLS), e.g. `0.0.0.0:9810`. Unset: not
-    /// served.
+    /// snapshot's data over mutual TLS), e.g. `0.0.0.0:9810`. Served once
+    /// the trust material is in --transfer-trust-dir (looked for every 10 s
+    /// until then). With it, the provisioner also pulls the data of a claim
+    /// restored on this node from the agent of the node that holds it
+    /// (StorageClass parameter crossNodeRestore), from that agent's port
+    /// named `transfer`, else this port. Unset: neither.
     #[arg(long, env = "STEAD_TRANSFER_ADDR")]
     pub transfer_addr: Option<std::net::SocketAddr>,
 

@@ -111,8 +111,22 @@ async fn run_node(args: NodeArgs) -> stead::Result<()> {
             plugin.controller_service(),
             metrics.clone(),
         ));
+        // Pulls of other nodes' data go with serving one's own: an agent
+        // with --transfer-addr does both, with the same trust material.
+        let transfer = args.transfer_addr.map(|addr| {
+            Arc::new(stead::provisioner::crossnode::Transfer::new(
+                Arc::new(plugin.clone()),
+                args.transfer_trust_dir.clone(),
+                args.transfer_server_name.clone(),
+                addr.port(),
+                args.pod_namespace
+                    .clone()
+                    .unwrap_or_else(|| "stead-system".to_string()),
+            ))
+        });
         let config = stead::provisioner::Config {
             freed: plugin.freed(),
+            transfer,
             ..args.provisioner_config()
         };
         let status = provisioner_status.clone();
@@ -180,8 +194,9 @@ async fn run_node(args: NodeArgs) -> stead::Result<()> {
         let Some(addr) = args.transfer_addr else {
             return Ok(());
         };
-        let trust =
-            stead::transfer::TrustDir::open(&args.transfer_trust_dir, &args.transfer_server_name)?;
+        let Some(trust) = wait_for_trust(&args, shutdown.clone()).await else {
+            return Ok(());
+        };
         let listener = stead::transfer::server::bind(addr).await?;
         tracing::info!(addr = %addr, trust.dir = %args.transfer_trust_dir.display(),
             "serving agent-to-agent transfers");
@@ -251,6 +266,42 @@ async fn run() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+    }
+}
+
+/// How often the agent looks for transfer trust material that is missing.
+const TRUST_POLL: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The transfer trust material, once it is there: deploy mounts Secret
+/// stead-transfer-tls optionally, so an agent may start before it exists,
+/// and kubelet fills the mount when it appears. Said once while it is
+/// missing, and once when it is found; `None` on shutdown.
+async fn wait_for_trust(
+    args: &NodeArgs,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Option<stead::transfer::TrustDir> {
+    let dir = &args.transfer_trust_dir;
+    let mut said = false;
+    tokio::pin!(shutdown);
+    loop {
+        match stead::transfer::TrustDir::open(dir, &args.transfer_server_name) {
+            Ok(t) => {
+                if said {
+                    tracing::info!(trust.dir = %dir.display(), "transfer trust material found");
+                }
+                return Some(t);
+            }
+            Err(e) if !said => {
+                tracing::warn!(trust.dir = %dir.display(), error = %e,
+                    "agent-to-agent transfers are not served until the trust material is there (Secret stead-transfer-tls, made with `stead transfer-certs`); looking again every 10 s");
+                said = true;
+            }
+            Err(_) => {}
+        }
+        tokio::select! {
+            () = tokio::time::sleep(TRUST_POLL) => {}
+            () = &mut shutdown => return None,
+        }
     }
 }
 
