@@ -467,3 +467,519 @@ async fn rollback<C: CsiController>(
     let wait = ctx.backoff(&pvc.uid().unwrap_or_default());
     Ok(Err(Action::requeue(wait.max(Duration::from_secs(30)))))
 }
+
+#[cfg(test)]
+mod tests {
+    //! Two real plugins on temp pools: node-a holds a snapshot of known
+    //! content and serves it on 127.0.0.1 over mutual TLS; node-b's
+    //! provisioner, on the fake apiserver, restores a claim from it.
+
+    use std::io::Read;
+    use std::os::unix::fs::FileExt;
+    use std::path::Path;
+
+    use k8s_openapi::api::core::v1::TypedLocalObjectReference;
+    use kube::runtime::controller::Action;
+    use serde_json::json;
+
+    use super::*;
+    use crate::csi::Plugin;
+    use crate::metrics::Metrics;
+    use crate::proto::csi::v1::CreateSnapshotRequest;
+    use crate::proto::csi::v1::DeleteSnapshotRequest;
+    use crate::provisioner::claim::tests::pvc;
+    use crate::provisioner::class::tests::class;
+    use crate::provisioner::reconcile::reconcile;
+    use crate::provisioner::tests::{Answer, Fake, fake_node, plugin_on};
+    use crate::transfer::{TransferService, certs};
+
+    const HOLDER: &str = "node-a";
+    const HERE: &str = "node-b";
+    const MIB: u64 = 1 << 20;
+    /// The source volume's size, and the restored claim's.
+    const SIZE: &str = "32Mi";
+
+    /// Node-a: its plugin, the snapshot it holds, that snapshot's file, and
+    /// the transfer service it serves.
+    struct Holder {
+        plugin: Plugin,
+        snapshot: String,
+        snapshot_file: std::path::PathBuf,
+        service: TransferService,
+        port: u16,
+        trust_dir: std::path::PathBuf,
+        _stop: tokio::sync::oneshot::Sender<()>,
+        _tmp: tempfile::TempDir,
+    }
+
+    /// An ext4 image volume on node-a with 6 MiB of known bytes past its
+    /// filesystem's metadata (and holes), snapshotted, served.
+    async fn holder() -> Holder {
+        let tmp = tempfile::tempdir().unwrap();
+        let metrics = Arc::new(Metrics::new(Vec::new));
+        let (csi, plugin) = plugin_on(
+            HOLDER,
+            &[("image", BackendKind::Image)],
+            tmp.path(),
+            &metrics,
+        );
+        let sc = class(
+            "stead",
+            &[("pool", "image")],
+            "WaitForFirstConsumer",
+            "Delete",
+        );
+        let spec = crate::provisioner::class::parse(&sc).unwrap();
+        let mut source = pvc("db", SIZE, Some(HOLDER));
+        source.metadata.uid = Some("5050c0de-0000-4000-8000-00000000000a".into());
+        let req = claim::create_request(&source, &spec, HOLDER).unwrap();
+        let vol = csi
+            .create_volume(tonic::Request::new(req))
+            .await
+            .unwrap()
+            .into_inner()
+            .volume
+            .unwrap();
+        let img = tmp
+            .path()
+            .join("image")
+            .join(
+                VolumeId::parse(&vol.volume_id)
+                    .unwrap()
+                    .folder_name()
+                    .unwrap(),
+            )
+            .join(crate::storage::image::IMAGE_FILE);
+        let out = std::process::Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-E", "lazy_itable_init=1,nodiscard"])
+            .arg(&img)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
+        let pattern: Vec<u8> = (0..6 * MIB).map(|i| (i * 7 % 251) as u8).collect();
+        f.write_all_at(&pattern, 20 * MIB).unwrap();
+        f.sync_all().unwrap();
+        let snap = csi
+            .create_snapshot(tonic::Request::new(CreateSnapshotRequest {
+                source_volume_id: vol.volume_id.clone(),
+                name: "snapcontent-1".into(),
+                ..Default::default()
+            }))
+            .await
+            .unwrap()
+            .into_inner()
+            .snapshot
+            .unwrap();
+        let snapshot_file = tmp
+            .path()
+            .join("image")
+            .join(crate::storage::snapshot::SNAPSHOT_DIR)
+            .join(
+                VolumeId::parse(&snap.snapshot_id)
+                    .unwrap()
+                    .folder_name()
+                    .unwrap(),
+            )
+            .join(crate::storage::image::IMAGE_FILE);
+        assert!(snapshot_file.exists(), "{}", snapshot_file.display());
+
+        let trust_dir = tmp.path().join("trust");
+        certs::generate(transfer::DEFAULT_SERVER_NAME, 1)
+            .unwrap()
+            .write_to(&trust_dir)
+            .unwrap();
+        let trust = Arc::new(TrustDir::open(&trust_dir, transfer::DEFAULT_SERVER_NAME).unwrap());
+        let service = TransferService::new(Arc::new(plugin.clone()));
+        let listener = transfer::server::bind("127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(transfer::serve(
+            listener,
+            service.clone(),
+            trust,
+            async move {
+                let _ = stopped.await;
+            },
+        ));
+        Holder {
+            plugin,
+            snapshot: snap.snapshot_id,
+            snapshot_file,
+            service,
+            port,
+            trust_dir,
+            _stop: stop,
+            _tmp: tmp,
+        }
+    }
+
+    /// The apiserver as node-b sees it: VolumeSnapshot db/snap bound to a
+    /// ready content that names `snapshot` on node-a, and node-a's agent
+    /// pod at 127.0.0.1 with its `transfer` port.
+    fn apiserver(snapshot: &str, port: u16) -> Answer {
+        let snapshot = snapshot.to_string();
+        Arc::new(move |method: &http::Method, path: &str, query: &str| {
+            if *method != http::Method::GET {
+                return None;
+            }
+            let body = match path {
+                "/apis/snapshot.storage.k8s.io/v1/namespaces/db/volumesnapshots/snap" => json!({
+                    "apiVersion": "snapshot.storage.k8s.io/v1", "kind": "VolumeSnapshot",
+                    "metadata": {"name": "snap", "namespace": "db"},
+                    "spec": {"source": {"persistentVolumeClaimName": "db"}},
+                    "status": {"boundVolumeSnapshotContentName": "snapcontent-1", "readyToUse": true},
+                }),
+                "/apis/snapshot.storage.k8s.io/v1/volumesnapshotcontents/snapcontent-1" => json!({
+                    "apiVersion": "snapshot.storage.k8s.io/v1", "kind": "VolumeSnapshotContent",
+                    "metadata": {"name": "snapcontent-1", "labels": {crate::NODE_LABEL: HOLDER}},
+                    "spec": {
+                        "driver": crate::DRIVER_NAME, "deletionPolicy": "Delete",
+                        "source": {"volumeHandle": "pvc-5050c0de-0000-4000-8000-00000000000a"},
+                        "volumeSnapshotRef": {"name": "snap", "namespace": "db"},
+                    },
+                    "status": {"snapshotHandle": snapshot, "readyToUse": true, "restoreSize": 32 * MIB},
+                }),
+                "/api/v1/namespaces/stead-system/pods" => {
+                    let on_holder = query.contains("spec.nodeName%3Dnode-a")
+                        || query.contains("spec.nodeName=node-a");
+                    let items = if on_holder {
+                        vec![json!({
+                            "metadata": {"name": "stead-node-abcde", "namespace": "stead-system"},
+                            "spec": {"nodeName": HOLDER, "containers": [{
+                                "name": "stead",
+                                "ports": [{"name": "health", "containerPort": 9809},
+                                          {"name": "transfer", "containerPort": port}],
+                            }]},
+                            "status": {"phase": "Running", "podIP": "127.0.0.1"},
+                        })]
+                    } else {
+                        vec![]
+                    };
+                    json!({"apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": items})
+                }
+                _ => return None,
+            };
+            Some((200, body.to_string()))
+        })
+    }
+
+    /// Node-b's provisioner, pulling with the holder's trust material.
+    async fn puller(h: &Holder, pool: &str, options: receiver::Options) -> Fake {
+        let sc = class("stead", &[("pool", pool)], "WaitForFirstConsumer", "Delete");
+        let trust_dir = h.trust_dir.clone();
+        fake_node(
+            HERE,
+            &[("image", BackendKind::Image), ("dir", BackendKind::Dir)],
+            &[sc],
+            Some(apiserver(&h.snapshot, h.port)),
+            move |plugin| {
+                let mut t = Transfer::new(
+                    Arc::new(plugin.clone()),
+                    trust_dir,
+                    transfer::DEFAULT_SERVER_NAME.into(),
+                    // Not the holder's: its pod names its port.
+                    1,
+                    "stead-system".into(),
+                );
+                t.options = options;
+                Some(t)
+            },
+        )
+        .await
+    }
+
+    /// Claim db/restore of class stead from VolumeSnapshot snap, its pod
+    /// put on node-b by the scheduler.
+    fn restore() -> Arc<PersistentVolumeClaim> {
+        let mut c = pvc("restore", SIZE, Some(HERE));
+        c.spec.as_mut().unwrap().data_source = Some(TypedLocalObjectReference {
+            api_group: Some("snapshot.storage.k8s.io".into()),
+            kind: "VolumeSnapshot".into(),
+            name: "snap".into(),
+        });
+        Arc::new(c)
+    }
+
+    fn digest_of(path: &Path, len: u64) -> blake3::Hash {
+        let mut buf = vec![0u8; len as usize];
+        std::fs::File::open(path)
+            .unwrap()
+            .read_exact(&mut buf)
+            .unwrap();
+        blake3::hash(&buf)
+    }
+
+    /// The restored claim's volume folder on node-b.
+    fn volume_folder(f: &Fake) -> std::path::PathBuf {
+        let id = claim::volume_name(&*restore()).unwrap();
+        f.tmp
+            .path()
+            .join("image")
+            .join(VolumeId::parse(&id).unwrap().folder_name().unwrap())
+    }
+
+    fn fast(attempts: u32) -> receiver::Options {
+        receiver::Options {
+            checkpoint_every: MIB,
+            attempts,
+            ..Default::default()
+        }
+    }
+
+    fn reasons(posted: &[(String, String)]) -> Vec<&str> {
+        posted.iter().map(|(r, _)| r.as_str()).collect()
+    }
+
+    async fn intents(f: &Fake) -> usize {
+        f.ctx.ledger.older_than(Duration::ZERO).await.unwrap().len()
+    }
+
+    const PV_POST: &str = "POST /api/v1/persistentvolumes";
+
+    #[tokio::test]
+    async fn a_snapshot_on_another_node_is_pulled_verified_and_its_pv_made() {
+        let h = holder().await;
+        let f = puller(&h, "image", fast(3)).await;
+        let action = reconcile(restore(), f.ctx.clone()).await.unwrap();
+        assert_eq!(action, Action::await_change());
+        let posted = f.posted();
+        assert_eq!(
+            reasons(&posted),
+            ["Pulling", "Pulled", "ProvisioningSucceeded"],
+            "{posted:#?}"
+        );
+        let (_, pulling) = &posted[0];
+        assert!(
+            pulling.contains("node-a") && pulling.contains("32Mi") && pulling.contains("127.0.0.1"),
+            "{pulling}"
+        );
+        let (_, pulled) = &posted[1];
+        assert!(
+            pulled.contains("MB/s") && pulled.contains("digest verified"),
+            "{pulled}"
+        );
+        let (_, done) = &posted[2];
+        assert!(done.contains("pulled from node node-a"), "{done}");
+        assert!(f.requested(PV_POST), "the PV is made once the data is in");
+
+        let folder = volume_folder(&f);
+        let img = folder.join(crate::storage::image::IMAGE_FILE);
+        assert_eq!(
+            digest_of(&img, 32 * MIB),
+            digest_of(&h.snapshot_file, 32 * MIB),
+            "the restored volume holds the snapshot's content"
+        );
+        let left: Vec<String> = std::fs::read_dir(&folder)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n != "volume.json" && n != "disk.img")
+            .collect();
+        assert!(
+            left.is_empty(),
+            "no marker, staging or checkpoint left: {left:?}"
+        );
+        let record: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(folder.join("volume.json")).unwrap()).unwrap();
+        assert_eq!(record["formatted"], "ext4", "{record}");
+        assert!(
+            record["received"]
+                .as_str()
+                .unwrap()
+                .contains("from node node-a"),
+            "{record}"
+        );
+        assert_eq!(intents(&f).await, 0, "the intent ends with the PV");
+    }
+
+    #[tokio::test]
+    async fn a_pull_cut_half_way_resumes_from_its_checkpoint_at_the_next_reconcile() {
+        let h = holder().await;
+        let f = puller(&h, "image", fast(1)).await;
+        h.service.cut_next_stream_after(3 * MIB);
+        let action = reconcile(restore(), f.ctx.clone()).await.unwrap();
+        assert_ne!(action, Action::await_change(), "retried later");
+        let posted = f.posted();
+        assert_eq!(
+            reasons(&posted),
+            ["Pulling", "ProvisioningFailed"],
+            "{posted:#?}"
+        );
+        assert!(
+            posted[1].1.contains("resumes from its checkpoint"),
+            "{}",
+            posted[1].1
+        );
+        assert!(!f.requested(PV_POST), "no PV for a volume without its data");
+        let folder = volume_folder(&f);
+        assert!(
+            folder.join(".incoming").exists(),
+            "the volume waits for its data"
+        );
+        assert!(
+            folder.join(".transfer-incoming.img.json").exists(),
+            "a checkpoint"
+        );
+        assert_eq!(intents(&f).await, 1, "the intent stays");
+
+        reconcile(restore(), f.ctx.clone()).await.unwrap();
+        let posted = f.posted();
+        assert_eq!(
+            reasons(&posted),
+            ["Pulling", "Pulled", "ProvisioningSucceeded"],
+            "{posted:#?}"
+        );
+        assert!(posted[1].1.contains("resumed at"), "{}", posted[1].1);
+        assert!(f.requested(PV_POST));
+        assert_eq!(
+            digest_of(&folder.join("disk.img"), 32 * MIB),
+            digest_of(&h.snapshot_file, 32 * MIB)
+        );
+        assert_eq!(intents(&f).await, 0);
+    }
+
+    /// Nothing of the claim is left on node-b: no volume folder, no
+    /// intent, no PV.
+    async fn nothing_left(f: &Fake) {
+        let pool = f.tmp.path().join("image");
+        let left: Vec<_> = std::fs::read_dir(&pool)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert!(left.is_empty(), "pool holds {left:?}");
+        assert_eq!(intents(f).await, 0, "no intent");
+        assert!(!f.requested(PV_POST), "no PV");
+    }
+
+    #[tokio::test]
+    async fn a_digest_mismatch_rolls_back_volume_staging_and_intent() {
+        let h = holder().await;
+        let f = puller(&h, "image", fast(1)).await;
+        h.service.cut_next_stream_after(3 * MIB);
+        reconcile(restore(), f.ctx.clone()).await.unwrap();
+        f.posted();
+        // What was received rots on disk before the pull resumes: the
+        // digest over the whole content tells.
+        let staging = volume_folder(&f).join(".transfer-incoming.img.part");
+        let s = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&staging)
+            .unwrap();
+        s.write_all_at(b"rot", 1024 + 7).unwrap();
+        drop(s);
+        reconcile(restore(), f.ctx.clone()).await.unwrap();
+        let posted = f.posted();
+        assert_eq!(
+            reasons(&posted),
+            ["Pulling", "ProvisioningFailed"],
+            "{posted:#?}"
+        );
+        let note = &posted[1].1;
+        assert!(
+            note.contains("content digest")
+                && note.contains("nothing of it is left on node node-b"),
+            "{note}"
+        );
+        nothing_left(&f).await;
+    }
+
+    #[tokio::test]
+    async fn a_source_gone_from_its_node_rolls_back_and_says_so() {
+        let h = holder().await;
+        let f = puller(&h, "image", fast(3)).await;
+        h.plugin
+            .controller_service()
+            .delete_snapshot(tonic::Request::new(DeleteSnapshotRequest {
+                snapshot_id: h.snapshot.clone(),
+                ..Default::default()
+            }))
+            .await
+            .unwrap();
+        reconcile(restore(), f.ctx.clone()).await.unwrap();
+        let posted = f.posted();
+        assert_eq!(
+            reasons(&posted),
+            ["Pulling", "ProvisioningFailed"],
+            "{posted:#?}"
+        );
+        assert!(
+            posted[1].1.contains("no longer holds it"),
+            "{}",
+            posted[1].1
+        );
+        nothing_left(&f).await;
+    }
+
+    /// The claim's PATCH requests: its node choice moved to the holder.
+    fn moved_to_holder(f: &Fake) -> bool {
+        f.requests.lock().unwrap().iter().any(|r| {
+            r.method == "PATCH"
+                && r.path.ends_with("/persistentvolumeclaims/restore")
+                && r.body.contains(HOLDER)
+        })
+    }
+
+    #[tokio::test]
+    async fn a_dir_class_is_not_pulled_into_and_the_claim_goes_to_the_holder() {
+        let h = holder().await;
+        let f = puller(&h, "dir", fast(3)).await;
+        reconcile(restore(), f.ctx.clone()).await.unwrap();
+        let posted = f.posted();
+        assert_eq!(reasons(&posted), ["ProvisioningFailed"], "{posted:#?}");
+        let note = &posted[0].1;
+        assert!(
+            note.contains("dir volumes cannot be transferred between nodes")
+                && note.contains("use a class of an image pool")
+                && note.contains("moved to node-a"),
+            "{note}"
+        );
+        assert!(moved_to_holder(&f));
+        assert_eq!(
+            std::fs::read_dir(f.tmp.path().join("pool")).map_or(0, |d| d.count()),
+            0
+        );
+        nothing_left(&f).await;
+    }
+
+    #[tokio::test]
+    async fn a_refuse_class_or_an_agent_without_trust_moves_the_claim_to_the_holder() {
+        let h = holder().await;
+        let mut f = puller(&h, "image", fast(3)).await;
+        let refuse = class(
+            "stead",
+            &[("pool", "image"), ("crossNodeRestore", "refuse")],
+            "WaitForFirstConsumer",
+            "Delete",
+        );
+        let (classes, mut writer) = kube::runtime::reflector::store();
+        writer.apply_watcher_event(&kube::runtime::watcher::Event::Apply(refuse));
+        Arc::get_mut(&mut f.ctx).unwrap().classes = classes;
+        reconcile(restore(), f.ctx.clone()).await.unwrap();
+        let posted = f.posted();
+        assert_eq!(reasons(&posted), ["ProvisioningFailed"], "{posted:#?}");
+        assert!(
+            posted[0].1.contains("crossNodeRestore: refuse")
+                && posted[0].1.contains("does not move data"),
+            "{}",
+            posted[0].1
+        );
+        assert!(moved_to_holder(&f));
+        nothing_left(&f).await;
+
+        std::fs::remove_dir_all(&h.trust_dir).unwrap();
+        let f = puller(&h, "image", fast(3)).await;
+        reconcile(restore(), f.ctx.clone()).await.unwrap();
+        let posted = f.posted();
+        assert_eq!(reasons(&posted), ["ProvisioningFailed"], "{posted:#?}");
+        assert!(
+            posted[0].1.contains("no transfer trust material")
+                && posted[0].1.contains("stead-transfer-tls"),
+            "{}",
+            posted[0].1
+        );
+        assert!(moved_to_holder(&f));
+        nothing_left(&f).await;
+    }
+}

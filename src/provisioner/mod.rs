@@ -733,12 +733,33 @@ pub(crate) mod tests {
         csi::NodeService,
         crate::storage::Freed,
     ) {
+        let (controller, plugin) = plugin_on(NODE, &[("dir", BackendKind::Dir)], tmp, metrics);
+        (controller, plugin.node_service(), plugin.freed())
+    }
+
+    /// The real plugin of node `node` with `pools` (name, backend), each in
+    /// `tmp/<name>` (the first, `dir`, in `tmp/pool` as it always was), and
+    /// its controller service as the provisioner calls it.
+    pub(crate) fn plugin_on(
+        node: &str,
+        pools: &[(&str, BackendKind)],
+        tmp: &std::path::Path,
+        metrics: &Arc<metrics::Metrics>,
+    ) -> (Arc<ObservedController<ControllerService>>, Plugin) {
         let plugin = Plugin::new(csi::Config {
-            node_id: NODE.into(),
-            pools: vec![
-                PoolSpec::new("dir", BackendKind::Dir, tmp.join("pool"))
-                    .with_reserve(Reserve::Bytes(0)),
-            ],
+            node_id: node.into(),
+            pools: pools
+                .iter()
+                .enumerate()
+                .map(|(i, (name, backend))| {
+                    let dir = if i == 0 && *name == "dir" {
+                        tmp.join("pool")
+                    } else {
+                        tmp.join(name)
+                    };
+                    PoolSpec::new(name, *backend, dir).with_reserve(Reserve::Bytes(0))
+                })
+                .collect(),
             max_volumes_per_node: None,
             kubelet_dir: tmp.join("kubelet"),
         })
@@ -747,7 +768,7 @@ pub(crate) mod tests {
             plugin.controller_service(),
             metrics.clone(),
         ));
-        (controller, plugin.node_service(), plugin.freed())
+        (controller, plugin)
     }
 
     /// The provisioner's config for node [`NODE`], its state under `tmp`.
@@ -770,6 +791,21 @@ pub(crate) mod tests {
     /// store this node (Ready), on the fake apiserver (`answer`, see
     /// [`apiserver`]).
     pub(crate) async fn fake_answering(classes: &[StorageClass], answer: Option<Answer>) -> Fake {
+        fake_node(NODE, &[("dir", BackendKind::Dir)], classes, answer, |_| {
+            None
+        })
+        .await
+    }
+
+    /// [`fake_answering`] for node `node` with `pools` (see [`plugin_on`]),
+    /// pulling from other nodes as `transfer` makes it (given the plugin).
+    pub(crate) async fn fake_node(
+        node: &str,
+        pools: &[(&str, BackendKind)],
+        classes: &[StorageClass],
+        answer: Option<Answer>,
+        transfer: impl FnOnce(&Plugin) -> Option<crossnode::Transfer>,
+    ) -> Fake {
         let tmp = tempfile::tempdir().unwrap();
         let metrics = Arc::new(metrics::Metrics::new(Vec::new));
         let requests = Arc::default();
@@ -784,12 +820,14 @@ pub(crate) mod tests {
         }
         let (volume_store, volumes) = reflector::store();
         let (node_store, mut nodes) = reflector::store();
-        nodes.apply_watcher_event(&watcher::Event::Apply(schedulable::tests::node(NODE)));
+        nodes.apply_watcher_event(&watcher::Event::Apply(schedulable::tests::node(node)));
         // Posted events are queued for the test to read, never recorded.
         let (events, posted) = events::Events::queued(metrics.clone());
-        let (csi, node, freed) = controller_and_node(tmp.path(), &metrics);
+        let (csi, plugin) = plugin_on(node, pools, tmp.path(), &metrics);
         let config = Config {
-            freed,
+            node: node.into(),
+            freed: plugin.freed(),
+            transfer: transfer(&plugin).map(Arc::new),
             ..config(tmp.path())
         };
         let ctx = Ctx {
@@ -818,7 +856,7 @@ pub(crate) mod tests {
             volumes,
             requests,
             posted: StdMutex::new(posted),
-            node,
+            node: plugin.node_service(),
             tmp,
         }
     }
