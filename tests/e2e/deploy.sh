@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Deploys Stead from deploy/ onto the bundled local cluster: imports the image
-# archive into the cluster's containerd, applies the kustomize base (and
-# deploy/snapshot/ when the cluster has the VolumeSnapshot CRDs), and waits
-# until the agent is Ready on every node.
+# archive into the cluster's containerd, creates the agents' transfer trust
+# material (Secret stead-transfer-tls, from `stead transfer-certs`) unless it
+# is there, applies the kustomize base (and deploy/snapshot/ when the cluster
+# has the VolumeSnapshot CRDs), and waits until the agent is Ready on every
+# node.
 #
 #   tests/e2e/deploy.sh <oci-archive>     (make deploy builds the archive first)
 #
@@ -76,6 +78,19 @@ patches:
                   path: /var/lib/stead/pools/dir-btrfs
                   type: Directory
 YAML
+# The agents' transfer trust material (crossNodeRestore: pull), before the
+# agents start so that they serve at once: made once and kept across
+# deploys, as an operator would (a new CA at each deploy would only make
+# the agents reload it).
+"$KUBECTL" apply -f deploy/base/namespace.yaml >/dev/null
+if ! "$KUBECTL" -n stead-system get secret stead-transfer-tls >/dev/null 2>&1; then
+  stead_bin=${CARGO_TARGET_DIR:-target}/release/stead
+  [[ -x $stead_bin ]] || cargo build --locked --release --bin stead
+  certs=$(mktemp -d "${TMPDIR:-/tmp}/stead-transfer-certs.XXXXXX")
+  "$stead_bin" transfer-certs --out "$certs" >/dev/null
+  "$KUBECTL" -n stead-system create secret generic stead-transfer-tls --from-file="$certs" >/dev/null
+  rm -rf "$certs"
+fi
 "$KUBECTL" apply -k "$overlay" >/dev/null
 # The VolumeSnapshotClass only where its CRD is (the bundled cluster has it).
 if "$KUBECTL" get crd volumesnapshotclasses.snapshot.storage.k8s.io >/dev/null 2>&1; then

@@ -54,6 +54,12 @@ docker pull busybox:1.36
 docker tag busybox:1.36 localhost/busybox:stead
 kind load docker-image --name "$name" "localhost/stead:$version" localhost/busybox:stead
 
+# The agents' transfer trust material (crossNodeRestore), before they start.
+kubectl apply -f deploy/base/namespace.yaml
+certs=$(mktemp -d)
+cargo run --locked --quiet --bin stead -- transfer-certs --out "$certs"
+kubectl -n stead-system create secret generic stead-transfer-tls --from-file="$certs"
+rm -rf "$certs"
 kubectl apply -k deploy/
 kubectl -n stead-system rollout status daemonset/stead-node --timeout=180s
 cargo test --locked -p stead-e2e --test statefulset --test volumes --test nodes -- --test-threads=1 --nocapture
