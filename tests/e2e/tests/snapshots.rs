@@ -1,15 +1,15 @@
 //! Snapshots through the cluster's VolumeSnapshot API (the
 //! snapshot-controller and CRDs of external-snapshotter, the VolumeSnapshotClass
 //! `stead` of deploy/snapshot): a snapshot of a StatefulSet member's volume
-//! restored into a new claim, a claim cloned from another, a restore whose
-//! pod the scheduler put on another node, and a deleted snapshot freeing
-//! its space.
+//! restored into a new claim, a claim cloned from another, a restore of a
+//! `crossNodeRestore: refuse` class whose pod the scheduler put on another
+//! node, and a deleted snapshot freeing its space.
 
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, Service};
-use k8s_openapi::api::storage::v1::CSIStorageCapacity;
+use k8s_openapi::api::storage::v1::{CSIStorageCapacity, StorageClass};
 use kube::api::{ApiResource, DynamicObject, GroupVersionKind, ListParams, PostParams};
 use kube::{Api, Client, ResourceExt};
 use serde_json::json;
@@ -28,10 +28,20 @@ fn snapshot_api(client: &Client, ns: &str, kind: &str) -> Api<DynamicObject> {
 }
 
 fn claim_from(name: &str, source: serde_json::Value, size: &str) -> PersistentVolumeClaim {
+    claim_of("stead", name, source, size)
+}
+
+/// [`claim_from`] of StorageClass `class`.
+fn claim_of(
+    class: &str,
+    name: &str,
+    source: serde_json::Value,
+    size: &str,
+) -> PersistentVolumeClaim {
     from_json(json!({
         "metadata": { "name": name },
         "spec": {
-            "storageClassName": "stead",
+            "storageClassName": class,
             "accessModes": ["ReadWriteOnce"],
             "resources": { "requests": { "storage": size } },
             "dataSource": source,
@@ -194,12 +204,29 @@ async fn a_statefulset_members_snapshot_restores_and_a_claim_clones_on_its_node(
         .map(|n| n.name)
         .find(|n| *n != node);
     if let Some(other) = elsewhere {
+        // The default class pulls the data to the node the scheduler chose
+        // (tests/e2e/tests/crossnode.rs); one that says crossNodeRestore:
+        // refuse keeps it where it is.
+        let refuse = format!("stead-refuse-{}", scn.ns);
+        let classes: Api<StorageClass> = Api::all(scn.client.clone());
+        create(
+            &classes,
+            &from_json(json!({
+                "metadata": { "name": refuse },
+                "provisioner": "stead.csi.dev",
+                "parameters": { "pool": "image", "csi.storage.k8s.io/fstype": "ext4", "crossNodeRestore": "refuse" },
+                "volumeBindingMode": "WaitForFirstConsumer",
+                "reclaimPolicy": "Delete",
+            })),
+        )
+        .await;
         step(&format!(
-            "a restore whose pod prefers {other}: the scheduler picks {other}, Stead moves the claim's node choice to {node}, the pod runs there and reads the old token"
+            "a restore of class {refuse} whose pod prefers {other}: the scheduler picks {other}, Stead moves the claim's node choice to {node}, the pod runs there and reads the old token"
         ));
         create(
             &pvcs,
-            &claim_from(
+            &claim_of(
+                &refuse,
                 "db-restore-steered",
                 json!({ "apiGroup": "snapshot.storage.k8s.io", "kind": "VolumeSnapshot", "name": "db-snap" }),
                 "500Mi",
@@ -248,11 +275,12 @@ async fn a_statefulset_members_snapshot_restores_and_a_claim_clones_on_its_node(
         delete(&pvcs, "db-restore-steered").await;
 
         step(&format!(
-            "a restore whose pod must run on {other}: the claim says the data is on {node}, the pod stays Pending"
+            "a restore of class {refuse} whose pod must run on {other}: the claim says the data is on {node}, the pod stays Pending"
         ));
         create(
             &pvcs,
-            &claim_from(
+            &claim_of(
+                &refuse,
                 "db-restore-elsewhere",
                 json!({ "apiGroup": "snapshot.storage.k8s.io", "kind": "VolumeSnapshot", "name": "db-snap" }),
                 "500Mi",
@@ -283,6 +311,7 @@ async fn a_statefulset_members_snapshot_restores_and_a_claim_clones_on_its_node(
         );
         delete(&pods, "elsewhere-reader").await;
         delete(&pvcs, "db-restore-elsewhere").await;
+        delete(&classes, &refuse).await;
     } else {
         step("one schedulable node only: the cross-node case needs a second node");
     }
