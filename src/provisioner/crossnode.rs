@@ -275,12 +275,20 @@ pub(crate) async fn receive<C: CsiController>(
     let received = format!("{} ({}) from node {holder}", plan.what, plan.source);
     let arrival = match t.landing.begin(id).await {
         Ok(a) => a,
+        // Not rolled back: a volume this call did not prepare is not known
+        // to hold nothing of anyone's (the intent lets the reaper remove it
+        // once its claim is gone).
         Err(e) => {
-            let note = format!(
-                "node {node} cannot receive the data of {} into volume {id} for claim {key}: {e}",
-                plan.what
+            let wait = ctx.backoff(&uid);
+            ctx.fail(
+                pvc,
+                format!(
+                    "node {node} cannot receive the data of {} into volume {id} for claim {key}: {e}; the volume is left as it is and looked at again in {} s; the agent's log on node {node} tells more",
+                    plan.what,
+                    wait.as_secs()
+                ),
             );
-            return rollback(ctx, pvc, id, None, note).await;
+            return Ok(Err(Action::requeue(wait)));
         }
     };
     let target = match arrival {
@@ -360,14 +368,14 @@ pub(crate) async fn receive<C: CsiController>(
                         "node {node} could not pull {} from node {holder} for claim {key}: {why}",
                         plan.what
                     );
-                    rollback(ctx, pvc, id, Some(&target), note).await
+                    rollback(ctx, pvc, id, &target, note).await
                 }
                 Outcome::Untransferable(why) => {
                     let note = format!(
                         "node {node} could not pull {} from node {holder} for claim {key}: {why}",
                         plan.what
                     );
-                    let action = rollback(ctx, pvc, id, Some(&target), note).await?;
+                    let action = rollback(ctx, pvc, id, &target, note).await?;
                     super::reconcile::move_node(ctx, pvc, holder).await?;
                     Ok(action)
                 }
@@ -422,7 +430,7 @@ async fn settle<C: CsiController>(
                 ctx.config.node,
                 claim::claim_key(pvc)
             );
-            rollback(ctx, pvc, id, Some(target), note).await
+            rollback(ctx, pvc, id, target, note).await
         }
     }
 }
@@ -434,13 +442,11 @@ async fn rollback<C: CsiController>(
     ctx: &Ctx<C>,
     pvc: &PersistentVolumeClaim,
     id: &str,
-    target: Option<&std::path::Path>,
+    target: &std::path::Path,
     note: String,
 ) -> Result<Result<(), Action>, Error> {
     let node = &ctx.config.node;
-    if let Some(target) = target
-        && let Err(e) = transfer::rollback(target)
-    {
+    if let Err(e) = transfer::rollback(target) {
         tracing::warn!(volume.id = %id, error = %e, "could not remove the transfer's work files; DeleteVolume removes them with the volume");
     }
     let deleted = ctx

@@ -366,6 +366,28 @@ mod tests {
     }
 
     #[test]
+    fn a_pull_under_way_survives_a_restart_of_the_agent() {
+        let tmp = tempfile::tempdir().unwrap();
+        let s = store(tmp.path());
+        let m = volume(&s, "pvc-r", "img", AccessKind::Block);
+        let Arrival::Pull(target) = s.begin_incoming(&m.id).unwrap() else {
+            panic!("pulled into");
+        };
+        // What a receiver killed mid-way leaves beside the target.
+        let folder = target.parent().unwrap().to_owned();
+        fs::write(folder.join(".transfer-incoming.img.part"), b"half").unwrap();
+        fs::write(folder.join(".transfer-incoming.img.json"), b"{}").unwrap();
+        drop(s);
+        let s = store(tmp.path());
+        assert!(s.get(&m.id).is_some(), "a volume with its record is kept");
+        assert_eq!(s.begin_incoming(&m.id).unwrap(), Arrival::Pull(target));
+        assert!(
+            folder.join(".transfer-incoming.img.part").exists(),
+            "the staging is kept for the resume"
+        );
+    }
+
+    #[test]
     fn only_a_new_empty_image_volume_receives_data() {
         let tmp = tempfile::tempdir().unwrap();
         let s = store(tmp.path());
