@@ -496,7 +496,7 @@ mod tests {
     use crate::provisioner::claim::tests::pvc;
     use crate::provisioner::class::tests::class;
     use crate::provisioner::reconcile::reconcile;
-    use crate::provisioner::tests::{Answer, Fake, fake_node, plugin_on};
+    use crate::provisioner::tests::{Answer, Fake, fake_node_in, plugin_on};
     use crate::transfer::{TransferService, certs};
 
     const HOLDER: &str = "node-a";
@@ -674,9 +674,20 @@ mod tests {
 
     /// Node-b's provisioner, pulling with the holder's trust material.
     async fn puller(h: &Holder, pool: &str, options: receiver::Options) -> Fake {
+        puller_in(tempfile::tempdir().unwrap(), h, pool, options).await
+    }
+
+    /// [`puller`] on what an earlier one left in `tmp` (its agent restarted).
+    async fn puller_in(
+        tmp: tempfile::TempDir,
+        h: &Holder,
+        pool: &str,
+        options: receiver::Options,
+    ) -> Fake {
         let sc = class("stead", &[("pool", pool)], "WaitForFirstConsumer", "Delete");
         let trust_dir = h.trust_dir.clone();
-        fake_node(
+        fake_node_in(
+            tmp,
             HERE,
             &[("image", BackendKind::Image), ("dir", BackendKind::Dir)],
             &[sc],
@@ -841,6 +852,32 @@ mod tests {
         assert!(f.requested(PV_POST));
         assert_eq!(
             digest_of(&folder.join("disk.img"), 32 * MIB),
+            digest_of(&h.snapshot_file, 32 * MIB)
+        );
+        assert_eq!(intents(&f).await, 0);
+    }
+
+    #[tokio::test]
+    async fn a_pull_cut_half_way_resumes_after_the_agent_restarts() {
+        let h = holder().await;
+        let f = puller(&h, "image", fast(1)).await;
+        h.service.cut_next_stream_after(5 * MIB);
+        reconcile(restore(), f.ctx.clone()).await.unwrap();
+        assert!(!f.requested(PV_POST));
+        // The agent of node-b is killed and starts again on the same disk.
+        let Fake { tmp, .. } = f;
+        let f = puller_in(tmp, &h, "image", fast(3)).await;
+        assert_eq!(intents(&f).await, 1, "the intent is on disk");
+        reconcile(restore(), f.ctx.clone()).await.unwrap();
+        let posted = f.posted();
+        assert_eq!(
+            reasons(&posted),
+            ["Pulling", "Pulled", "ProvisioningSucceeded"],
+            "{posted:#?}"
+        );
+        assert!(posted[1].1.contains("resumed at"), "{}", posted[1].1);
+        assert_eq!(
+            digest_of(&volume_folder(&f).join("disk.img"), 32 * MIB),
             digest_of(&h.snapshot_file, 32 * MIB)
         );
         assert_eq!(intents(&f).await, 0);

@@ -807,6 +807,19 @@ pub(crate) mod tests {
         transfer: impl FnOnce(&Plugin) -> Option<crossnode::Transfer>,
     ) -> Fake {
         let tmp = tempfile::tempdir().unwrap();
+        fake_node_in(tmp, node, pools, classes, answer, transfer).await
+    }
+
+    /// [`fake_node`] on the pools and state an earlier one left in `tmp`:
+    /// the agent of that node, restarted.
+    pub(crate) async fn fake_node_in(
+        tmp: tempfile::TempDir,
+        node: &str,
+        pools: &[(&str, BackendKind)],
+        classes: &[StorageClass],
+        answer: Option<Answer>,
+        transfer: impl FnOnce(&Plugin) -> Option<crossnode::Transfer>,
+    ) -> Fake {
         let metrics = Arc::new(metrics::Metrics::new(Vec::new));
         let requests = Arc::default();
         let service = tower::Layer::layer(
