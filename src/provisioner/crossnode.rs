@@ -883,6 +883,100 @@ mod tests {
         assert_eq!(intents(&f).await, 0);
     }
 
+    #[tokio::test]
+    async fn a_claim_cloned_from_a_claim_on_another_node_gets_its_volumes_data() {
+        let h = holder().await;
+        let sc = class(
+            "stead",
+            &[("pool", "image")],
+            "WaitForFirstConsumer",
+            "Delete",
+        );
+        let trust_dir = h.trust_dir.clone();
+        // The source claim db, bound to its PV on node-a.
+        let mut source = pvc("db", SIZE, Some(HOLDER));
+        source.metadata.uid = Some("5050c0de-0000-4000-8000-00000000000a".into());
+        let mut pv = crate::provisioner::pv::tests::made_for(&source, HOLDER);
+        pv.spec.as_mut().unwrap().capacity = Some(std::collections::BTreeMap::from([(
+            "storage".to_string(),
+            k8s_openapi::apimachinery::pkg::api::resource::Quantity(SIZE.into()),
+        )]));
+        let pv_name = pv.metadata.name.clone().unwrap();
+        let spec = source.spec.as_mut().unwrap();
+        spec.volume_name = Some(pv_name.clone());
+        source.status = Some(k8s_openapi::api::core::v1::PersistentVolumeClaimStatus {
+            phase: Some("Bound".into()),
+            ..Default::default()
+        });
+        let snapshots = apiserver(&h.snapshot, h.port);
+        let answer: Answer = Arc::new(move |method: &http::Method, path: &str, query: &str| {
+            if *method == http::Method::GET {
+                if path == "/api/v1/namespaces/db/persistentvolumeclaims/db" {
+                    return Some((200, serde_json::to_string(&source).unwrap()));
+                }
+                if path == format!("/api/v1/persistentvolumes/{pv_name}") {
+                    return Some((200, serde_json::to_string(&pv).unwrap()));
+                }
+            }
+            snapshots(method, path, query)
+        });
+        let f = fake_node_in(
+            tempfile::tempdir().unwrap(),
+            HERE,
+            &[("image", BackendKind::Image)],
+            &[sc],
+            Some(answer),
+            move |plugin| {
+                Some(Transfer::new(
+                    Arc::new(plugin.clone()),
+                    trust_dir,
+                    transfer::DEFAULT_SERVER_NAME.into(),
+                    1,
+                    "stead-system".into(),
+                ))
+            },
+        )
+        .await;
+        let mut clone = pvc("restore", SIZE, Some(HERE));
+        clone.spec.as_mut().unwrap().data_source = Some(TypedLocalObjectReference {
+            api_group: None,
+            kind: "PersistentVolumeClaim".into(),
+            name: "db".into(),
+        });
+        reconcile(Arc::new(clone), f.ctx.clone()).await.unwrap();
+        let posted = f.posted();
+        assert_eq!(
+            reasons(&posted),
+            ["Pulling", "Pulled", "ProvisioningSucceeded"],
+            "{posted:#?}"
+        );
+        assert!(
+            posted[0].1.contains("PersistentVolumeClaim db/db"),
+            "{}",
+            posted[0].1
+        );
+        let source_img = h
+            .snapshot_file
+            .parent()
+            .unwrap()
+            .parent()
+            .unwrap()
+            .parent()
+            .unwrap()
+            .join(
+                VolumeId::parse("pvc-5050c0de-0000-4000-8000-00000000000a")
+                    .unwrap()
+                    .folder_name()
+                    .unwrap(),
+            )
+            .join(crate::storage::image::IMAGE_FILE);
+        assert_eq!(
+            digest_of(&volume_folder(&f).join("disk.img"), 32 * MIB),
+            digest_of(&source_img, 32 * MIB),
+            "the clone holds the source volume's data"
+        );
+    }
+
     /// Nothing of the claim is left on node-b: no volume folder, no
     /// intent, no PV.
     async fn nothing_left(f: &Fake) {
