@@ -1020,7 +1020,10 @@ mod tests {
     #[test]
     fn a_failed_expansion_says_what_the_user_can_do() {
         let full = resize_next_step(Code::ResourceExhausted, "node-a");
-        assert!(full.contains("free space") && full.contains("node-a"), "{full}");
+        assert!(
+            full.contains("free space") && full.contains("node-a"),
+            "{full}"
+        );
         let refused = resize_next_step(Code::InvalidArgument, "node-a");
         assert!(refused.contains("the request must change"), "{refused}");
         let other = resize_next_step(Code::Internal, "node-a");

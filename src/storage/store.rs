@@ -869,7 +869,12 @@ mod tests {
         // the exact bytes.
         let text = err.to_string();
         let asked = crate::provisioner::quantity::human((avail + pool::GIB) as i64);
-        for part in [asked.as_str(), "free", &pool.name, &format!("{} bytes", avail)] {
+        for part in [
+            asked.as_str(),
+            "free",
+            &pool.name,
+            &format!("{} bytes", avail),
+        ] {
             assert!(text.contains(part), "{part} in {text}");
         }
         assert!(s.is_empty());

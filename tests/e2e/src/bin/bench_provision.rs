@@ -24,6 +24,7 @@ use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, ResourceExt};
 use serde_json::json;
+use stead_e2e::bench::{self, machine, ms, percentile};
 use stead_e2e::{busybox_image, from_json};
 
 const SECTION_START: &str =
@@ -42,18 +43,6 @@ fn health() -> &'static str {
 const CSI_SOCKET: &str = "/var/lib/kubelet/plugins/stead.csi.dev/csi.sock";
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
-}
-
-fn ms(d: Duration) -> String {
-    format!("{:.0} ms", d.as_secs_f64() * 1000.0)
-}
 
 /// The agent's own view: VmRSS (KiB) and CPU seconds, from /proc.
 fn proc_stats(pid: u32) -> (u64, f64) {
@@ -400,19 +389,6 @@ async fn class(client: &Client, name: &str, mode: &str) -> Result<(), Error> {
     Ok(())
 }
 
-fn write_section(section: &str) -> Result<(), Error> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/BENCHMARKS.md");
-    let old = std::fs::read_to_string(&path).unwrap_or_else(|_| "# Benchmarks\n".to_string());
-    let new = match (old.find(SECTION_START), old.find(SECTION_END)) {
-        (Some(a), Some(b)) if a < b => {
-            format!("{}{section}{}", &old[..a], &old[b + SECTION_END.len()..])
-        }
-        _ => format!("{}\n\n{section}\n", old.trim_end()),
-    };
-    std::fs::write(&path, new)?;
-    Ok(())
-}
-
 /// The agent's default workers and client rate limits, from its `--help`.
 fn agent_defaults(bin: &Path) -> String {
     let help = Command::new(bin)
@@ -433,26 +409,6 @@ fn agent_defaults(bin: &Path) -> String {
         get("--workers"),
         get("--kube-qps"),
         get("--kube-burst")
-    )
-}
-
-fn machine() -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("model name")
-                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
-        })
-        .unwrap_or_default();
-    let cores = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(0);
-    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    let load: Vec<&str> = load.split_whitespace().take(3).collect();
-    format!(
-        "{cores} cores, {cpu}; load average at start {}",
-        load.join(" ")
     )
 }
 
@@ -573,7 +529,7 @@ Between “all PVs” and “all Bound” the agent has nothing left to do: the 
         imm.requests_per_claim(),
         met(imm.requests_per_claim() <= 3.0),
     );
-    write_section(&section)?;
+    bench::write_section(SECTION_START, SECTION_END, &section)?;
     println!("{section}");
     Ok(())
 }
