@@ -139,6 +139,12 @@ async fn take_from_meta<C: CsiController>(
         tracing::debug!(pvc = %key, node = %node, "{}", why.note());
         return Ok(Action::requeue(Duration::from_secs(30)));
     }
+    // This node's turn to take it (see `take_turn`); the claim comes back
+    // then, or sooner if it changes (another node took it).
+    if let Some(wait) = ctx.stagger(&uid) {
+        tracing::trace!(pvc = %key, node = %node, ?wait, "waits its turn to take the claim");
+        return Ok(Action::requeue(wait));
+    }
     let Some(pvc) = select_node(&ctx, meta, &node).await? else {
         tracing::debug!(pvc = %key, "another agent took it first");
         return Ok(Action::await_change());
@@ -1327,6 +1333,18 @@ mod tests {
         c
     }
 
+    /// The claim's first looks at this node: its turn to take it (see
+    /// `take_turn`) waited out, with nothing sent before it.
+    async fn at_its_turn(f: &Fake, claim: &PersistentVolumeClaim) -> Action {
+        let turn = crate::provisioner::take_turn(&claim.uid().unwrap(), NODE);
+        if !turn.is_zero() {
+            let first = reconcile_meta(meta(claim), f.ctx.clone()).await.unwrap();
+            assert_eq!(first, Action::requeue(turn));
+            assert!(requests(f).is_empty(), "nothing sent before its turn");
+        }
+        reconcile_meta(meta(claim), f.ctx.clone()).await.unwrap()
+    }
+
     fn requests(f: &Fake) -> Vec<String> {
         f.requests
             .lock()
@@ -1340,7 +1358,7 @@ mod tests {
     async fn an_immediate_claim_is_taken_from_its_metadata_without_a_read() {
         let claim = immediate("small", "16Mi");
         let f = taking(&[sc("stead-now", &[], "Immediate", "Delete")], &claim).await;
-        reconcile_meta(meta(&claim), f.ctx.clone()).await.unwrap();
+        at_its_turn(&f, &claim).await;
         // The take, then the PV: nothing read.
         assert_eq!(
             requests(&f),
@@ -1361,10 +1379,38 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn an_immediate_claim_waits_this_nodes_turn_and_is_left_alone_once_another_took_it() {
+        let mut claim = immediate("turn", "16Mi");
+        // A claim whose turn here is not the first.
+        let uid = (0..)
+            .map(|i| format!("0a1b2c3d-0000-4000-8000-{i:012}"))
+            .find(|u| !crate::provisioner::take_turn(u, NODE).is_zero())
+            .unwrap();
+        claim.metadata.uid = Some(uid.clone());
+        let f = taking(&[sc("stead-now", &[], "Immediate", "Delete")], &claim).await;
+        let first = reconcile_meta(meta(&claim), f.ctx.clone()).await.unwrap();
+        assert_eq!(
+            first,
+            Action::requeue(crate::provisioner::take_turn(&uid, NODE))
+        );
+        // Meanwhile node-b's take reached this node's watch.
+        claim
+            .metadata
+            .annotations
+            .get_or_insert_default()
+            .insert(claim::ANN_SELECTED_NODE.into(), "node-b".into());
+        let then = reconcile_meta(meta(&claim), f.ctx.clone()).await.unwrap();
+        assert_eq!(then, Action::await_change());
+        assert_eq!(requests(&f), Vec::<String>::new(), "no take, no read");
+    }
+
+    #[tokio::test]
     async fn an_immediate_claim_without_room_is_given_back_and_not_taken_again() {
         let claim = immediate("big", "1000Ti");
         let f = taking(&[sc("stead-now", &[], "Immediate", "Delete")], &claim).await;
-        for _ in 0..3 {
+        let action = at_its_turn(&f, &claim).await;
+        assert_eq!(action, Action::requeue(Duration::from_secs(30)));
+        for _ in 0..2 {
             let action = reconcile_meta(meta(&claim), f.ctx.clone()).await.unwrap();
             assert_eq!(action, Action::requeue(Duration::from_secs(30)));
         }
@@ -1406,7 +1452,7 @@ mod tests {
         let mut claim = immediate("late", "16Mi");
         claim.spec.as_mut().unwrap().storage_class_name = Some("stead".into());
         let f = taking(&[stead()], &claim).await;
-        reconcile_meta(meta(&claim), f.ctx.clone()).await.unwrap();
+        at_its_turn(&f, &claim).await;
         let seen = f.requests.lock().unwrap().clone();
         assert_eq!(seen.len(), 2, "{seen:?}");
         assert!(
