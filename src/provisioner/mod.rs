@@ -142,6 +142,11 @@ pub(crate) struct Ctx<C> {
     /// The uids of the Immediate claims this node said it has no room for:
     /// said once per claim, not at every look again.
     no_room: Mutex<HashSet<String>>,
+    /// The PVs this agent created that its PV watch may not show yet, with
+    /// when: a claim event that comes between the create and the watch
+    /// (the take's echo, the binder's writes) must not create it again (see
+    /// [`Ctx::pv_known`]).
+    made: Mutex<HashMap<String, std::time::Instant>>,
     /// The uids of the Immediate claims whose take this node has already
     /// put off once (see [`take_turn`]).
     staggered: Mutex<HashSet<String>>,
@@ -282,6 +287,35 @@ impl<C> Ctx<C> {
 
     /// Whether this node is yet to say that it has no room for the claim of
     /// `uid` (and from now on, has said so).
+    /// Whether PV `name` exists as far as this agent knows: its watch holds
+    /// it, or this agent created it less than [`MADE_FOR`] ago (a PV
+    /// deleted meanwhile by someone else is then found by the create's
+    /// conflict, as before).
+    fn pv_known(&self, name: &str) -> bool {
+        let mut made = self.made.lock().unwrap_or_else(|p| p.into_inner());
+        if self.volumes.get(&ObjectRef::new(name)).is_some() {
+            made.remove(name);
+            return true;
+        }
+        let now = std::time::Instant::now();
+        made.retain(|_, at| now.saturating_duration_since(*at) < MADE_FOR);
+        made.contains_key(name)
+    }
+
+    /// The claim's PV exists as far as this agent knows (see
+    /// [`Ctx::pv_known`]).
+    fn has_pv<K: Resource>(&self, pvc: &K) -> bool {
+        claim::volume_name(pvc).is_some_and(|v| self.pv_known(&v))
+    }
+
+    /// This agent created PV `name` (or found its own there).
+    fn made_pv(&self, name: &str) {
+        self.made
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.to_string(), std::time::Instant::now());
+    }
+
     /// How long this node puts off its first take of Immediate claim
     /// `uid`, or `None` once it has (see [`take_turn`]).
     fn stagger(&self, uid: &str) -> Option<Duration> {
@@ -308,6 +342,10 @@ impl<C> Ctx<C> {
         self.backoff(&uid.unwrap_or_default())
     }
 }
+
+/// How long a PV this agent created counts as known before its watch shows
+/// it (see [`Ctx::pv_known`]); the watch takes milliseconds.
+const MADE_FOR: Duration = Duration::from_secs(60);
 
 /// Turns of the first take of an Immediate claim: how many, and how far
 /// apart. Every schedulable agent sees a new Immediate claim at once, and
@@ -471,6 +509,7 @@ where
         failures: Mutex::default(),
         no_room: Mutex::default(),
         staggered: Mutex::default(),
+        made: Mutex::default(),
         sizes_read: Mutex::default(),
         given_back: Mutex::default(),
         metrics,
@@ -865,6 +904,7 @@ pub(crate) mod tests {
             failures: Mutex::default(),
             no_room: Mutex::default(),
             staggered: Mutex::default(),
+            made: Mutex::default(),
             sizes_read: Mutex::default(),
             given_back: Mutex::default(),
             metrics,

@@ -17,7 +17,7 @@ use tonic::Code;
 use super::claim::{self, Allowed, Concern, Decision};
 use super::class::{self, ClassSpec};
 use super::source::{self, Resolution};
-use super::{Ctx, Error, csi_error, has_pv, pv, quantity, schedulable};
+use super::{Ctx, Error, csi_error, pv, quantity, schedulable};
 use crate::metrics::Outcome;
 use crate::proto::csi::v1::controller_server::Controller as CsiController;
 use crate::proto::csi::v1::{
@@ -82,7 +82,7 @@ pub(crate) async fn reconcile_meta<C: CsiController>(
         return Ok(Action::await_change());
     }
     let key = claim::claim_key(&*meta);
-    match claim::concerns(&*meta, &ctx.config.node, has_pv(&ctx.volumes, &*meta)) {
+    match claim::concerns(&*meta, &ctx.config.node, ctx.has_pv(&*meta)) {
         Concern::Read => {}
         // Not on a node that takes no Immediate claims: there, the claim is
         // read (a restore may still come to the node that holds its data).
@@ -340,7 +340,7 @@ pub(crate) async fn reconcile<C: CsiController>(
         ctx.read_size(&uid, &pvc.metadata);
         return Ok(action);
     }
-    if has_pv(&ctx.volumes, &*pvc) {
+    if ctx.has_pv(&*pvc) {
         // Its volume is made (and the claim bound to it, or about to be):
         // nothing to do until its size is written again.
         ctx.read_size(&uid, &pvc.metadata);
@@ -404,11 +404,7 @@ pub(crate) async fn reconcile<C: CsiController>(
         .unwrap_or(0);
 
     // A PV of that name means the work is done (or a restart found it done).
-    if ctx
-        .volumes
-        .get(&ObjectRef::<PersistentVolume>::new(&volume_name))
-        .is_some()
-    {
+    if ctx.pv_known(&volume_name) {
         // Observed by the attempt that made it; a clock started since (a
         // reconcile before the claim is bound, a restarted agent) is not
         // the claim's wait.
@@ -753,18 +749,24 @@ async fn create_pv<C: CsiController>(
     let node = &ctx.config.node;
     let pv = pv::build_pv(pvc, class, volume, node);
     let api: Api<PersistentVolume> = Api::all(ctx.client.clone());
+    let name = pv.metadata.name.clone().unwrap_or_default();
     match api.create(&PostParams::default(), &pv).await {
-        Ok(_) => Ok(()),
+        Ok(_) => {
+            ctx.made_pv(&name);
+            Ok(())
+        }
         // An earlier attempt may have got this far; but the name alone does
         // not prove it (anyone may create a PV of any name): read it back.
         Err(kube::Error::Api(s)) if s.code == 409 => {
-            let name = pv.metadata.name.clone().unwrap_or_default();
             let Some(existing) = api.get_opt(&name).await? else {
                 return Err(Error::PvVanished { pv: name });
             };
             let uid = pvc.uid().unwrap_or_default();
             match pv::check_owned(&existing, &volume.volume_id, node, &uid) {
-                Ok(()) => Ok(()),
+                Ok(()) => {
+                    ctx.made_pv(&name);
+                    Ok(())
+                }
                 Err(mismatch) => {
                     let err = Error::ForeignPv {
                         pv: name,
@@ -1055,6 +1057,20 @@ mod tests {
         let claim = Arc::new(pvc("data-0", size, Some(NODE)));
         reconcile(claim.clone(), f.ctx.clone()).await.unwrap();
         (f, claim)
+    }
+
+    #[tokio::test]
+    async fn a_claim_event_before_the_pv_watch_shows_the_pv_creates_nothing_again() {
+        let (f, claim) = reconciled("16Mi").await;
+        let before = f.requests.lock().unwrap().len();
+        assert_eq!(f.posted().len(), 1, "ProvisioningSucceeded");
+        // The binder writes the claim before this agent's PV watch has the
+        // PV: the claim's events find the PV known, read nothing, post nothing.
+        reconcile(claim.clone(), f.ctx.clone()).await.unwrap();
+        reconcile_meta(meta(&claim), f.ctx.clone()).await.unwrap();
+        let seen = f.requests.lock().unwrap().clone();
+        assert_eq!(seen.len(), before, "{:?}", &seen[before..]);
+        assert!(f.posted().is_empty());
     }
 
     #[tokio::test]
