@@ -285,8 +285,6 @@ impl<C> Ctx<C> {
         };
     }
 
-    /// Whether this node is yet to say that it has no room for the claim of
-    /// `uid` (and from now on, has said so).
     /// Whether PV `name` exists as far as this agent knows: its watch holds
     /// it, or this agent created it less than [`MADE_FOR`] ago (a PV
     /// deleted meanwhile by someone else is then found by the create's
@@ -328,6 +326,8 @@ impl<C> Ctx<C> {
         (first && !wait.is_zero()).then_some(wait)
     }
 
+    /// Whether this node is yet to say that it has no room for the claim of
+    /// `uid` (and from now on, has said so).
     fn first_no_room(&self, uid: &str) -> bool {
         self.no_room
             .lock()
