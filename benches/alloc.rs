@@ -13,7 +13,8 @@
 //! whole size. It then replaces its section of docs/BENCHMARKS.md and
 //! prints it. Everything is unmounted and detached on the way out.
 
-use std::error::Error;
+mod common;
+
 use std::fmt::Write as _;
 use std::fs;
 use std::os::unix::fs::MetadataExt;
@@ -25,7 +26,7 @@ use stead::storage::{
     AccessKind, Allocation, BackendKind, FsType, NewVolume, PoolSpec, Reserve, Store, VolumeId,
 };
 
-type Result<T, E = Box<dyn Error + Send + Sync>> = std::result::Result<T, E>;
+use common::Result;
 
 const GIB: u64 = 1 << 30;
 const SIZES: [u64; 2] = [GIB, 10 * GIB];
@@ -48,7 +49,7 @@ fn main() -> Result<()> {
     if !nix::unistd::geteuid().is_root() {
         return Err("benches/alloc needs root: it mounts loop filesystems".into());
     }
-    let machine = machine()?;
+    let machine = common::Machine::read()?.with_load();
     println!("bench-alloc: {machine}");
     let tmp = tempfile::Builder::new()
         .prefix("stead-bench-alloc-")
@@ -62,7 +63,7 @@ fn main() -> Result<()> {
     }
     let section = render(&machine, &rows);
     println!("{section}");
-    write_section(&section)?;
+    common::write_section(SECTION_START, SECTION_END, &section)?;
     Ok(())
 }
 
@@ -213,23 +214,6 @@ fn human(bytes: u64) -> String {
     }
 }
 
-fn machine() -> Result<String> {
-    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let model = fs::read_to_string("/proc/cpuinfo")?
-        .lines()
-        .find_map(|l| l.strip_prefix("model name"))
-        .map(|l| l.trim_start_matches([' ', '\t', ':']).to_owned())
-        .unwrap_or_default();
-    let kernel = fs::read_to_string("/proc/sys/kernel/osrelease")?;
-    let load = fs::read_to_string("/proc/loadavg")?;
-    let load: Vec<&str> = load.split_whitespace().take(3).collect();
-    Ok(format!(
-        "{cpus} cores, {model}, Linux {}; load average at start {}",
-        kernel.trim(),
-        load.join(" ")
-    ))
-}
-
 fn render(machine: &str, rows: &[Row]) -> String {
     let mut s = String::new();
     let _ = writeln!(s, "{SECTION_START}");
@@ -292,17 +276,4 @@ fn render(machine: &str, rows: &[Row]) -> String {
     }
     let _ = write!(s, "{SECTION_END}");
     s
-}
-
-fn write_section(section: &str) -> Result<()> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/BENCHMARKS.md");
-    let doc = fs::read_to_string(&path)?;
-    let new = match (doc.find(SECTION_START), doc.find(SECTION_END)) {
-        (Some(a), Some(b)) if a < b => {
-            format!("{}{section}{}", &doc[..a], &doc[b + SECTION_END.len()..])
-        }
-        _ => format!("{}\n\n{section}\n", doc.trim_end()),
-    };
-    fs::write(&path, new)?;
-    Ok(())
 }

@@ -22,7 +22,8 @@
 //! run reads it from the disk; each copy is deleted after its run. It then
 //! replaces its section of docs/BENCHMARKS.md and prints it.
 
-use std::error::Error;
+mod common;
+
 use std::fmt::Write as _;
 use std::fs::{self, File};
 use std::os::unix::fs::FileExt;
@@ -35,7 +36,7 @@ use std::time::{Duration, Instant};
 use stead::storage::{AccessKind, Allocation, FsType, NewVolume, PoolSpec, Store, VolumeId};
 use stead::transfer::{self, Options, SourceRef, TransferService, TrustDir, certs};
 
-type Result<T, E = Box<dyn Error + Send + Sync>> = std::result::Result<T, E>;
+use common::Result;
 
 const GIB: u64 = 1 << 30;
 const MIB: u64 = 1 << 20;
@@ -82,7 +83,7 @@ fn cpu_seconds(tick: f64) -> Result<(f64, f64)> {
 }
 
 async fn bench() -> Result<()> {
-    let machine = machine()?;
+    let machine = common::Machine::read()?.with_load();
     println!("bench-transfer: {machine}");
     let root = tempfile::Builder::new()
         .prefix("stead-bench-transfer-")
@@ -204,7 +205,7 @@ async fn bench() -> Result<()> {
     let _ = stop.send(());
     let _ = server.await;
     let section = render(&machine, &disk, &[transfer_row, dd_row, direct_row]);
-    write_section(&section)?;
+    common::write_section(SECTION_START, SECTION_END, &section)?;
     println!("{section}");
     Ok(())
 }
@@ -259,29 +260,6 @@ fn run(cmd: &mut Command) -> Option<String> {
     out.status
         .success()
         .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
-}
-
-fn machine() -> Result<String> {
-    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let model = fs::read_to_string("/proc/cpuinfo")?
-        .lines()
-        .find_map(|l| l.strip_prefix("model name"))
-        .map(|l| l.trim_start_matches([' ', '\t', ':']).to_owned())
-        .unwrap_or_default();
-    let mem_kib: u64 = fs::read_to_string("/proc/meminfo")?
-        .lines()
-        .find_map(|l| l.strip_prefix("MemTotal:"))
-        .and_then(|l| l.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0);
-    let kernel = fs::read_to_string("/proc/sys/kernel/osrelease")?;
-    let load = fs::read_to_string("/proc/loadavg")?;
-    let load: Vec<&str> = load.split_whitespace().take(3).collect();
-    Ok(format!(
-        "{cpus} cores (`nproc` = {cpus}), {model}, {:.1} GiB memory, Linux {}; load average at start {} (the cores are shared with other builds)",
-        mem_kib as f64 / (1024.0 * 1024.0),
-        kernel.trim(),
-        load.join(" ")
-    ))
 }
 
 /// The filesystem and device under `path`.
@@ -364,17 +342,4 @@ fn render(machine: &str, disk: &str, rows: &[Row]) -> String {
     );
     let _ = writeln!(s, "{SECTION_END}");
     s
-}
-
-fn write_section(section: &str) -> Result<()> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/BENCHMARKS.md");
-    let doc = fs::read_to_string(&path)?;
-    let new = match (doc.find(SECTION_START), doc.find(SECTION_END)) {
-        (Some(a), Some(b)) if a < b => {
-            format!("{}{section}{}", &doc[..a], &doc[b + SECTION_END.len()..])
-        }
-        _ => format!("{}\n\n{section}", doc.trim_end()),
-    };
-    fs::write(&path, new)?;
-    Ok(())
 }

@@ -504,6 +504,15 @@ impl Machine {
             self.cores, self.model, self.kernel
         )
     }
+
+    /// [`Machine::summary`] with the load the run started at.
+    pub fn with_load(&self) -> String {
+        format!(
+            "{}; load average at start {} (the cores are shared with other builds)",
+            self.summary(),
+            self.load
+        )
+    }
 }
 
 /// The opening lines of a bench's section of docs/BENCHMARKS.md: its start

@@ -147,6 +147,14 @@ pub(crate) struct Ctx<C> {
     /// The uids of the Immediate claims this node said it has no room for:
     /// said once per claim, not at every look again.
     no_room: Mutex<HashSet<String>>,
+    /// The PVs this agent created that its PV watch may not show yet, with
+    /// when: a claim event that comes between the create and the watch
+    /// (the take's echo, the binder's writes) must not create it again (see
+    /// [`Ctx::pv_known`]).
+    made: Mutex<HashMap<String, std::time::Instant>>,
+    /// The uids of the Immediate claims whose take this node has already
+    /// put off once (see [`take_turn`]).
+    staggered: Mutex<HashSet<String>>,
     /// For the bound claims of this node read whole: when the size they
     /// were read with was written (`claim::Writes`), so that a change that
     /// cannot have grown one is not read again.
@@ -215,6 +223,10 @@ impl<C> Ctx<C> {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(uid);
+        self.staggered
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(uid);
         self.sizes_read
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -278,6 +290,47 @@ impl<C> Ctx<C> {
         };
     }
 
+    /// Whether PV `name` exists as far as this agent knows: its watch holds
+    /// it, or this agent created it less than [`MADE_FOR`] ago (a PV
+    /// deleted meanwhile by someone else is then found by the create's
+    /// conflict, as before).
+    fn pv_known(&self, name: &str) -> bool {
+        let mut made = self.made.lock().unwrap_or_else(|p| p.into_inner());
+        if self.volumes.get(&ObjectRef::new(name)).is_some() {
+            made.remove(name);
+            return true;
+        }
+        let now = std::time::Instant::now();
+        made.retain(|_, at| now.saturating_duration_since(*at) < MADE_FOR);
+        made.contains_key(name)
+    }
+
+    /// The claim's PV exists as far as this agent knows (see
+    /// [`Ctx::pv_known`]).
+    fn has_pv<K: Resource>(&self, pvc: &K) -> bool {
+        claim::volume_name(pvc).is_some_and(|v| self.pv_known(&v))
+    }
+
+    /// This agent created PV `name` (or found its own there).
+    fn made_pv(&self, name: &str) {
+        self.made
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.to_string(), std::time::Instant::now());
+    }
+
+    /// How long this node puts off its first take of Immediate claim
+    /// `uid`, or `None` once it has (see [`take_turn`]).
+    fn stagger(&self, uid: &str) -> Option<Duration> {
+        let first = self
+            .staggered
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(uid.to_string());
+        let wait = take_turn(uid, &self.config.node);
+        (first && !wait.is_zero()).then_some(wait)
+    }
+
     /// Whether this node is yet to say that it has no room for the claim of
     /// `uid` (and from now on, has said so).
     fn first_no_room(&self, uid: &str) -> bool {
@@ -293,6 +346,31 @@ impl<C> Ctx<C> {
         self.metrics.reconcile_error(controller, err.reason());
         self.backoff(&uid.unwrap_or_default())
     }
+}
+
+/// How long a PV this agent created counts as known before its watch shows
+/// it (see [`Ctx::pv_known`]); the watch takes milliseconds.
+const MADE_FOR: Duration = Duration::from_secs(60);
+
+/// Turns of the first take of an Immediate claim: how many, and how far
+/// apart. Every schedulable agent sees a new Immediate claim at once, and
+/// only one take can win: the others are refused (409), one wasted request
+/// per node and claim. Each node instead waits its turn, a slot drawn from
+/// the claim and the node: the first to go takes the claim, and those whose
+/// turn comes later have seen the take in their watch by then and send
+/// nothing. Only nodes that drew the same first slot still race. With
+/// three nodes and four slots the first take waits 70 ms on average.
+const TAKE_SLOTS: u64 = 4;
+const TAKE_SLOT: Duration = Duration::from_millis(100);
+
+/// This node's turn for claim `uid` (see [`TAKE_SLOTS`]): the same on every
+/// look and after a restart, different from node to node.
+fn take_turn(uid: &str, node: &str) -> Duration {
+    use std::hash::{Hash, Hasher};
+    // DefaultHasher::new() has fixed keys: the same turn in every process.
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (uid, node).hash(&mut h);
+    TAKE_SLOT * (h.finish() % TAKE_SLOTS) as u32
 }
 
 /// Runs the provisioner until `shutdown` resolves; tells `status` once its
@@ -435,6 +513,8 @@ where
         capacity_changed: Arc::new(Notify::new()),
         failures: Mutex::default(),
         no_room: Mutex::default(),
+        staggered: Mutex::default(),
+        made: Mutex::default(),
         sizes_read: Mutex::default(),
         given_back: Mutex::default(),
         metrics,
@@ -595,6 +675,26 @@ pub(crate) mod tests {
     use kube::runtime::reflector::store::Writer;
 
     use super::*;
+
+    #[test]
+    fn each_node_takes_an_immediate_claim_in_a_turn_of_its_own() {
+        let uid = "0a1b2c3d-0000-4000-8000-000000000001";
+        assert_eq!(take_turn(uid, "node-a"), take_turn(uid, "node-a"), "stable");
+        // Over many claims, every slot is drawn, and a node's turn does not
+        // follow another node's.
+        let turns = |node: &str| -> Vec<Duration> {
+            (0..400)
+                .map(|i| take_turn(&format!("uid-{i}"), node))
+                .collect()
+        };
+        let (a, b) = (turns("node-a"), turns("node-b"));
+        for slot in 0..TAKE_SLOTS as u32 {
+            let n = a.iter().filter(|t| **t == TAKE_SLOT * slot).count();
+            assert!((50..150).contains(&n), "slot {slot}: {n} of 400");
+        }
+        let same = a.iter().zip(&b).filter(|(x, y)| x == y).count();
+        assert!((50..150).contains(&same), "{same} of 400 turns equal");
+    }
     use crate::csi::{self, ControllerService, Plugin};
     use crate::metrics::rpc::ObservedController;
     use crate::metrics::{self, apiserver};
@@ -860,6 +960,8 @@ pub(crate) mod tests {
             capacity_changed: Arc::new(Notify::new()),
             failures: Mutex::default(),
             no_room: Mutex::default(),
+            staggered: Mutex::default(),
+            made: Mutex::default(),
             sizes_read: Mutex::default(),
             given_back: Mutex::default(),
             metrics,

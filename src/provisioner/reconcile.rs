@@ -17,7 +17,7 @@ use tonic::Code;
 use super::claim::{self, Allowed, Concern, Decision};
 use super::class::{self, ClassSpec};
 use super::source::{self, Resolution};
-use super::{Ctx, Error, crossnode, csi_error, has_pv, pv, quantity, schedulable};
+use super::{Ctx, Error, crossnode, csi_error, pv, quantity, schedulable};
 use crate::metrics::Outcome;
 use crate::proto::csi::v1::controller_server::Controller as CsiController;
 use crate::proto::csi::v1::{
@@ -88,7 +88,7 @@ pub(crate) async fn reconcile_meta<C: CsiController>(
         return Ok(Action::await_change());
     }
     let key = claim::claim_key(&*meta);
-    match claim::concerns(&*meta, &ctx.config.node, has_pv(&ctx.volumes, &*meta)) {
+    match claim::concerns(&*meta, &ctx.config.node, ctx.has_pv(&*meta)) {
         Concern::Read => {}
         // Not on a node that takes no Immediate claims: there, the claim is
         // read (a restore may still come to the node that holds its data).
@@ -144,6 +144,12 @@ async fn take_from_meta<C: CsiController>(
     {
         tracing::debug!(pvc = %key, node = %node, "{}", why.note());
         return Ok(Action::requeue(Duration::from_secs(30)));
+    }
+    // This node's turn to take it (see `take_turn`); the claim comes back
+    // then, or sooner if it changes (another node took it).
+    if let Some(wait) = ctx.stagger(&uid) {
+        tracing::trace!(pvc = %key, node = %node, ?wait, "waits its turn to take the claim");
+        return Ok(Action::requeue(wait));
     }
     let Some(pvc) = select_node(&ctx, meta, &node).await? else {
         tracing::debug!(pvc = %key, "another agent took it first");
@@ -341,7 +347,7 @@ pub(crate) async fn reconcile<C: CsiController>(
         ctx.read_size(&uid, &pvc.metadata);
         return Ok(action);
     }
-    if has_pv(&ctx.volumes, &*pvc) {
+    if ctx.has_pv(&*pvc) {
         // Its volume is made (and the claim bound to it, or about to be):
         // nothing to do until its size is written again.
         ctx.read_size(&uid, &pvc.metadata);
@@ -401,11 +407,7 @@ pub(crate) async fn reconcile<C: CsiController>(
     let volume_name = request.name.clone();
 
     // A PV of that name means the work is done (or a restart found it done).
-    if ctx
-        .volumes
-        .get(&ObjectRef::<PersistentVolume>::new(&volume_name))
-        .is_some()
-    {
+    if ctx.pv_known(&volume_name) {
         // Observed by the attempt that made it; a clock started since (a
         // reconcile before the claim is bound, a restarted agent) is not
         // the claim's wait.
@@ -823,18 +825,24 @@ async fn create_pv<C: CsiController>(
     let node = &ctx.config.node;
     let pv = pv::build_pv(pvc, class, volume, node);
     let api: Api<PersistentVolume> = Api::all(ctx.client.clone());
+    let name = pv.metadata.name.clone().unwrap_or_default();
     match api.create(&PostParams::default(), &pv).await {
-        Ok(_) => Ok(()),
+        Ok(_) => {
+            ctx.made_pv(&name);
+            Ok(())
+        }
         // An earlier attempt may have got this far; but the name alone does
         // not prove it (anyone may create a PV of any name): read it back.
         Err(kube::Error::Api(s)) if s.code == 409 => {
-            let name = pv.metadata.name.clone().unwrap_or_default();
             let Some(existing) = api.get_opt(&name).await? else {
                 return Err(Error::PvVanished { pv: name });
             };
             let uid = pvc.uid().unwrap_or_default();
             match pv::check_owned(&existing, &volume.volume_id, node, &uid) {
-                Ok(()) => Ok(()),
+                Ok(()) => {
+                    ctx.made_pv(&name);
+                    Ok(())
+                }
                 Err(mismatch) => {
                     let err = Error::ForeignPv {
                         pv: name,
@@ -1128,6 +1136,20 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_claim_event_before_the_pv_watch_shows_the_pv_creates_nothing_again() {
+        let (f, claim) = reconciled("16Mi").await;
+        let before = f.requests.lock().unwrap().len();
+        assert_eq!(f.posted().len(), 1, "ProvisioningSucceeded");
+        // The binder writes the claim before this agent's PV watch has the
+        // PV: the claim's events find the PV known, read nothing, post nothing.
+        reconcile(claim.clone(), f.ctx.clone()).await.unwrap();
+        reconcile_meta(meta(&claim), f.ctx.clone()).await.unwrap();
+        let seen = f.requests.lock().unwrap().clone();
+        assert_eq!(seen.len(), before, "{:?}", &seen[before..]);
+        assert!(f.posted().is_empty());
+    }
+
+    #[tokio::test]
     async fn a_release_claim_is_labelled_and_marked_before_its_volume_and_pv() {
         let class = sc(
             "db",
@@ -1403,6 +1425,18 @@ mod tests {
         c
     }
 
+    /// The claim's first looks at this node: its turn to take it (see
+    /// `take_turn`) waited out, with nothing sent before it.
+    async fn at_its_turn(f: &Fake, claim: &PersistentVolumeClaim) -> Action {
+        let turn = crate::provisioner::take_turn(&claim.uid().unwrap(), NODE);
+        if !turn.is_zero() {
+            let first = reconcile_meta(meta(claim), f.ctx.clone()).await.unwrap();
+            assert_eq!(first, Action::requeue(turn));
+            assert!(requests(f).is_empty(), "nothing sent before its turn");
+        }
+        reconcile_meta(meta(claim), f.ctx.clone()).await.unwrap()
+    }
+
     fn requests(f: &Fake) -> Vec<String> {
         f.requests
             .lock()
@@ -1416,7 +1450,7 @@ mod tests {
     async fn an_immediate_claim_is_taken_from_its_metadata_without_a_read() {
         let claim = immediate("small", "16Mi");
         let f = taking(&[sc("stead-now", &[], "Immediate", "Delete")], &claim).await;
-        reconcile_meta(meta(&claim), f.ctx.clone()).await.unwrap();
+        at_its_turn(&f, &claim).await;
         // The take, then the PV: nothing read.
         assert_eq!(
             requests(&f),
@@ -1437,10 +1471,38 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn an_immediate_claim_waits_this_nodes_turn_and_is_left_alone_once_another_took_it() {
+        let mut claim = immediate("turn", "16Mi");
+        // A claim whose turn here is not the first.
+        let uid = (0..)
+            .map(|i| format!("0a1b2c3d-0000-4000-8000-{i:012}"))
+            .find(|u| !crate::provisioner::take_turn(u, NODE).is_zero())
+            .unwrap();
+        claim.metadata.uid = Some(uid.clone());
+        let f = taking(&[sc("stead-now", &[], "Immediate", "Delete")], &claim).await;
+        let first = reconcile_meta(meta(&claim), f.ctx.clone()).await.unwrap();
+        assert_eq!(
+            first,
+            Action::requeue(crate::provisioner::take_turn(&uid, NODE))
+        );
+        // Meanwhile node-b's take reached this node's watch.
+        claim
+            .metadata
+            .annotations
+            .get_or_insert_default()
+            .insert(claim::ANN_SELECTED_NODE.into(), "node-b".into());
+        let then = reconcile_meta(meta(&claim), f.ctx.clone()).await.unwrap();
+        assert_eq!(then, Action::await_change());
+        assert_eq!(requests(&f), Vec::<String>::new(), "no take, no read");
+    }
+
+    #[tokio::test]
     async fn an_immediate_claim_without_room_is_given_back_and_not_taken_again() {
         let claim = immediate("big", "1000Ti");
         let f = taking(&[sc("stead-now", &[], "Immediate", "Delete")], &claim).await;
-        for _ in 0..3 {
+        let action = at_its_turn(&f, &claim).await;
+        assert_eq!(action, Action::requeue(Duration::from_secs(30)));
+        for _ in 0..2 {
             let action = reconcile_meta(meta(&claim), f.ctx.clone()).await.unwrap();
             assert_eq!(action, Action::requeue(Duration::from_secs(30)));
         }
@@ -1482,7 +1544,7 @@ mod tests {
         let mut claim = immediate("late", "16Mi");
         claim.spec.as_mut().unwrap().storage_class_name = Some("stead".into());
         let f = taking(&[stead()], &claim).await;
-        reconcile_meta(meta(&claim), f.ctx.clone()).await.unwrap();
+        at_its_turn(&f, &claim).await;
         let seen = f.requests.lock().unwrap().clone();
         assert_eq!(seen.len(), 2, "{seen:?}");
         assert!(

@@ -122,3 +122,10 @@ done
 ok=$(find "$out/scrapes" -name '*.om' | wc -l)
 bad=$(find "$out/scrapes" -name '*.err' | wc -l)
 log "$rounds rounds in $((SECONDS - start))s: $ok scrapes, $bad failed"
+if ((bad)); then
+  first=$(find "$out/scrapes" -name '*.err' | sort | head -1)
+  log "first failure ($first): $(head -c 400 "$first")"
+fi
+# A capture of nothing would draw an empty dashboard that looks like a quiet
+# cluster: it fails instead.
+((ok > 0)) || die "no scrape succeeded"

@@ -8,6 +8,8 @@
 //! `tests/e2e/kind.sh` on kind).
 #![forbid(unsafe_code)]
 
+pub mod bench;
+
 use std::{
     collections::HashMap,
     fmt::Debug,

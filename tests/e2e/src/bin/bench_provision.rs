@@ -24,6 +24,7 @@ use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, ResourceExt};
 use serde_json::json;
+use stead_e2e::bench::{self, machine, ms, percentile};
 use stead_e2e::{busybox_image, from_json};
 
 const SECTION_START: &str =
@@ -42,18 +43,6 @@ fn health() -> &'static str {
 const CSI_SOCKET: &str = "/var/lib/kubelet/plugins/stead.csi.dev/csi.sock";
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
-}
-
-fn ms(d: Duration) -> String {
-    format!("{:.0} ms", d.as_secs_f64() * 1000.0)
-}
 
 /// The agent's own view: VmRSS (KiB) and CPU seconds, from /proc.
 fn proc_stats(pid: u32) -> (u64, f64) {
@@ -201,6 +190,21 @@ struct Run {
     pv_all: Duration,
     /// By (verb, resource).
     requests: BTreeMap<(String, String), u64>,
+    /// The teardown (see [`with_namespace`]).
+    deletion: Deletion,
+}
+
+/// The teardown of a run: its namespace deleted, so its pods and claims at
+/// once (as `kubectl delete namespace` does), until every PV is gone.
+#[derive(Debug, Default)]
+struct Deletion {
+    pvs: usize,
+    /// From the namespace's delete call until the last PV is gone.
+    all_gone: Duration,
+    /// From the moment a watch sees a PV Released to the moment it sees
+    /// it deleted.
+    released_p50: Duration,
+    released_p99: Duration,
 }
 
 impl Run {
@@ -341,6 +345,7 @@ async fn run(client: &Client, ns: &str, class: &str, n: usize, pods: bool) -> Re
         pv_p99: percentile(&pv_lat, 0.99),
         pv_all,
         requests,
+        deletion: Deletion::default(),
     })
 }
 
@@ -352,9 +357,59 @@ where
     let namespaces: Api<Namespace> = Api::all(client.clone());
     let ns: Namespace = from_json(json!({"metadata": {"name": name}}));
     namespaces.create(&PostParams::default(), &ns).await?;
-    let result = body(name.to_string()).await;
-    // Teardown is part of the job but not of the figures: wait until every
-    // volume is deleted again, so that the next run starts from nothing.
+    let mut result = body(name.to_string()).await;
+    // Teardown: wait until every volume is deleted again, so that the next
+    // run starts from nothing; timed, by a PV watch started first.
+    let released: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    let gone: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    let (listed, watching) = tokio::sync::oneshot::channel();
+    let pv_watch = {
+        let (released, gone) = (released.clone(), gone.clone());
+        let ns = name.to_string();
+        let pvs: Api<PersistentVolume> = Api::all(client.clone());
+        tokio::spawn(async move {
+            let mut listed = Some(listed);
+            let mut s = std::pin::pin!(watcher(pvs, watcher::Config::default()));
+            while let Some(Ok(ev)) = s.next().await {
+                let (pv, deleted) = match ev {
+                    watcher::Event::Apply(pv) | watcher::Event::InitApply(pv) => (pv, false),
+                    watcher::Event::Delete(pv) => (pv, true),
+                    watcher::Event::InitDone => {
+                        if let Some(tx) = listed.take() {
+                            let _ = tx.send(());
+                        }
+                        continue;
+                    }
+                    watcher::Event::Init => continue,
+                };
+                let ours = pv
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.claim_ref.as_ref())
+                    .and_then(|r| r.namespace.as_deref())
+                    == Some(ns.as_str());
+                if !ours {
+                    continue;
+                }
+                let phase = pv.status.as_ref().and_then(|s| s.phase.as_deref());
+                if deleted {
+                    gone.lock().unwrap().insert(pv.name_any(), Instant::now());
+                } else if phase == Some("Released") {
+                    released
+                        .lock()
+                        .unwrap()
+                        .entry(pv.name_any())
+                        .or_insert_with(Instant::now);
+                }
+            }
+        })
+    };
+    // The delete comes after the watch's initial list, which holds every PV
+    // of the run: no transition is missed.
+    tokio::time::timeout(Duration::from_secs(60), watching)
+        .await
+        .map_err(|_| "the PV watch did not list within 60 s")??;
+    let deleting = Instant::now();
     namespaces.delete(name, &DeleteParams::default()).await?;
     let pvs: Api<PersistentVolume> = Api::all(client.clone());
     let deadline = Instant::now() + Duration::from_secs(600);
@@ -383,6 +438,32 @@ where
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
+    // The last deletions may reach the watch a moment after the list shows
+    // them: polled, with a deadline.
+    let expected = result.as_ref().map(|r| r.claims).unwrap_or(0);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while gone.lock().unwrap().len() < expected && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    pv_watch.abort();
+    if let Ok(run) = &mut result {
+        let (released, gone) = (released.lock().unwrap(), gone.lock().unwrap());
+        let mut lat: Vec<Duration> = gone
+            .iter()
+            .filter_map(|(pv, t)| released.get(pv).map(|r| t.saturating_duration_since(*r)))
+            .collect();
+        lat.sort();
+        run.deletion = Deletion {
+            pvs: gone.len(),
+            all_gone: gone
+                .values()
+                .max()
+                .map(|t| t.saturating_duration_since(deleting))
+                .unwrap_or_default(),
+            released_p50: percentile(&lat, 0.5),
+            released_p99: percentile(&lat, 0.99),
+        };
+    }
     result
 }
 
@@ -397,19 +478,6 @@ async fn class(client: &Client, name: &str, mode: &str) -> Result<(), Error> {
         "reclaimPolicy": "Delete",
     }));
     api.create(&PostParams::default(), &sc).await?;
-    Ok(())
-}
-
-fn write_section(section: &str) -> Result<(), Error> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/BENCHMARKS.md");
-    let old = std::fs::read_to_string(&path).unwrap_or_else(|_| "# Benchmarks\n".to_string());
-    let new = match (old.find(SECTION_START), old.find(SECTION_END)) {
-        (Some(a), Some(b)) if a < b => {
-            format!("{}{section}{}", &old[..a], &old[b + SECTION_END.len()..])
-        }
-        _ => format!("{}\n\n{section}\n", old.trim_end()),
-    };
-    std::fs::write(&path, new)?;
     Ok(())
 }
 
@@ -433,26 +501,6 @@ fn agent_defaults(bin: &Path) -> String {
         get("--workers"),
         get("--kube-qps"),
         get("--kube-burst")
-    )
-}
-
-fn machine() -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("model name")
-                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
-        })
-        .unwrap_or_default();
-    let cores = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(0);
-    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    let load: Vec<&str> = load.split_whitespace().take(3).collect();
-    format!(
-        "{cores} cores, {cpu}; load average at start {}",
-        load.join(" ")
     )
 }
 
@@ -528,6 +576,15 @@ async fn main() -> Result<(), Error> {
             r.requests_per_claim()
         )
     };
+    let deletion_row = |what: &str, d: &Deletion| {
+        format!(
+            "| {what} | {} | {:.1} s | {} | {} |",
+            d.pvs,
+            d.all_gone.as_secs_f64(),
+            ms(d.released_p50),
+            ms(d.released_p99)
+        )
+    };
     let mib = |kib: u64| format!("{:.1} MiB", kib as f64 / 1024.0);
     let met = |ok: bool| if ok { "met" } else { "**missed**" };
     let section = format!(
@@ -541,6 +598,13 @@ async fn main() -> Result<(), Error> {
 
 | run | claims | all created after | all PVs after | all Bound after | claim→PV p50 | p99 | claim→Bound p50 | p99 | agent requests per claim |
 |---|---|---|---|---|---|---|---|---|---|
+{}
+{}
+
+Deletion: the run's namespace deleted (its pods and claims at once), timed by a PV watch:
+
+| run | PVs | all PVs gone after | a PV from Released to gone, p50 | p99 |
+|---|---|---|---|---|
 {}
 {}
 
@@ -558,6 +622,8 @@ Between “all PVs” and “all Bound” the agent has nothing left to do: the 
 {SECTION_END}",
         row("Immediate, no pods", &imm),
         row("WaitForFirstConsumer, a pod per claim", &wffc),
+        deletion_row("Immediate, no pods", &imm.deletion),
+        deletion_row("WaitForFirstConsumer, a pod per claim", &wffc.deletion),
         imm.breakdown(),
         wffc.breakdown(),
         mib(rss_idle),
@@ -573,7 +639,7 @@ Between “all PVs” and “all Bound” the agent has nothing left to do: the 
         imm.requests_per_claim(),
         met(imm.requests_per_claim() <= 3.0),
     );
-    write_section(&section)?;
+    bench::write_section(SECTION_START, SECTION_END, &section)?;
     println!("{section}");
     Ok(())
 }

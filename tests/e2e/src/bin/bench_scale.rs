@@ -35,6 +35,7 @@ use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, ResourceExt};
 use serde_json::json;
+use stead_e2e::bench::{self, machine, ms, percentile};
 use stead_e2e::from_json;
 
 const SECTION_START: &str =
@@ -63,18 +64,6 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
 
 fn node_name(i: usize) -> String {
     format!("scale-node-{i:03}")
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
-}
-
-fn ms(d: Duration) -> String {
-    format!("{:.0} ms", d.as_secs_f64() * 1000.0)
 }
 
 fn mib(kib: u64) -> String {
@@ -732,53 +721,6 @@ async fn create_cluster_objects(client: &Client, nodes: usize) -> Result<(), Err
     Ok(())
 }
 
-fn write_section(section: &str) -> Result<(), Error> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/BENCHMARKS.md");
-    let old = std::fs::read_to_string(&path).unwrap_or_else(|_| "# Benchmarks\n".to_string());
-    let new = match (old.find(SECTION_START), old.find(SECTION_END)) {
-        (Some(a), Some(b)) if a < b => {
-            format!("{}{section}{}", &old[..a], &old[b + SECTION_END.len()..])
-        }
-        _ => format!("{}\n\n{section}\n", old.trim_end()),
-    };
-    std::fs::write(&path, new)?;
-    Ok(())
-}
-
-fn machine() -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("model name")
-                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
-        })
-        .unwrap_or_default();
-    let cores = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(0);
-    let mem_kib: u64 = std::fs::read_to_string("/proc/meminfo")
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("MemTotal:")?
-                .split_whitespace()
-                .next()?
-                .parse()
-                .ok()
-        })
-        .unwrap_or(0);
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    let load: Vec<&str> = load.split_whitespace().take(3).collect();
-    format!(
-        "{cores} cores (`nproc` = {cores}), {cpu}, {:.1} GiB memory, Linux {}; load average at start {}: the cores are shared with other builds",
-        mem_kib as f64 / 1024.0 / 1024.0,
-        kernel.trim(),
-        load.join(" ")
-    )
-}
-
 fn cores(cpu: &(Cpu, Cpu), f: fn(&Cpu) -> f64) -> String {
     let wall = match (cpu.0.at, cpu.1.at) {
         (Some(a), Some(b)) => b.saturating_duration_since(a).as_secs_f64(),
@@ -1008,7 +950,7 @@ Targets (all Bound; agent RSS flat with the noise, < 30 MiB):
         growth as f64 / 1024.0,
         (rss_noise.0 as i64 - rss_claims.0 as i64) as f64 / 1024.0,
     );
-    write_section(&section)?;
+    bench::write_section(SECTION_START, SECTION_END, &section)?;
     println!("{section}");
     if !all_ok {
         return Err("not every claim was Bound (or an agent exited): see the section above".into());
