@@ -508,35 +508,43 @@ pub fn node_of(pod: &Pod) -> String {
 /// Runs `sh -c script` in the pod's first container and returns its standard
 /// output; panics with its standard error if it fails.
 pub async fn sh(pods: &Api<Pod>, pod: &str, script: &str) -> String {
+    try_sh(pods, pod, script)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// [`sh`], with its failure as an error: for a pod that may not run yet
+/// (kubelet, just restarted, still shows its last status).
+pub async fn try_sh(pods: &Api<Pod>, pod: &str, script: &str) -> Result<String, String> {
     let run = async {
         let mut proc = pods
             .exec(pod, ["sh", "-c", script], &AttachParams::default())
             .await
-            .unwrap_or_else(|e| panic!("exec in pod {pod}: {e}"));
-        let mut stdout = proc.stdout().expect("stdout is attached");
-        let mut stderr = proc.stderr().expect("stderr is attached");
-        let status = proc.take_status().expect("exec status");
+            .map_err(|e| format!("exec in pod {pod}: {e}"))?;
+        let mut stdout = proc.stdout().ok_or("stdout is not attached")?;
+        let mut stderr = proc.stderr().ok_or("stderr is not attached")?;
+        let status = proc.take_status().ok_or("no exec status")?;
         let (mut out, mut err) = (String::new(), String::new());
         let (o, e) = tokio::join!(
             stdout.read_to_string(&mut out),
             stderr.read_to_string(&mut err)
         );
         o.and(e)
-            .unwrap_or_else(|e| panic!("reading the output of exec in pod {pod}: {e}"));
+            .map_err(|e| format!("reading the output of exec in pod {pod}: {e}"))?;
         let status = status.await;
         let _ = proc.join().await;
         match status {
-            Some(s) if s.status.as_deref() == Some("Success") => out,
-            s => panic!(
+            Some(s) if s.status.as_deref() == Some("Success") => Ok(out),
+            s => Err(format!(
                 "`{script}` failed in pod {pod}: {}\nstderr: {err}",
                 s.and_then(|s| s.message)
                     .unwrap_or_else(|| "no status".into())
-            ),
+            )),
         }
     };
     tokio::time::timeout(Duration::from_secs(60), run)
         .await
-        .unwrap_or_else(|_| panic!("`{script}` in pod {pod} did not end within 60 s"))
+        .unwrap_or_else(|_| Err(format!("`{script}` in pod {pod} did not end within 60 s")))
 }
 
 /// A busybox pod spec running `script` (then sleeping, so it can be exec'd

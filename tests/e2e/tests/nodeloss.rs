@@ -10,7 +10,7 @@
 //! Each scenario brings the node back at its end (its kubelet started again
 //! registers the Node again, the DaemonSet puts an agent there), so later
 //! suites find every node. Needs the bundled cluster (`tests/cluster`: the
-//! kubelet's pid file and the node's namespaces); not in `E2E_SUITES` yet.
+//! kubelet's pid file and the node's namespaces).
 
 use std::time::{Duration, Instant};
 
@@ -342,18 +342,24 @@ async fn without_the_opt_in_nothing_is_deleted_and_a_warning_says_why_and_what_t
         lost.pod, lost.node
     ));
     let pods: Api<Pod> = scn.api();
-    let pod = poll_until_async(
-        &format!("{} Ready again", lost.pod),
+    // Ready is not enough: the pod object may still carry the status its
+    // node reported before it was lost, and only kubelet knows whether its
+    // container runs again. Polled until the pod answers, with its token.
+    let (pod, token) = poll_until_async(
+        &format!("{} running again and answering", lost.pod),
         POD_READY * 2,
         || async {
             match pods.get_opt(&lost.pod).await.map_err(|e| e.to_string())? {
-                Some(p) if is_ready(&p) => Ok(p),
+                Some(p) if is_ready(&p) => {
+                    let token = try_sh(&pods, &lost.pod, "cat /data/token").await?;
+                    Ok((p, token))
+                }
                 p => Err(format!("ready: {}", p.as_ref().is_some_and(is_ready))),
             }
         },
     )
     .await;
     assert_eq!(node_of(&pod), lost.node);
-    assert_eq!(sh(&pods, &lost.pod, "cat /data/token").await, lost.token);
+    assert_eq!(token, lost.token);
     scn.finish().await;
 }
