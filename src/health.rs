@@ -40,6 +40,10 @@ async fn answer(
     ready: &ReadyCheck,
     metrics: &Arc<Metrics>,
 ) -> String {
+    // A query names nothing here, but clients add one (kubectl's
+    // --request-timeout adds `?timeout=`, which the apiserver's pod proxy
+    // passes on): the path alone is matched.
+    let path = path.split_once('?').map_or(path, |(p, _)| p);
     match path {
         "/healthz" | "/livez" => match live().await {
             Ok(()) => response("200 OK", "ok\n", "text/plain"),
@@ -145,6 +149,11 @@ mod tests {
                 && r.contains(&format!("Content-Type: {}\r\n", CONTENT_TYPE))
                 && r.ends_with("# EOF\n"),
             "{r}"
+        );
+        let r = answer("/metrics?timeout=10s", &live, &ready, &metrics).await;
+        assert!(
+            r.starts_with("HTTP/1.1 200"),
+            "a query is not part of the path: {r}"
         );
         let r = answer("/nope", &live, &ready, &metrics).await;
         assert!(r.starts_with("HTTP/1.1 404"), "{r}");
