@@ -367,7 +367,9 @@ const TAKE_SLOT: Duration = Duration::from_millis(100);
 /// look and after a restart, different from node to node.
 fn take_turn(uid: &str, node: &str) -> Duration {
     use std::hash::{Hash, Hasher};
-    // DefaultHasher::new() has fixed keys: the same turn in every process.
+    // DefaultHasher::new() has fixed keys: the same turn in every process
+    // of one build (another Rust release may hash otherwise, which only
+    // shifts the turns of agents of different versions).
     let mut h = std::collections::hash_map::DefaultHasher::new();
     (uid, node).hash(&mut h);
     TAKE_SLOT * (h.finish() % TAKE_SLOTS) as u32

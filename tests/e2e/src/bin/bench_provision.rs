@@ -439,7 +439,8 @@ where
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
     // The last deletions may reach the watch a moment after the list shows
-    // them: polled, with a deadline.
+    // them: polled, with a deadline; the condition is the watch's count,
+    // the 100 ms only the poll's step.
     let expected = result.as_ref().map(|r| r.claims).unwrap_or(0);
     let deadline = Instant::now() + Duration::from_secs(10);
     while gone.lock().unwrap().len() < expected && Instant::now() < deadline {
