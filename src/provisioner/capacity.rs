@@ -31,7 +31,7 @@ use crate::proto::csi::v1::GetCapacityRequest;
 use crate::proto::csi::v1::controller_server::Controller as CsiController;
 use crate::{DRIVER_NAME, NODE_LABEL, TOPOLOGY_KEY};
 
-const LABEL_DRIVER: &str = "csi.storage.k8s.io/drivername";
+pub(crate) const LABEL_DRIVER: &str = "csi.storage.k8s.io/drivername";
 const FIELD_MANAGER: &str = "stead";
 /// When the object may be taken for abandoned if not renewed (RFC 3339).
 pub const ANN_STALE_AFTER: &str = "stead.csi.dev/stale-after";

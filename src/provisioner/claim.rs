@@ -74,12 +74,13 @@ pub fn selected_node<K: Resource>(pvc: &K) -> Option<&str> {
 /// `kubectl apply`'s last-applied-configuration, say, which can be large),
 /// with the managed fields, so that an agent's memory does not grow with
 /// what other controllers write on every claim of the cluster.
-const KEPT_ANNOTATIONS: [&str; 5] = [
+const KEPT_ANNOTATIONS: [&str; 6] = [
     ANN_SELECTED_NODE,
     ANN_STORAGE_PROVISIONER,
     ANN_BETA_STORAGE_PROVISIONER,
     ANN_BIND_COMPLETED,
     ANN_WAITS_FOR_SCHEDULER,
+    super::moving::ANN_MOVE_TO,
 ];
 
 /// Trims a claim's metadata (from the claim watch) to what is read of it.

@@ -110,6 +110,13 @@ impl Ledger {
             .map_err(err)
     }
 
+    /// Whether an intent for `volume` stands.
+    pub fn contains(&self, volume: &str) -> Result<bool, LedgerError> {
+        let path = self.path(volume);
+        path.try_exists()
+            .map_err(|source| LedgerError { path, source })
+    }
+
     pub fn remove(&self, volume: &str) -> Result<(), LedgerError> {
         let path = self.path(volume);
         match fs::remove_file(&path) {
@@ -184,6 +191,13 @@ impl AsyncLedger {
             ledger.record(&volume, &claim, &claim_uid)
         })
         .await
+    }
+
+    /// See [`Ledger::contains`].
+    pub async fn contains(&self, volume: &str) -> Result<bool, LedgerError> {
+        let ledger = self.ledger.clone();
+        let volume = volume.to_string();
+        blocking(self.ledger.path(&volume), move || ledger.contains(&volume)).await
     }
 
     /// See [`Ledger::remove`].

@@ -12,6 +12,7 @@ pub mod client;
 pub mod crossnode;
 mod events;
 pub mod ledger;
+pub mod moving;
 pub mod nodeloss;
 pub mod pv;
 pub mod quantity;
@@ -593,6 +594,7 @@ where
     let stranded = stranded::run(ctx.clone(), node_changed);
     let snapshots = snapshotter::run(ctx.clone());
     let node_loss = nodeloss::run(ctx.clone());
+    let drain = moving::drain(ctx.clone());
 
     tokio::select! {
         _ = async { tokio::join!(claims_run, volumes_run) } => {}
@@ -604,6 +606,7 @@ where
         _ = stranded => {}
         _ = snapshots => {}
         _ = node_loss => {}
+        _ = drain => {}
         _ = shutdown => {}
     }
     class_watch.abort();

@@ -92,6 +92,10 @@ pub(crate) async fn reconcile<C: CsiController>(
     if pv::pv_node(&pv) != Some(ctx.config.node.as_str()) {
         return Ok(Action::await_change());
     }
+    // The old PV of a move, or the new one whose claim is to be made again.
+    if let Some(action) = super::moving::on_pv(&pv, &ctx).await? {
+        return Ok(action);
+    }
     let name = pv.name_any();
     let delete_policy = pv
         .spec
@@ -396,6 +400,9 @@ async fn reap_round<C: CsiController>(ctx: &Ctx<C>, pvs: &Api<PersistentVolume>,
             c.uid().as_deref() == Some(intent.claim_uid.as_str())
                 && c.meta().deletion_timestamp.is_none()
                 && claim::selected_node(&**c) == Some(ctx.config.node.as_str())
+                // The copy a move makes here for a claim of another node.
+                || c.uid().as_deref() == Some(intent.claim_uid.as_str())
+                    && super::moving::moving_here(&**c, &ctx.config.node)
         });
         if waiting {
             continue;

@@ -81,6 +81,11 @@ pub(crate) async fn reconcile_meta<C: CsiController>(
     meta: Arc<PartialObjectMeta<PersistentVolumeClaim>>,
     ctx: Arc<Ctx<C>>,
 ) -> Result<Action, Error> {
+    // A claim asked to move (or kept by a move, being deleted) is the
+    // move's (`moving`).
+    if let Some(action) = super::moving::on_claim(&meta, &ctx).await? {
+        return Ok(action);
+    }
     // A claim being deleted needs nothing more from us, and what is kept
     // of it must not outlive it.
     if meta.meta().deletion_timestamp.is_some() {

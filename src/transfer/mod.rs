@@ -110,6 +110,10 @@ pub enum Error {
     TargetExists(PathBuf),
     #[error("target {}: another transfer into it is under way", .0.display())]
     Busy(PathBuf),
+    #[error(
+        "{source_ref} is {how} on this node: a volume is sent to another node only while no pod uses it (a copy of a volume being written would be torn); stop its pod, or take a snapshot of it and restore that"
+    )]
+    InUse { source_ref: SourceRef, how: String },
 }
 
 impl Error {
@@ -131,6 +135,7 @@ impl From<Error> for tonic::Status {
             Error::SourceNotFound(_) => Code::NotFound,
             Error::Unimplemented { .. } => Code::Unimplemented,
             Error::Busy(_) => Code::Aborted,
+            Error::InUse { .. } => Code::FailedPrecondition,
             Error::TargetExists(_) => Code::AlreadyExists,
             Error::Connect { .. } | Error::Rpc { .. } => Code::Unavailable,
             Error::Protocol { .. } | Error::DigestMismatch { .. } => Code::DataLoss,

@@ -74,6 +74,21 @@ impl Sources for Store {
                 if self.is_incoming(&meta) {
                     return Err(Error::SourceNotFound(source.clone()));
                 }
+                // Checked when the stream opens; what keeps it unused until
+                // the stream ends is the caller's (a move deletes the claim
+                // first, and kubelet starts no pod on a claim being deleted).
+                let usage = crate::storage::attach::live_usage(self, &meta).map_err(|e| {
+                    Error::Storage {
+                        source_ref: source.clone(),
+                        reason: format!("whether it is in use cannot be told: {e}"),
+                    }
+                })?;
+                if let Some(how) = usage {
+                    return Err(Error::InUse {
+                        source_ref: source.clone(),
+                        how,
+                    });
+                }
                 let path = self.data_path(&meta).map_err(|e| Error::Storage {
                     source_ref: source.clone(),
                     reason: e.to_string(),
