@@ -337,6 +337,15 @@ pub(crate) async fn on_claim<C: CsiController>(
     ctx: &Arc<Ctx<C>>,
 ) -> Result<Option<Action>, Error> {
     let Some(target) = move_to(meta) else {
+        // The ask taken back: the holder restores its PV now (not at its
+        // next look, 30 s on). Found by the PV's usual name; a PV a move
+        // made (another name) is looked at by its own requeue.
+        if let Some(name) = claim::volume_name(meta)
+            && let Some(pv) = ctx.volumes.get(&ObjectRef::new(&name))
+            && annotation(&*pv, ANN_MOVING_TO).is_some()
+        {
+            return holder_pv(ctx, &pv).await.map(|_| None);
+        }
         return Ok(None);
     };
     let node = ctx.config.node.as_str();
@@ -678,21 +687,19 @@ async fn target_step<C: CsiController>(
         .get(&ObjectRef::new(&class_name))
         .filter(|sc| class::is_stead(sc))
         .and_then(|sc| class::parse(&sc).ok());
-    if !deleting {
-        if let Some(why) = refusal(ctx, pvc, old.as_ref(), class.as_ref()) {
-            if ctx.first(&format!(
-                "move-refused/{uid}/{}",
-                pvc.resource_version().unwrap_or_default()
-            )) {
-                ctx.move_event(
+    if !deleting && let Some(why) = refusal(ctx, pvc, old.as_ref(), class.as_ref()) {
+        if ctx.first(&format!(
+            "move-refused/{uid}/{}",
+            pvc.resource_version().unwrap_or_default()
+        )) {
+            ctx.move_event(
                     pvc,
                     EventType::Warning,
                     "MoveRefused",
                     format!("node {node} does not move claim {key} here: {why}; nothing was changed; fix it, or remove annotation {ANN_MOVE_TO}"),
                 );
-            }
-            return Ok(Action::requeue(Duration::from_secs(60)));
         }
+        return Ok(Action::requeue(Duration::from_secs(60)));
     }
     let (Some(old), Some(class)) = (old, class) else {
         // Deleting, and its PV or class gone: nothing this node can do; the
@@ -1195,10 +1202,10 @@ async fn drain_round<C: CsiController>(ctx: &Ctx<C>) -> Result<(), Error> {
     let Some(wanted) = annotation(&*own, ANN_DRAIN).map(str::to_string) else {
         return Ok(());
     };
-    if !own
+    if own
         .spec
         .as_ref()
-        .is_some_and(|s| s.unschedulable == Some(true))
+        .is_none_or(|s| s.unschedulable != Some(true))
     {
         return Ok(());
     }

@@ -1,0 +1,318 @@
+//! Moving a volume with its data (issue 15): a StatefulSet's claim asked to
+//! move to another node (annotation stead.csi.dev/move-to) moves once its
+//! pod is gone, under the same claim name, and the pod reads its old token
+//! and checksum there; the old volume goes only then. A move asked while a
+//! pod uses the claim waits, and taking the annotation back leaves all as
+//! it was. A drained node that says stead.csi.dev/drain-moves-to=any moves
+//! its volumes the same way to a node with room.
+//!
+//!   make e2e E2E_SUITES=move
+
+use std::time::Duration;
+
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::{Node, PersistentVolume, PersistentVolumeClaim, Pod, Service};
+use kube::api::{EvictParams, Patch, PatchParams};
+use kube::{Api, ResourceExt};
+use serde_json::json;
+use stead_e2e::*;
+
+/// A move copies 32 MiB and waits for the StatefulSet's pod to be made
+/// again, scheduled and started; on a loaded machine that is well under
+/// this.
+const WAIT: Duration = Duration::from_secs(240);
+
+/// The seed's StatefulSet, one replica, free to run on any node.
+fn one_replica(name: &str) -> (Service, StatefulSet) {
+    let svc: Service = example("statefulset.yaml", "Service");
+    let mut sts: StatefulSet = example("statefulset.yaml", "StatefulSet");
+    sts.metadata.name = Some(name.into());
+    let spec = sts.spec.as_mut().expect("the example has a spec");
+    spec.replicas = Some(1);
+    if let Some(pod) = spec.template.spec.as_mut() {
+        pod.affinity = None;
+    }
+    (svc, sts)
+}
+
+async fn annotate(pvcs: &Api<PersistentVolumeClaim>, name: &str, key: &str, value: Option<&str>) {
+    pvcs.patch(
+        name,
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"annotations": {key: value}}})),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("annotating claim {name}: {e}"));
+}
+
+/// The token and the sha256 of the 32 MiB file in the pod's volume.
+async fn fingerprint(pods: &Api<Pod>, pod: &str) -> (String, String) {
+    let token = sh(pods, pod, "cat /data/token").await;
+    let sum = sh(pods, pod, "sha256sum /data/big | cut -d' ' -f1").await;
+    (token.trim().to_string(), sum.trim().to_string())
+}
+
+async fn reclaim_policy(client: &kube::Client, pv: &str) -> String {
+    Api::<PersistentVolume>::all(client.clone())
+        .get(pv)
+        .await
+        .unwrap_or_else(|e| panic!("reading PV {pv}: {e}"))
+        .spec
+        .and_then(|s| s.persistent_volume_reclaim_policy)
+        .unwrap_or_default()
+}
+
+/// Waits until claim `name` is a new claim (not `old_uid`) bound to a PV
+/// pinned to `node`; that PV.
+async fn wait_moved(
+    scn: &Scenario,
+    name: &str,
+    old_uid: &str,
+    node: &str,
+) -> (PersistentVolumeClaim, PersistentVolume) {
+    let pvcs: Api<PersistentVolumeClaim> = scn.api();
+    let client = scn.client.clone();
+    poll_until_async(
+        &format!("claim {name} made again, bound on {node}"),
+        WAIT,
+        || {
+            let (pvcs, client) = (pvcs.clone(), client.clone());
+            async move {
+                let c = pvcs
+                    .get_opt(name)
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .ok_or("no claim of that name")?;
+                if c.uid().as_deref() == Some(old_uid) {
+                    return Err("still the old claim".to_string());
+                }
+                let phase = c
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.phase.clone())
+                    .unwrap_or_default();
+                if phase != "Bound" {
+                    return Err(format!("new claim is {phase}"));
+                }
+                let pv = volume_of(&client, &c).await;
+                match pinned_node(&pv) {
+                    Some(n) if n == node => Ok((c, pv)),
+                    other => Err(format!("bound to {} on {other:?}", pv.name_any())),
+                }
+            }
+        },
+    )
+    .await
+}
+
+#[tokio::test]
+async fn a_claim_moves_to_another_node_with_its_data_under_the_same_name() {
+    let scn = Scenario::new("move").await;
+    let nodes = schedulable_nodes(&scn.client).await;
+    if nodes.len() < 2 {
+        step("one schedulable node only: a move needs a second node");
+        scn.finish().await;
+        return;
+    }
+    let pods: Api<Pod> = scn.api();
+    let pvcs: Api<PersistentVolumeClaim> = scn.api();
+    let pvs: Api<PersistentVolume> = Api::all(scn.client.clone());
+    let (svc, sts) = one_replica("mv");
+    create(&scn.api::<Service>(), &svc).await;
+    create(&scn.api::<StatefulSet>(), &sts).await;
+    let pod = "mv-0";
+    let claim = "db-vol-mv-0";
+
+    step("the replica writes its token, and 32 MiB of random bytes beside it");
+    let p = wait_ready(&pods, pod).await;
+    let holder = node_of(&p);
+    sh(
+        &pods,
+        pod,
+        "dd if=/dev/urandom of=/data/big bs=1M count=32 2>/dev/null && sync",
+    )
+    .await;
+    let written = fingerprint(&pods, pod).await;
+    assert_eq!(written.1.len(), 64, "a sha256: {:?}", written.1);
+    let first = wait_bound(&pvcs, claim).await;
+    let first_uid = first.uid().expect("claims have uids");
+    let old_pv = volume_of(&scn.client, &first).await;
+    assert_eq!(pinned_node(&old_pv).as_deref(), Some(holder.as_str()));
+    let target = nodes
+        .iter()
+        .map(|n| n.name.clone())
+        .find(|n| *n != holder)
+        .expect("a second node");
+
+    step(&format!(
+        "asked to move to {target} while the pod uses it: the holder agrees, the target waits; taken back, all is as it was"
+    ));
+    annotate(&pvcs, claim, "stead.csi.dev/move-to", Some(&target)).await;
+    wait_event(
+        &scn.client,
+        claim,
+        "MoveAgreed",
+        &[holder.as_str(), target.as_str()],
+        WAIT,
+    )
+    .await;
+    wait_event(
+        &scn.client,
+        claim,
+        "MoveWaiting",
+        &[pod, "no pod uses it"],
+        WAIT,
+    )
+    .await;
+    assert_eq!(
+        reclaim_policy(&scn.client, &old_pv.name_any()).await,
+        "Retain"
+    );
+    annotate(&pvcs, claim, "stead.csi.dev/move-to", None).await;
+    wait_event(
+        &scn.client,
+        claim,
+        "MoveCancelled",
+        &[holder.as_str()],
+        WAIT,
+    )
+    .await;
+    assert_eq!(
+        reclaim_policy(&scn.client, &old_pv.name_any()).await,
+        "Delete"
+    );
+    let still = pvcs.get(claim).await.expect("reading the claim");
+    assert_eq!(
+        still.uid().as_deref(),
+        Some(first_uid.as_str()),
+        "the claim was left alone"
+    );
+    assert!(
+        is_ready(&pods.get(pod).await.expect("reading the pod")),
+        "the pod was left alone"
+    );
+
+    step(&format!(
+        "asked again; {holder} cordoned and the pod deleted: the StatefulSet's new pod waits, the volume moves to {target}"
+    ));
+    annotate(&pvcs, claim, "stead.csi.dev/move-to", Some(&target)).await;
+    wait_event(
+        &scn.client,
+        claim,
+        "MoveAgreed",
+        &[holder.as_str(), target.as_str()],
+        WAIT,
+    )
+    .await;
+    let cordon = NodeChange::cordon(&scn.client, &holder).await;
+    let old_pod_uid = p.uid().expect("pods have uids");
+    delete(&pods, pod).await;
+    let (moved, new_pv) = wait_moved(&scn, claim, &first_uid, &target).await;
+    let events = events_of(&scn.client, claim).await;
+    for reason in ["MoveCopying", "Pulling", "Pulled", "Moved"] {
+        assert!(
+            events.contains(reason),
+            "event {reason} on the claim:\n{events}"
+        );
+    }
+    let annotations = moved.annotations();
+    assert_eq!(annotations.get("stead.csi.dev/recreated-by"), Some(&target));
+    assert!(
+        !annotations.contains_key("stead.csi.dev/move-to"),
+        "the ask is done"
+    );
+
+    step(&format!(
+        "the pod runs on {target} and reads its old token and checksum"
+    ));
+    let again = wait_replaced(&pods, pod, &old_pod_uid).await;
+    assert_eq!(node_of(&again), target);
+    assert_eq!(
+        fingerprint(&pods, pod).await,
+        written,
+        "token and sha256 after the move"
+    );
+
+    step(&format!(
+        "the old volume on {holder} is gone, only once the copy was bound"
+    ));
+    wait_deleted(
+        &pvs,
+        &old_pv.name_any(),
+        &old_pv.uid().unwrap_or_default(),
+        "the old PV of the moved claim",
+    )
+    .await;
+    wait_event(
+        &scn.client,
+        &old_pv.name_any(),
+        "MovedAway",
+        &[new_pv.name_any().as_str()],
+        WAIT,
+    )
+    .await;
+    cordon.revert().await;
+
+    step(&format!(
+        "{target} drained with stead.csi.dev/drain-moves-to=any: its volume moves to a node with room"
+    ));
+    let nodes_api: Api<Node> = Api::all(scn.client.clone());
+    nodes_api
+        .patch(
+            &target,
+            &PatchParams::default(),
+            &Patch::Merge(
+                json!({"metadata": {"annotations": {"stead.csi.dev/drain-moves-to": "any"}}}),
+            ),
+        )
+        .await
+        .expect("annotating the node");
+    let drained = NodeChange::cordon(&scn.client, &target).await;
+    let moved_uid = moved.uid().expect("claims have uids");
+    wait_event(&scn.client, claim, "DrainMove", &[target.as_str()], WAIT).await;
+    // Asked once per claim: the node's annotation is not needed any more
+    // (and must not outlive the test, which a later cordon would act on).
+    nodes_api
+        .patch(
+            &target,
+            &PatchParams::default(),
+            &Patch::Merge(
+                json!({"metadata": {"annotations": {"stead.csi.dev/drain-moves-to": null}}}),
+            ),
+        )
+        .await
+        .expect("removing the node's annotation");
+    let running = pods.get(pod).await.expect("reading the pod");
+    // What kubectl drain does after the cordon: evict.
+    pods.evict(pod, &EvictParams::default())
+        .await
+        .expect("evicting the pod");
+    let picked = poll_until_async("the drain's pick in the claim's annotation", WAIT, || {
+        let pvcs = pvcs.clone();
+        let moved_uid = moved_uid.clone();
+        async move {
+            match pvcs.get_opt(claim).await {
+                Ok(Some(c)) if c.uid().as_deref() == Some(moved_uid.as_str()) => c
+                    .annotations()
+                    .get("stead.csi.dev/move-to")
+                    .cloned()
+                    .ok_or_else(|| "no move-to yet".to_string()),
+                Ok(_) => Err("the claim is being made again".to_string()),
+                Err(e) => Err(e.to_string()),
+            }
+        }
+    })
+    .await;
+    assert_ne!(picked, target, "a drain moves away from the drained node");
+    wait_moved(&scn, claim, &moved_uid, &picked).await;
+    let last = wait_replaced(&pods, pod, &running.uid().unwrap_or_default()).await;
+    assert_eq!(node_of(&last), picked);
+    assert_eq!(
+        fingerprint(&pods, pod).await,
+        written,
+        "token and sha256 after the drain"
+    );
+    drained.revert().await;
+
+    scn.finish().await;
+}
