@@ -399,11 +399,16 @@ pub(crate) async fn receive<C: CsiController>(
         EventType::Normal,
         "Pulled",
         format!(
-            "node {node} received {} of data ({} volume{}) from node {holder} in {secs:.1} s ({rate:.1} MB/s); content digest verified",
+            "node {node} received {} of data ({} volume{}{}) from node {holder} in {secs:.1} s ({rate:.1} MB/s); content digest verified",
             quantity::human(report.received_bytes as i64),
             quantity::human(report.size as i64),
             if report.resumed_from > 0 {
                 format!(", resumed at {}", quantity::human(report.resumed_from as i64))
+            } else {
+                String::new()
+            },
+            if report.streams > 1 {
+                format!(", over {} streams: a broken one was resumed", report.streams)
             } else {
                 String::new()
             }

@@ -192,3 +192,116 @@ async fn a_snapshot_restored_on_another_node_holds_the_same_token_and_checksum()
 
     scn.finish().await;
 }
+
+/// Kills (SIGKILL) the Stead agent of `node` as a crash does; its kubelet
+/// starts the container again in the same pod.
+async fn crash_agent(client: &Client, node: &str) {
+    let local = LocalNode::all()
+        .into_iter()
+        .find(|n| n.name == node)
+        .unwrap_or_else(|| panic!("node {node} is not a node of the local cluster"));
+    let killed = local.kill_agent().await;
+    assert!(killed > 0, "no Stead agent process ran on {node}");
+    step(&format!("the agent of {node} killed ({killed} processes)"));
+    // Its restart is the kubelet's; the test waits for what it does next.
+    agent_pod(client, node).await;
+}
+
+#[tokio::test]
+async fn a_pull_broken_by_either_agent_s_crash_finishes_with_the_same_data() {
+    let scn = Scenario::new("xbreak").await;
+    let nodes = schedulable_nodes(&scn.client).await;
+    let (Some(first), Some(second)) = (nodes.first(), nodes.get(1)) else {
+        step("one schedulable node only: a cross-node restore needs a second node");
+        scn.finish().await;
+        return;
+    };
+    let (first, second) = (first.name.clone(), second.name.clone());
+    let pods: Api<Pod> = scn.api();
+    let pvcs: Api<PersistentVolumeClaim> = scn.api();
+    let snaps = snapshots(&scn.client, &scn.ns);
+
+    // 384 MiB: several seconds on the wire here, so that a crash right
+    // after the pull begins lands in its middle.
+    step(&format!("a pod on {first} writes a token and 384 MiB of random bytes; a snapshot of it"));
+    create(&pvcs, &claim("data", None)).await;
+    let token = token();
+    create(&pods, &pinned("writer", "data", &first, "")).await;
+    wait_ready(&pods, "writer").await;
+    sh(
+        &pods,
+        "writer",
+        &format!(
+            "echo '{token}' > /data/token && dd if=/dev/urandom of=/data/big bs=1M count=384 2>/dev/null && sync"
+        ),
+    )
+    .await;
+    let written = fingerprint(&pods, "writer").await;
+    let snap: DynamicObject = from_json(json!({
+        "apiVersion": "snapshot.storage.k8s.io/v1",
+        "kind": "VolumeSnapshot",
+        "metadata": { "name": "snap" },
+        "spec": {
+            "volumeSnapshotClassName": "stead",
+            "source": { "persistentVolumeClaimName": "data" },
+        },
+    }));
+    snaps
+        .create(&PostParams::default(), &snap)
+        .await
+        .expect("creating VolumeSnapshot snap");
+    poll_until_async("VolumeSnapshot snap to be readyToUse", WAIT, || async {
+        match snaps.get_opt("snap").await {
+            Ok(Some(s)) if s.data["status"]["readyToUse"] == json!(true) => Ok(()),
+            Ok(s) => Err(format!(
+                "status {}",
+                s.map(|s| s.data["status"].to_string()).unwrap_or_default()
+            )),
+            Err(e) => Err(e.to_string()),
+        }
+    })
+    .await;
+
+    for (claim_name, victim, role) in [
+        ("holder-crash", first.as_str(), "holder"),
+        ("target-crash", second.as_str(), "target"),
+    ] {
+        step(&format!(
+            "{claim_name}: restored on {second}; the {role}'s agent ({victim}) killed once the pull began"
+        ));
+        let source = json!({ "apiGroup": "snapshot.storage.k8s.io", "kind": "VolumeSnapshot", "name": "snap" });
+        create(&pvcs, &claim(claim_name, Some(source))).await;
+        let reader = format!("{claim_name}-reader");
+        create(&pods, &pinned(&reader, claim_name, &second, "")).await;
+        wait_event(&scn.client, claim_name, "Pulling", &[first.as_str()], WAIT).await;
+        crash_agent(&scn.client, victim).await;
+        let seen = wait_event(
+            &scn.client,
+            claim_name,
+            "Pulled",
+            &[first.as_str(), "digest verified"],
+            WAIT,
+        )
+        .await;
+        // The crash broke the pull: the target said so and resumed, or a
+        // restarted target pulled again (a second Pulling).
+        let broken = seen.contains("could not finish pulling")
+            || seen.contains("resumed at")
+            || seen.contains("a broken one was resumed")
+            || seen.lines().filter(|l| l.contains("Pulling")).count() >= 2;
+        assert!(
+            broken,
+            "the {role}'s crash did not break the pull (it finished first?):\n{seen}"
+        );
+        wait_ready(&pods, &reader).await;
+        assert_eq!(
+            fingerprint(&pods, &reader).await,
+            written,
+            "{claim_name}: token and sha256 of /data/big after the broken pull"
+        );
+        let pv = volume_of(&scn.client, &wait_bound(&pvcs, claim_name).await).await;
+        assert_eq!(pinned_node(&pv).as_deref(), Some(second.as_str()));
+    }
+
+    scn.finish().await;
+}
