@@ -343,6 +343,7 @@ pub(crate) async fn on_claim<C: CsiController>(
         if let Some(name) = claim::volume_name(meta)
             && let Some(pv) = ctx.volumes.get(&ObjectRef::new(&name))
             && annotation(&*pv, ANN_MOVING_TO).is_some()
+            && meta.meta().deletion_timestamp.is_none()
         {
             return holder_pv(ctx, &pv).await.map(|_| None);
         }
@@ -360,25 +361,44 @@ pub(crate) async fn on_claim<C: CsiController>(
         }
         return target_step(ctx, &pvc).await.map(Some);
     }
-    // The holder: the claim's PV is one of this node's.
+    // The holder: the claim's PV is one of this node's (found in memory,
+    // so that the agents of other nodes send nothing for it).
     if meta.meta().deletion_timestamp.is_some() {
         return Ok(Some(Action::await_change()));
     }
-    let Some(pvc) = api.get_opt(&meta.name_any()).await? else {
-        return Ok(Some(Action::await_change()));
-    };
-    let Some(pv) = bound_pv_here(ctx, &pvc) else {
+    let Some(pv) = pv_of_claim(ctx, meta.uid().as_deref()) else {
         // Not this node's; the target's agent says what is wrong.
         return Ok(None);
     };
+    let Some(pvc) = api.get_opt(&meta.name_any()).await? else {
+        return Ok(Some(Action::await_change()));
+    };
+    if pvc.spec.as_ref().and_then(|s| s.volume_name.as_deref()) != Some(pv.name_any().as_str()) {
+        return Ok(None);
+    }
     agree(ctx, &pvc, &pv, target).await.map(Some)
 }
 
-/// The PV of this node that claim `pvc` is bound to.
-fn bound_pv_here<C>(ctx: &Ctx<C>, pvc: &PersistentVolumeClaim) -> Option<Arc<PersistentVolume>> {
-    let name = pvc.spec.as_ref()?.volume_name.as_deref()?;
-    let pv = ctx.volumes.get(&ObjectRef::new(name))?;
-    (pv::pv_node(&pv) == Some(ctx.config.node.as_str())).then_some(pv)
+/// The PV of this node bound to the claim of `uid`, from the PV store (by
+/// the usual name first, then by the claim reference: a PV a move made
+/// has another name).
+fn pv_of_claim<C>(ctx: &Ctx<C>, uid: Option<&str>) -> Option<Arc<PersistentVolume>> {
+    let uid = uid?;
+    let bound_here = |pv: &PersistentVolume| {
+        pv::pv_node(pv) == Some(ctx.config.node.as_str())
+            && pv
+                .spec
+                .as_ref()
+                .and_then(|s| s.claim_ref.as_ref())
+                .and_then(|r| r.uid.as_deref())
+                == Some(uid)
+    };
+    if let Some(pv) = ctx.volumes.get(&ObjectRef::new(&format!("pvc-{uid}")))
+        && bound_here(&pv)
+    {
+        return Some(pv);
+    }
+    ctx.volumes.state().into_iter().find(|pv| bound_here(pv))
 }
 
 /// The holder agrees to a move of `pvc` (bound to its PV `pv`) to `target`:
@@ -859,8 +879,9 @@ async fn create_target<C: CsiController>(
     match ctx.csi.create_volume(tonic::Request::new(request)).await {
         Ok(resp) => Ok(Ok(resp.into_inner().volume.unwrap_or_default())),
         Err(status) => {
-            // Nothing was made: the intent goes too.
-            ctx.ledger.remove(name).await?;
+            // The intent stays: a volume this call may have found (a move
+            // under way) keeps its data; the reaper removes what no move
+            // asks for any more (`reclaim::reap_round`).
             let wait = ctx.backoff(&uid);
             ctx.move_event(
                 pvc,
@@ -1249,10 +1270,36 @@ async fn drain_round<C: CsiController>(ctx: &Ctx<C>) -> Result<(), Error> {
             r.name.clone().unwrap_or_default(),
         );
         let claims: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &ns);
-        let Some(c) = claims.get_opt(&name).await? else {
+        // From the claim store (its metadata keeps the move's annotation):
+        // a round sends nothing for claims already asked.
+        let Some(c) = ctx
+            .claims
+            .get(&ObjectRef::<PartialObjectMeta<PersistentVolumeClaim>>::new(&name).within(&ns))
+        else {
             continue;
         };
-        if c.uid().as_deref() != r.uid.as_deref() || move_to(&c).is_some() {
+        if c.uid().as_deref() != r.uid.as_deref() || move_to(&*c).is_some() {
+            continue;
+        }
+        let dir = p
+            .spec
+            .as_ref()
+            .and_then(|s| s.csi.as_ref())
+            .and_then(|c| c.volume_attributes.as_ref())
+            .and_then(|a| a.get(crate::csi::controller::CONTEXT_BACKEND))
+            .is_some_and(|b| b == "dir");
+        if dir {
+            if ctx.first(&format!("drain-dir/{}", c.uid().unwrap_or_default())) {
+                ctx.move_event(
+                    &*c,
+                    EventType::Warning,
+                    "MoveRefused",
+                    format!(
+                        "node {node} is drained and says {ANN_DRAIN}={wanted}, but claim {ns}/{name} has a dir volume ({}), which cannot be transferred between nodes; it stays on node {node}",
+                        p.name_any()
+                    ),
+                );
+            }
             continue;
         }
         let class = p
@@ -1275,7 +1322,7 @@ async fn drain_round<C: CsiController>(ctx: &Ctx<C>) -> Result<(), Error> {
         let Some(target) = target else {
             if ctx.first(&format!("drain-none/{}", c.uid().unwrap_or_default())) {
                 ctx.move_event(
-                    &c,
+                    &*c,
                     EventType::Warning,
                     "MoveRefused",
                     format!(
@@ -1295,7 +1342,7 @@ async fn drain_round<C: CsiController>(ctx: &Ctx<C>) -> Result<(), Error> {
             .await
         {
             Ok(_) => ctx.move_event(
-                &c,
+                &*c,
                 EventType::Normal,
                 "DrainMove",
                 format!(

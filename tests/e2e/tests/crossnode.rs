@@ -223,7 +223,9 @@ async fn a_pull_broken_by_either_agent_s_crash_finishes_with_the_same_data() {
 
     // 384 MiB: several seconds on the wire here, so that a crash right
     // after the pull begins lands in its middle.
-    step(&format!("a pod on {first} writes a token and 384 MiB of random bytes; a snapshot of it"));
+    step(&format!(
+        "a pod on {first} writes a token and 384 MiB of random bytes; a snapshot of it"
+    ));
     create(&pvcs, &claim("data", None)).await;
     let token = token();
     create(&pods, &pinned("writer", "data", &first, "")).await;
