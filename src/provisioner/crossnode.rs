@@ -982,6 +982,67 @@ mod tests {
         );
     }
 
+    #[tokio::test]
+    async fn a_volume_in_use_on_its_node_is_not_sent_until_it_is_unstaged() {
+        use crate::proto::csi::v1::node_server::Node as _;
+        use crate::proto::csi::v1::volume_capability::{
+            AccessMode, AccessType, MountVolume, access_mode::Mode,
+        };
+        use crate::proto::csi::v1::{
+            NodeStageVolumeRequest, NodeUnstageVolumeRequest, VolumeCapability,
+        };
+        let h = holder().await;
+        let id = "pvc-5050c0de-0000-4000-8000-00000000000a";
+        let node = h.plugin.node_service();
+        let staging = h._tmp.path().join("kubelet/staging").join(id);
+        std::fs::create_dir_all(&staging).unwrap();
+        let staging_path = staging.display().to_string();
+        node.node_stage_volume(tonic::Request::new(NodeStageVolumeRequest {
+            volume_id: id.into(),
+            staging_target_path: staging_path.clone(),
+            volume_capability: Some(VolumeCapability {
+                access_mode: Some(AccessMode {
+                    mode: Mode::SingleNodeWriter as i32,
+                }),
+                access_type: Some(AccessType::Mount(MountVolume {
+                    fs_type: "ext4".into(),
+                    ..Default::default()
+                })),
+            }),
+            ..Default::default()
+        }))
+        .await
+        .unwrap();
+        let here = tempfile::tempdir().unwrap();
+        let target = here.path().join("disk.img");
+        let trust = Arc::new(TrustDir::open(&h.trust_dir, transfer::DEFAULT_SERVER_NAME).unwrap());
+        let peer = format!("127.0.0.1:{}", h.port);
+        let source = SourceRef::Volume(VolumeId::parse(id).unwrap());
+        let refused = receiver::pull(&peer, &trust, &source, &target, &fast(1)).await;
+        match refused {
+            Err(transfer::Error::Rpc { status, .. }) => {
+                assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{status:?}");
+                assert!(
+                    status.message().contains("no pod uses it"),
+                    "{}",
+                    status.message()
+                );
+            }
+            other => panic!("a staged volume was sent: {other:?}"),
+        }
+        assert!(!target.exists(), "nothing installed for a refused pull");
+        node.node_unstage_volume(tonic::Request::new(NodeUnstageVolumeRequest {
+            volume_id: id.into(),
+            staging_target_path: staging_path,
+        }))
+        .await
+        .unwrap();
+        let report = receiver::pull(&peer, &trust, &source, &target, &fast(1))
+            .await
+            .expect("sent once unstaged");
+        assert_eq!(report.size, 32 * MIB);
+    }
+
     /// Nothing of the claim is left on node-b: no volume folder, no
     /// intent, no PV.
     async fn nothing_left(f: &Fake) {
