@@ -430,6 +430,32 @@ struct Staged {
     checkpoint: Checkpoint,
     /// End of the data received (not yet durable beyond the checkpoint).
     received_upto: u64,
+    /// The checkpoint being made durable in the background (its offset):
+    /// data keeps arriving meanwhile, and the checkpoint is only written
+    /// once the data below its offset is synced, so it never claims data
+    /// the disk does not hold. One at a time.
+    syncing: Option<(u64, tokio::task::JoinHandle<Result<(), Error>>)>,
+}
+
+impl Staged {
+    /// Takes in the background checkpoint if it is done (or, with `wait`,
+    /// once it is).
+    async fn collect(&mut self, wait: bool, staging: &Path) -> Result<(), Error> {
+        let Some((offset, task)) = self.syncing.take() else {
+            return Ok(());
+        };
+        if !wait && !task.is_finished() {
+            self.syncing = Some((offset, task));
+            return Ok(());
+        }
+        task.await.map_err(|e| Error::Io {
+            what: "syncing the staging file",
+            path: staging.to_owned(),
+            source: io::Error::other(e.to_string()),
+        })??;
+        self.checkpoint.offset = offset;
+        Ok(())
+    }
 }
 
 impl Run<'_> {
@@ -470,8 +496,13 @@ impl Run<'_> {
         let mut staged = self.open_staging(state, &header, offset).await?;
         // From here on, a broken stream checkpoints what it received.
         let result = self.receive(&mut stream, &mut staged).await;
+        // No checkpoint is written behind the ones below.
+        let synced = staged.collect(true, &self.paths.staging).await;
         match result {
-            Ok(trailer) => self.finish(staged, trailer, state).await,
+            Ok(trailer) => {
+                synced.map_err(Failure::Fatal)?;
+                self.finish(staged, trailer, state).await
+            }
             Err(failure) => {
                 let upto = staged.received_upto;
                 if upto > staged.checkpoint.offset {
@@ -602,6 +633,7 @@ impl Run<'_> {
             file,
             received_upto: offset,
             checkpoint,
+            syncing: None,
         })
     }
 
@@ -688,13 +720,22 @@ impl Run<'_> {
             if let Some(p) = &self.options.progress {
                 p.send_replace(end);
             }
-            if end - staged.checkpoint.offset >= self.options.checkpoint_every {
+            staged
+                .collect(false, &self.paths.staging)
+                .await
+                .map_err(Failure::Fatal)?;
+            if staged.syncing.is_none()
+                && end - staged.checkpoint.offset >= self.options.checkpoint_every
+            {
                 let mut c = staged.checkpoint.clone();
                 c.offset = end;
-                self.make_durable(&staged.file, c.clone())
-                    .await
-                    .map_err(Failure::Fatal)?;
-                staged.checkpoint = c;
+                let (file, paths) = (staged.file.clone(), self.paths.clone());
+                let task = tokio::task::spawn_blocking(move || {
+                    file.sync_data()
+                        .map_err(Error::io("syncing the staging file", &paths.staging))?;
+                    paths.write_checkpoint(&c)
+                });
+                staged.syncing = Some((end, task));
             }
         }
     }
