@@ -306,7 +306,9 @@ pub fn holder_step(pv: &PersistentVolume, claim_now: Option<&PersistentVolumeCla
 }
 
 impl<C> Ctx<C> {
-    /// Queues an event of a move on `obj`.
+    /// Queues an event of a move on `obj`. The events of one object are
+    /// a series per reason (kube's recorder keeps the first note of a
+    /// reason and counts the rest), so each wait has a reason of its own.
     fn move_event<K: Resource<DynamicType = ()>>(
         &self,
         obj: &K,
@@ -469,10 +471,12 @@ pub(crate) async fn on_pv<C: CsiController>(
     pv: &PersistentVolume,
     ctx: &Ctx<C>,
 ) -> Result<Option<Action>, Error> {
-    if annotation(pv, ANN_MOVING_TO).is_some() {
+    if annotation(pv, ANN_MOVING_TO).is_some() && pv.meta().deletion_timestamp.is_none() {
         return holder_pv(ctx, pv).await.map(Some);
     }
-    if let Some(raw) = annotation(pv, ANN_RECREATE) {
+    if let Some(raw) = annotation(pv, ANN_RECREATE)
+        && pv.meta().deletion_timestamp.is_none()
+    {
         return recreate_from_pv(ctx, pv, raw).await.map(Some);
     }
     Ok(None)
@@ -527,7 +531,13 @@ async fn holder_pv<C: CsiController>(ctx: &Ctx<C>, pv: &PersistentVolume) -> Res
                     ),
                 );
             }
-            return Ok(Action::requeue(POLL));
+            // Reported (data kept): looked at less often from then on.
+            let long = released_for.is_some_and(|d| d >= CLAIM_MISSING_TOO_LONG);
+            return Ok(Action::requeue(if long {
+                Duration::from_secs(60)
+            } else {
+                POLL
+            }));
         }
         HolderStep::Foreign(why) => {
             if ctx.first(&format!("move-foreign/{}", pv.uid().unwrap_or_default())) {
@@ -733,7 +743,7 @@ async fn target_step<C: CsiController>(
             ctx.move_event(
                 pvc,
                 EventType::Normal,
-                "MoveWaiting",
+                "MoveWaitingForHolder",
                 format!("node {node} waits for the agent of node {holder}, which holds volume {pv_name}, to let it go (it marks PV {pv_name} {ANN_MOVING_TO}={node})"),
             );
         }
@@ -1106,15 +1116,41 @@ async fn recreate_from_pv<C>(
                 .unwrap_or_default()
                 .to_string();
             let node = ctx.config.node.clone();
-            recreate(
+            match recreate(
                 ctx,
                 &template,
                 &name,
                 &node,
                 &[(ANN_MOVED_FROM, moved_from)],
             )
-            .await?;
-            Ok(Action::requeue(POLL))
+            .await
+            {
+                Ok(_) => Ok(Action::requeue(POLL)),
+                // The claim's namespace is gone (or going): it would have
+                // taken the claim and its volume with it, and so it takes
+                // the copy (a PV with no claim that can never get one). The
+                // old volume stays Retained on its node (see `holder_pv`).
+                Err(Error::Kube(kube::Error::Api(s)))
+                    if s.code == 404
+                        || (s.code == 403 && s.message.contains("being terminated")) =>
+                {
+                    ctx.move_event(
+                        pv,
+                        EventType::Warning,
+                        "MoveAbandoned",
+                        format!(
+                            "namespace {} of claim {} is gone, so the claim cannot be made again: PV {name}, the copy on node {}, is deleted; the old volume stays Retained on its node",
+                            template.namespace, template.name, ctx.config.node
+                        ),
+                    );
+                    match api.delete(&name, &DeleteParams::default()).await {
+                        Ok(_) => Ok(Action::await_change()),
+                        Err(kube::Error::Api(s)) if s.code == 404 => Ok(Action::await_change()),
+                        Err(e) => Err(e.into()),
+                    }
+                }
+                Err(e) => Err(e),
+            }
         }
     }
 }

@@ -208,7 +208,8 @@ async fn a_claim_moves_to_another_node_with_its_data_under_the_same_name() {
     let old_pod_uid = p.uid().expect("pods have uids");
     delete(&pods, pod).await;
     let (moved, new_pv) = wait_moved(&scn, claim, &first_uid, &target).await;
-    let events = events_of(&scn.client, claim).await;
+    // Recorded in the background, just after the claim is made again.
+    let events = wait_event(&scn.client, claim, "Moved", &[target.as_str()], WAIT).await;
     for reason in ["MoveCopying", "Pulling", "Pulled", "Moved"] {
         assert!(
             events.contains(reason),
