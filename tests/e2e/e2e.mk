@@ -12,7 +12,7 @@
 
 STEAD_VERSION := $(shell sed -n 's/^version = "\(.*\)"$$/\1/p' Cargo.toml | head -1)
 STEAD_IMAGE_ARCHIVE ?= target/image/stead-$(STEAD_VERSION).oci.tar
-E2E_SUITES ?= statefulset volumes nodes snapshots policy crossnode nodeloss
+E2E_SUITES ?= statefulset volumes nodes snapshots policy crossnode nodeloss move
 STEAD_CLUSTER_ENV = $${STEAD_CLUSTER_DIR:-/tmp/stead-cluster}/env
 
 .PHONY: image deploy e2e demo
