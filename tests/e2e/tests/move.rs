@@ -216,6 +216,10 @@ async fn a_claim_moves_to_another_node_with_its_data_under_the_same_name() {
             "event {reason} on the claim:\n{events}"
         );
     }
+    // What the copy took (bytes, seconds, MB/s), for the log.
+    if let Some(pulled) = events.lines().find(|l| l.contains("Pulled:")) {
+        step(pulled.trim());
+    }
     let annotations = moved.annotations();
     assert_eq!(annotations.get("stead.csi.dev/recreated-by"), Some(&target));
     assert!(
