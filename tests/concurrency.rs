@@ -70,7 +70,10 @@ async fn twenty_concurrent_creates_all_land() {
 
 #[tokio::test]
 async fn capacity_shrinks_by_what_volumes_are_promised() {
-    let mut a = Agent::start("cap").await;
+    // On a filesystem of its own: free space on the machine's disk moves
+    // with whatever else writes there (the other test of this file makes
+    // 21 volumes meanwhile), and the drop must be this volume's alone.
+    let mut a = Agent::start_on_fs("cap", "ext4", 2048, common::default_pools).await;
     let cap_of = |pool: &str| GetCapacityRequest {
         parameters: [("pool".to_owned(), pool.to_owned())].into(),
         ..Default::default()
