@@ -1006,7 +1006,27 @@ async fn recreate<C>(
         .and_then(|s| s.volume_name.as_deref())
         .unwrap_or("");
     if names == volume {
-        return Ok(Some(existing));
+        // A claim a StatefulSet made meanwhile, which the PV controller
+        // bound to the copy by its name (the new PV is bound ahead to the
+        // claim's name): said to be the move's, which the holder waits for.
+        if annotation(&existing, ANN_RECREATED_BY) == Some(by.as_str()) || node != by.as_str() {
+            return Ok(Some(existing));
+        }
+        let mut annotations = serde_json::Map::new();
+        annotations.insert(ANN_RECREATED_BY.into(), json!(by));
+        annotations.insert(claim::ANN_SELECTED_NODE.into(), json!(node));
+        for (k, v) in extra {
+            annotations.insert((*k).into(), json!(v));
+        }
+        let patch = json!({"metadata": {"annotations": annotations}});
+        let marked = api
+            .patch(
+                &template.name,
+                &PatchParams::default(),
+                &Patch::Merge(&patch),
+            )
+            .await?;
+        return Ok(Some(marked));
     }
     if !names.is_empty() {
         ctx.move_event(

@@ -207,7 +207,7 @@ async fn a_claim_moves_to_another_node_with_its_data_under_the_same_name() {
     let cordon = NodeChange::cordon(&scn.client, &holder).await;
     let old_pod_uid = p.uid().expect("pods have uids");
     delete(&pods, pod).await;
-    let (moved, new_pv) = wait_moved(&scn, claim, &first_uid, &target).await;
+    let (_, new_pv) = wait_moved(&scn, claim, &first_uid, &target).await;
     // Recorded in the background, just after the claim is made again.
     let events = wait_event(&scn.client, claim, "Moved", &[target.as_str()], WAIT).await;
     for reason in ["MoveCopying", "Pulling", "Pulled", "Moved"] {
@@ -220,6 +220,9 @@ async fn a_claim_moves_to_another_node_with_its_data_under_the_same_name() {
     if let Some(pulled) = events.lines().find(|l| l.contains("Pulled:")) {
         step(pulled.trim());
     }
+    // Read again after the event: a claim the StatefulSet made meanwhile
+    // (bound to the copy by its name) is marked as the move's just before.
+    let moved = pvcs.get(claim).await.expect("reading the moved claim");
     let annotations = moved.annotations();
     assert_eq!(annotations.get("stead.csi.dev/recreated-by"), Some(&target));
     assert!(
