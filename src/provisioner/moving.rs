@@ -632,6 +632,16 @@ fn jiff_secs_since(t: &k8s_openapi::apimachinery::pkg::apis::meta::v1::Time) -> 
         .unwrap_or_default()
 }
 
+/// Whether a Stead PV's volume is a `dir` one (its context says).
+fn is_dir(pv: &PersistentVolume) -> bool {
+    pv.spec
+        .as_ref()
+        .and_then(|s| s.csi.as_ref())
+        .and_then(|c| c.volume_attributes.as_ref())
+        .and_then(|a| a.get(crate::csi::controller::CONTEXT_BACKEND))
+        .is_some_and(|b| b == "dir")
+}
+
 /// Why the target cannot take claim `pvc` (bound to `pv` of `holder`).
 fn refusal<C>(
     ctx: &Ctx<C>,
@@ -657,14 +667,7 @@ fn refusal<C>(
     if holder == node.as_str() {
         return Some(format!("claim {key}'s volume is on node {node} already"));
     }
-    let dir = pv
-        .spec
-        .as_ref()
-        .and_then(|s| s.csi.as_ref())
-        .and_then(|c| c.volume_attributes.as_ref())
-        .and_then(|a| a.get(crate::csi::controller::CONTEXT_BACKEND))
-        .is_some_and(|b| b == "dir");
-    if dir {
+    if is_dir(pv) {
         return Some(format!(
             "volume {} of claim {key} is a dir volume, and only image volumes can be transferred between nodes",
             pv.name_any()
@@ -1337,14 +1340,7 @@ async fn drain_round<C: CsiController>(ctx: &Ctx<C>) -> Result<(), Error> {
         if c.uid().as_deref() != r.uid.as_deref() || move_to(&*c).is_some() {
             continue;
         }
-        let dir = p
-            .spec
-            .as_ref()
-            .and_then(|s| s.csi.as_ref())
-            .and_then(|c| c.volume_attributes.as_ref())
-            .and_then(|a| a.get(crate::csi::controller::CONTEXT_BACKEND))
-            .is_some_and(|b| b == "dir");
-        if dir {
+        if is_dir(&p) {
             if ctx.first(&format!("drain-dir/{}", c.uid().unwrap_or_default())) {
                 ctx.move_event(
                     &*c,
