@@ -114,6 +114,22 @@ NODE_COMPONENTS=(containerd kubelet kube-proxy)
 log() { printf '[cluster] %s\n' "$*" >&2; }
 die() { printf '[cluster] error: %s\n' "$*" >&2; exit 1; }
 
+# The cluster's state, kubelet's and containerd's roots and Stead's pools all
+# live on the machine's disk; kubelet evicts pods below 1 GiB free there
+# (evictionHard in up.sh), and the suites write a few GiB. Stop with a clear
+# message before that, naming the filesystem and what is free on it.
+CLUSTER_MIN_FREE_GIB=${CLUSTER_MIN_FREE_GIB:-6}
+check_free_space() {
+  local dir avail_kib
+  for dir in "$(dirname "$STATE")" /var/lib; do
+    avail_kib=$(df --output=avail -k "$dir" | tail -n 1 | tr -d ' ')
+    if ((avail_kib < CLUSTER_MIN_FREE_GIB * 1024 * 1024)); then
+      die "only $((avail_kib / 1024)) MiB free on the filesystem of $dir; the cluster needs at least ${CLUSTER_MIN_FREE_GIB} GiB (kubelet evicts pods below 1 GiB). Free some space (df -h $dir) or set CLUSTER_MIN_FREE_GIB."
+    fi
+  done
+  log "free space: $(df -h --output=avail "$(dirname "$STATE")" | tail -n 1 | tr -d ' ') on $(dirname "$STATE"), $(df -h --output=avail /var/lib | tail -n 1 | tr -d ' ') on /var/lib"
+}
+
 # sha256 of the given files' contents, names included (relative to
 # tests/cluster, so that every checkout of the same sources finds the same
 # key): the key of a cached build.

@@ -72,6 +72,7 @@ build_images
 "$CLUSTER_SRC/down.sh" --quiet
 started=$SECONDS
 rm -rf --one-file-system "$STATE"
+check_free_space
 mkdir -p "$LOGS" "$PIDS" "$STATE/config" "$NODES_DIR"
 touch "$STATE/.stead-cluster"
 echo "$STEAD_NODES" >"$STATE/nodes.count"
@@ -329,12 +330,15 @@ resolvConf: /etc/resolv.conf
 # back from), so the kubelet must never collect them.
 imageGCHighThresholdPercent: 100
 imageGCLowThresholdPercent: 99
-# Test nodes on a shared disk: evict only when it is really full.
+# Test nodes share the machine's disk: evict only when it is really full.
+# Absolute amounts, not percentages: 2% of a 250 GB disk is 5 GB, and a CI
+# machine whose disk held old checkouts evicted the smoke test's pods at 4.9
+# GB free. The free-space check above stops cluster-up before that.
 evictionHard:
   memory.available: 100Mi
-  nodefs.available: 2%
+  nodefs.available: 1Gi
   nodefs.inodesFree: 2%
-  imagefs.available: 2%
+  imagefs.available: 1Gi
 serializeImagePulls: false
 rotateCertificates: false
 YAML
