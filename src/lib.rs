@@ -12,6 +12,7 @@
 pub mod cli;
 pub mod csi;
 pub mod health;
+pub mod memory;
 pub mod metrics;
 pub mod mount;
 pub mod provisioner;

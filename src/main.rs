@@ -36,6 +36,9 @@ fn init_tracing(format: LogFormat) {
 /// How long the parts of the agent get to stop after SIGTERM/SIGINT.
 const SHUTDOWN_DEADLINE: std::time::Duration = std::time::Duration::from_secs(15);
 
+/// How often the allocator's free pages go back to the kernel.
+const TRIM_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Resolves on SIGTERM or SIGINT.
 async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
@@ -211,6 +214,16 @@ async fn run_node(args: NodeArgs) -> stead::Result<()> {
         Ok::<_, stead::Error>(())
     };
 
+    // What a burst freed goes back to the kernel (see `stead::memory`).
+    tokio::spawn(async {
+        let mut every = tokio::time::interval(TRIM_INTERVAL);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            every.tick().await;
+            let _ = tokio::task::spawn_blocking(stead::memory::release_free).await;
+        }
+    });
+
     // Every part stops on the signal; should one hang (an unreachable
     // apiserver, a stuck kernel call), the agent still exits, so that a
     // restart is never blocked.
@@ -230,6 +243,7 @@ async fn run_node(args: NodeArgs) -> stead::Result<()> {
 }
 
 fn main() -> ExitCode {
+    stead::memory::limit_arenas();
     // Storage work runs on blocking threads; a bound keeps a burst of
     // hundreds of claims from spawning hundreds of threads (and as many
     // malloc arenas), which is most of the agent's memory under load.
