@@ -283,6 +283,13 @@ async fn collect_abandoned<C>(ctx: &Ctx<C>, api: &Api<CSIStorageCapacity>) {
             return;
         }
     };
+    // The nodes that publish Stead's capacity: how many take turns there
+    // are for an Immediate claim (`take_slots`).
+    let publishing: HashSet<&str> = objects.iter().filter_map(object_node).collect();
+    ctx.stead_nodes.store(
+        publishing.len() as u64,
+        std::sync::atomic::Ordering::Relaxed,
+    );
     let now = Timestamp::now();
     let nodes: Api<Node> = Api::all(ctx.client.clone());
     let mut gone = HashSet::new();

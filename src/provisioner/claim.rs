@@ -220,6 +220,30 @@ pub fn concerns<K: Resource>(pvc: &K, node: &str, pv_here: bool) -> Concern {
     }
 }
 
+/// Whether the claim watch keeps a claim's metadata in the agent's store:
+/// every claim that concerns this node ([`concerns`] says more than `No`)
+/// and every claim Stead marked (an annotation, label or finalizer of
+/// `stead.csi.dev/`: a move, a claim given back, a node-loss opt-in). The
+/// others — claims of other nodes, of other provisioners, bound to volumes
+/// that are not Stead's — are dropped as they arrive, so that an agent's
+/// memory grows with its own node's claims, not with the cluster's. A
+/// dropped claim that changes is looked at again (the watch still sees it)
+/// and kept once it concerns this node.
+pub fn kept_in_store<K: Resource>(pvc: &K, node: &str, pv_here: bool) -> bool {
+    let meta = pvc.meta();
+    let stead = |k: &String| k.starts_with(STEAD_PREFIX);
+    let marked = meta
+        .annotations
+        .as_ref()
+        .is_some_and(|a| a.keys().any(stead))
+        || meta.labels.as_ref().is_some_and(|l| l.keys().any(stead))
+        || meta.finalizers.iter().flatten().any(stead);
+    marked || !matches!(concerns(pvc, node, pv_here), Concern::No(_))
+}
+
+/// The prefix of what Stead writes on claims.
+const STEAD_PREFIX: &str = "stead.csi.dev/";
+
 /// What the agent on `node` does with a claim of a Stead class.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
@@ -539,6 +563,36 @@ pub(crate) mod tests {
             annotations.insert(k.to_string(), v.to_string());
         }
         m.into_response_partial()
+    }
+
+    #[test]
+    fn the_store_keeps_this_nodes_claims_and_stead_s_marks_and_drops_the_rest() {
+        let stead = [(ANN_STORAGE_PROVISIONER, "stead.csi.dev")];
+        let bound = [(ANN_BIND_COMPLETED, "yes")];
+        let other = [(ANN_STORAGE_PROVISIONER, "other.example.com")];
+        // This node's, chosen or bound to its PV; a claim any node may take;
+        // one the PV controller has not annotated yet.
+        assert!(kept_in_store(&meta(Some("n1"), &stead), "n1", false));
+        assert!(kept_in_store(&meta(Some("n1"), &bound), "n1", true));
+        assert!(kept_in_store(&meta(Some("n2"), &bound), "n1", true));
+        assert!(kept_in_store(&meta(None, &stead), "n1", false));
+        assert!(kept_in_store(&meta(None, &[]), "n1", false));
+        // Dropped: another node's Stead claim, another provisioner's claim,
+        // a claim bound to a volume that is not this node's.
+        assert!(!kept_in_store(&meta(Some("n2"), &stead), "n1", false));
+        assert!(!kept_in_store(&meta(None, &other), "n1", false));
+        assert!(!kept_in_store(&meta(None, &bound), "n1", false));
+        // Marked by Stead (a move asked, a claim made again by a move), by a
+        // label, or held by the move's finalizer: kept wherever it is.
+        let asked = [(ANN_SELECTED_NODE, "n2"), ("stead.csi.dev/move-to", "n3")];
+        assert!(kept_in_store(&meta(None, &asked), "n1", false));
+        let mut labelled = meta(Some("n2"), &bound);
+        labelled.metadata.labels =
+            Some([("stead.csi.dev/node".to_string(), "n2".to_string())].into());
+        assert!(kept_in_store(&labelled, "n1", false));
+        let mut held = meta(Some("n2"), &bound);
+        held.metadata.finalizers = Some(vec!["stead.csi.dev/move".to_string()]);
+        assert!(kept_in_store(&held, "n1", false));
     }
 
     #[test]

@@ -28,7 +28,7 @@ pub mod supervisor;
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -156,6 +156,9 @@ pub(crate) struct Ctx<C> {
     /// The uids of the Immediate claims whose take this node has already
     /// put off once (see [`take_turn`]).
     staggered: Mutex<HashSet<String>>,
+    /// How many nodes publish Stead's capacity (counted at each collection
+    /// of abandoned capacity objects): the number of take turns.
+    stead_nodes: AtomicU64,
     /// For the bound claims of this node read whole: when the size they
     /// were read with was written (`claim::Writes`), so that a change that
     /// cannot have grown one is not read again.
@@ -328,7 +331,8 @@ impl<C> Ctx<C> {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(uid.to_string());
-        let wait = take_turn(uid, &self.config.node);
+        let slots = take_slots(self.stead_nodes.load(Ordering::Relaxed));
+        let wait = take_turn(uid, &self.config.node, slots);
         (first && !wait.is_zero()).then_some(wait)
     }
 
@@ -361,19 +365,31 @@ const MADE_FOR: Duration = Duration::from_secs(60);
 /// turn comes later have seen the take in their watch by then and send
 /// nothing. Only nodes that drew the same first slot still race. With
 /// three nodes and four slots the first take waits 70 ms on average.
+/// There are as many slots as nodes publish Stead's capacity (at least
+/// [`TAKE_SLOTS`], at most [`MAX_TAKE_SLOTS`]), so that on a large cluster
+/// few nodes share the first slot: at 100 nodes with 4 slots, 25 raced for
+/// every claim (`make bench-scale`: 95 agent requests per Immediate claim).
+/// The cap bounds the wait when few of many nodes can serve a class: 6.4 s
+/// at worst.
 const TAKE_SLOTS: u64 = 4;
+const MAX_TAKE_SLOTS: u64 = 64;
 const TAKE_SLOT: Duration = Duration::from_millis(100);
+
+/// The take turns for `nodes` nodes of Stead's (0 when not counted yet).
+fn take_slots(nodes: u64) -> u64 {
+    nodes.clamp(TAKE_SLOTS, MAX_TAKE_SLOTS)
+}
 
 /// This node's turn for claim `uid` (see [`TAKE_SLOTS`]): the same on every
 /// look and after a restart, different from node to node.
-fn take_turn(uid: &str, node: &str) -> Duration {
+fn take_turn(uid: &str, node: &str, slots: u64) -> Duration {
     use std::hash::{Hash, Hasher};
     // DefaultHasher::new() has fixed keys: the same turn in every process
     // of one build (another Rust release may hash otherwise, which only
     // shifts the turns of agents of different versions).
     let mut h = std::collections::hash_map::DefaultHasher::new();
     (uid, node).hash(&mut h);
-    TAKE_SLOT * (h.finish() % TAKE_SLOTS) as u32
+    TAKE_SLOT * (h.finish() % slots.max(1)) as u32
 }
 
 /// Runs the provisioner until `shutdown` resolves; tells `status` once its
@@ -460,11 +476,26 @@ where
 
     // Every claim, as metadata only: the few that concern this node are
     // read whole by the reconcile (`reconcile::reconcile_meta`).
+    // Of those, the store keeps the ones of this node (`claim::kept_in_store`):
+    // a claim that stops concerning it leaves the store as if deleted.
     let (claims, claim_writer) = reflector::store();
+    let keep = {
+        let (volumes, node) = (volumes.clone(), config.node.clone());
+        move |c: &PartialObjectMeta<PersistentVolumeClaim>| {
+            claim::kept_in_store(c, &node, has_pv(&volumes, c))
+        }
+    };
     let claim_events = watcher(
         Api::<PartialObjectMeta<PersistentVolumeClaim>>::all(client.clone()),
         watcher::Config::default(),
     )
+    .filter_map(move |event| {
+        std::future::ready(match event {
+            Ok(watcher::Event::InitApply(c)) if !keep(&c) => None,
+            Ok(watcher::Event::Apply(c)) if !keep(&c) => Some(Ok(watcher::Event::Delete(c))),
+            other => Some(other),
+        })
+    })
     .modify(|c| claim::keep_what_is_read(&mut c.metadata))
     .default_backoff()
     .reflect(claim_writer)
@@ -511,6 +542,7 @@ where
         volumes,
         nodes,
         immediate_waiting: AtomicBool::new(false),
+        stead_nodes: AtomicU64::new(0),
         ledger,
         releasable,
         capacity_changed: Arc::new(Notify::new()),
@@ -684,12 +716,16 @@ pub(crate) mod tests {
     #[test]
     fn each_node_takes_an_immediate_claim_in_a_turn_of_its_own() {
         let uid = "0a1b2c3d-0000-4000-8000-000000000001";
-        assert_eq!(take_turn(uid, "node-a"), take_turn(uid, "node-a"), "stable");
+        assert_eq!(
+            take_turn(uid, "node-a", TAKE_SLOTS),
+            take_turn(uid, "node-a", TAKE_SLOTS),
+            "stable"
+        );
         // Over many claims, every slot is drawn, and a node's turn does not
         // follow another node's.
         let turns = |node: &str| -> Vec<Duration> {
             (0..400)
-                .map(|i| take_turn(&format!("uid-{i}"), node))
+                .map(|i| take_turn(&format!("uid-{i}"), node, TAKE_SLOTS))
                 .collect()
         };
         let (a, b) = (turns("node-a"), turns("node-b"));
@@ -699,6 +735,30 @@ pub(crate) mod tests {
         }
         let same = a.iter().zip(&b).filter(|(x, y)| x == y).count();
         assert!((50..150).contains(&same), "{same} of 400 turns equal");
+    }
+
+    #[test]
+    fn a_large_cluster_has_a_turn_per_node_up_to_the_cap() {
+        assert_eq!(take_slots(0), TAKE_SLOTS, "not counted yet");
+        assert_eq!(take_slots(3), TAKE_SLOTS);
+        assert_eq!(take_slots(20), 20);
+        assert_eq!(take_slots(100), MAX_TAKE_SLOTS);
+        // With a slot per node, a claim's first slot is shared by few: over
+        // 200 claims of 20 nodes, on average under 2 nodes race.
+        let nodes: Vec<String> = (0..20).map(|i| format!("node-{i}")).collect();
+        let racing: usize = (0..200)
+            .map(|c| {
+                let uid = format!("uid-{c}");
+                let turns: Vec<Duration> = nodes
+                    .iter()
+                    .map(|n| take_turn(&uid, n, take_slots(20)))
+                    .collect();
+                let first = turns.iter().min().copied().unwrap_or_default();
+                turns.iter().filter(|t| **t == first).count()
+            })
+            .sum();
+        assert!(racing < 2 * 200, "{racing} racing takes for 200 claims");
+        assert!(take_turn("uid", "node-a", 64) < TAKE_SLOT * 64);
     }
     use crate::csi::{self, ControllerService, Plugin};
     use crate::metrics::rpc::ObservedController;
@@ -961,6 +1021,7 @@ pub(crate) mod tests {
             volumes: volume_store,
             nodes: node_store,
             immediate_waiting: AtomicBool::new(false),
+            stead_nodes: AtomicU64::new(0),
             events,
             capacity_changed: Arc::new(Notify::new()),
             failures: Mutex::default(),

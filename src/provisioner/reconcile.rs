@@ -1433,7 +1433,11 @@ mod tests {
     /// The claim's first looks at this node: its turn to take it (see
     /// `take_turn`) waited out, with nothing sent before it.
     async fn at_its_turn(f: &Fake, claim: &PersistentVolumeClaim) -> Action {
-        let turn = crate::provisioner::take_turn(&claim.uid().unwrap(), NODE);
+        let turn = crate::provisioner::take_turn(
+            &claim.uid().unwrap(),
+            NODE,
+            crate::provisioner::TAKE_SLOTS,
+        );
         if !turn.is_zero() {
             let first = reconcile_meta(meta(claim), f.ctx.clone()).await.unwrap();
             assert_eq!(first, Action::requeue(turn));
@@ -1481,14 +1485,20 @@ mod tests {
         // A claim whose turn here is not the first.
         let uid = (0..)
             .map(|i| format!("0a1b2c3d-0000-4000-8000-{i:012}"))
-            .find(|u| !crate::provisioner::take_turn(u, NODE).is_zero())
+            .find(|u| {
+                !crate::provisioner::take_turn(u, NODE, crate::provisioner::TAKE_SLOTS).is_zero()
+            })
             .unwrap();
         claim.metadata.uid = Some(uid.clone());
         let f = taking(&[sc("stead-now", &[], "Immediate", "Delete")], &claim).await;
         let first = reconcile_meta(meta(&claim), f.ctx.clone()).await.unwrap();
         assert_eq!(
             first,
-            Action::requeue(crate::provisioner::take_turn(&uid, NODE))
+            Action::requeue(crate::provisioner::take_turn(
+                &uid,
+                NODE,
+                crate::provisioner::TAKE_SLOTS
+            ))
         );
         // Meanwhile node-b's take reached this node's watch.
         claim
