@@ -188,8 +188,8 @@ impl FirstSeen {
                     };
                     if let Some(k) = key(&obj) {
                         let mut times = times.lock().unwrap();
-                        if !times.contains_key(&k) {
-                            times.insert(k, now);
+                        if let std::collections::hash_map::Entry::Vacant(e) = times.entry(k) {
+                            e.insert(now);
                             count_tx.send_replace(times.len());
                         }
                     }
@@ -232,6 +232,9 @@ impl Drop for FirstSeen {
 #[derive(Debug, Default, Clone)]
 pub struct Deletion {
     pub pvs: usize,
+    /// How many of them the watch saw Released before gone (the PVs the
+    /// percentiles below are of).
+    pub released: usize,
     /// From the delete call until the last PV is gone.
     pub all_gone: Duration,
     /// From the moment the watch sees a PV Released to the moment it sees
@@ -377,6 +380,7 @@ impl PvDeletion {
         lat.sort();
         Ok(Deletion {
             pvs: gone.len(),
+            released: lat.len(),
             all_gone: gone
                 .values()
                 .max()
