@@ -51,3 +51,5 @@ test: lint unit helm-check dashboard-check sanity cluster-smoke provision-test e
 -include tests/helm/helm.mk
 -include tests/dashboard/dashboard.mk
 -include tests/scale/scale.mk
+-include tests/bench/compare.mk
+-include tests/bench/io.mk

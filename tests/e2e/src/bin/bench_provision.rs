@@ -20,11 +20,12 @@ use std::time::{Duration, Instant};
 use futures::{StreamExt, stream};
 use k8s_openapi::api::core::v1::{Namespace, PersistentVolume, PersistentVolumeClaim, Pod};
 use k8s_openapi::api::storage::v1::StorageClass;
-use kube::api::{Api, DeleteParams, ListParams, PostParams};
-use kube::runtime::{WatchStreamExt, watcher};
+use kube::api::{Api, DeleteParams, PostParams};
 use kube::{Client, ResourceExt};
 use serde_json::json;
-use stead_e2e::bench::{self, machine, ms, percentile};
+use stead_e2e::bench::{
+    self, Deletion, Error, FirstSeen, PvDeletion, machine, ms, percentile, proc_stats,
+};
 use stead_e2e::{busybox_image, from_json};
 
 const SECTION_START: &str =
@@ -41,26 +42,6 @@ fn health() -> &'static str {
         .unwrap_or("127.0.0.1:19810")
 }
 const CSI_SOCKET: &str = "/var/lib/kubelet/plugins/stead.csi.dev/csi.sock";
-
-type Error = Box<dyn std::error::Error + Send + Sync>;
-
-/// The agent's own view: VmRSS (KiB) and CPU seconds, from /proc.
-fn proc_stats(pid: u32) -> (u64, f64) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let rss = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0);
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name (which is in parentheses).
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: f64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0)
-        + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
-    // CLK_TCK is 100 on Linux x86_64.
-    (rss, ticks / 100.0)
-}
 
 /// Requests the agent sent to the apiserver, from its /metrics: its
 /// `stead_apiserver_requests_total` series summed by (verb, resource).
@@ -190,21 +171,10 @@ struct Run {
     pv_all: Duration,
     /// By (verb, resource).
     requests: BTreeMap<(String, String), u64>,
-    /// The teardown (see [`with_namespace`]).
+    /// The teardown (see [`with_namespace`]): its namespace deleted, so its
+    /// pods and claims at once (as `kubectl delete namespace` does), until
+    /// every PV is gone.
     deletion: Deletion,
-}
-
-/// The teardown of a run: its namespace deleted, so its pods and claims at
-/// once (as `kubectl delete namespace` does), until every PV is gone.
-#[derive(Debug, Default)]
-struct Deletion {
-    pvs: usize,
-    /// From the namespace's delete call until the last PV is gone.
-    all_gone: Duration,
-    /// From the moment a watch sees a PV Released to the moment it sees
-    /// it deleted.
-    released_p50: Duration,
-    released_p99: Duration,
 }
 
 impl Run {
@@ -231,42 +201,24 @@ impl Run {
 async fn run(client: &Client, ns: &str, class: &str, n: usize, pods: bool) -> Result<Run, Error> {
     let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), ns);
     let created: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
-    let bound: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
-
     // Watch first, so that no transition is missed.
-    let watch = {
-        let bound = bound.clone();
-        let pvcs = pvcs.clone();
-        tokio::spawn(async move {
-            let mut s = std::pin::pin!(watcher(pvcs, watcher::Config::default()).applied_objects());
-            while let Some(Ok(pvc)) = s.next().await {
-                if pvc.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Bound") {
-                    let mut b = bound.lock().unwrap();
-                    b.entry(pvc.name_any()).or_insert_with(Instant::now);
-                    if b.len() >= n {
-                        return;
-                    }
-                }
-            }
-        })
-    };
+    let mut bound = FirstSeen::start(pvcs.clone(), |pvc: &PersistentVolumeClaim| {
+        let phase = pvc.status.as_ref().and_then(|s| s.phase.as_deref());
+        (phase == Some("Bound")).then(|| pvc.name_any())
+    })
+    .await?;
     // The PVs the agent creates for these claims, by claim name.
-    let pv_seen: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
-    let pv_watch = {
-        let pv_seen = pv_seen.clone();
+    let pv_seen = {
         let ns = ns.to_string();
-        let pvs: Api<PersistentVolume> = Api::all(client.clone());
-        tokio::spawn(async move {
-            let mut s = std::pin::pin!(watcher(pvs, watcher::Config::default()).applied_objects());
-            while let Some(Ok(pv)) = s.next().await {
-                let claim = pv.spec.as_ref().and_then(|s| s.claim_ref.as_ref());
-                if let Some(c) = claim.filter(|c| c.namespace.as_deref() == Some(ns.as_str())) {
-                    let mut seen = pv_seen.lock().unwrap();
-                    seen.entry(c.name.clone().unwrap_or_default())
-                        .or_insert_with(Instant::now);
-                }
-            }
-        })
+        FirstSeen::start(
+            Api::<PersistentVolume>::all(client.clone()),
+            move |pv: &PersistentVolume| {
+                let claim = pv.spec.as_ref()?.claim_ref.as_ref()?;
+                (claim.namespace.as_deref() == Some(ns.as_str()))
+                    .then(|| claim.name.clone().unwrap_or_default())
+            },
+        )
+        .await?
     };
     let requests_before = agent_requests();
     let start = Instant::now();
@@ -312,12 +264,13 @@ async fn run(client: &Client, ns: &str, class: &str, n: usize, pods: bool) -> Re
         .into_iter()
         .collect::<Result<Vec<()>, _>>()?;
     let creating = start.elapsed();
-    tokio::time::timeout(Duration::from_secs(600), watch)
+    bound
+        .wait(n, start + Duration::from_secs(600))
         .await
-        .map_err(|_| format!("not all {n} claims were Bound within 10 minutes"))??;
+        .map_err(|seen| format!("only {seen} of {n} claims were Bound within 10 minutes"))?;
     let total = start.elapsed();
     let requests = requests_since(&requests_before, &agent_requests());
-    pv_watch.abort();
+    let pv_seen = pv_seen.times();
     let created = created.lock().unwrap();
     let since_created = |seen: &HashMap<String, Instant>| {
         let mut lat: Vec<Duration> = seen
@@ -327,8 +280,7 @@ async fn run(client: &Client, ns: &str, class: &str, n: usize, pods: bool) -> Re
         lat.sort();
         lat
     };
-    let lat = since_created(&bound.lock().unwrap());
-    let pv_seen = pv_seen.lock().unwrap();
+    let lat = since_created(&bound.times());
     let pv_lat = since_created(&pv_seen);
     let pv_all = pv_seen
         .values()
@@ -360,110 +312,16 @@ where
     let mut result = body(name.to_string()).await;
     // Teardown: wait until every volume is deleted again, so that the next
     // run starts from nothing; timed, by a PV watch started first.
-    let released: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
-    let gone: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
-    let (listed, watching) = tokio::sync::oneshot::channel();
-    let pv_watch = {
-        let (released, gone) = (released.clone(), gone.clone());
-        let ns = name.to_string();
-        let pvs: Api<PersistentVolume> = Api::all(client.clone());
-        tokio::spawn(async move {
-            let mut listed = Some(listed);
-            let mut s = std::pin::pin!(watcher(pvs, watcher::Config::default()));
-            while let Some(Ok(ev)) = s.next().await {
-                let (pv, deleted) = match ev {
-                    watcher::Event::Apply(pv) | watcher::Event::InitApply(pv) => (pv, false),
-                    watcher::Event::Delete(pv) => (pv, true),
-                    watcher::Event::InitDone => {
-                        if let Some(tx) = listed.take() {
-                            let _ = tx.send(());
-                        }
-                        continue;
-                    }
-                    watcher::Event::Init => continue,
-                };
-                let ours = pv
-                    .spec
-                    .as_ref()
-                    .and_then(|s| s.claim_ref.as_ref())
-                    .and_then(|r| r.namespace.as_deref())
-                    == Some(ns.as_str());
-                if !ours {
-                    continue;
-                }
-                let phase = pv.status.as_ref().and_then(|s| s.phase.as_deref());
-                if deleted {
-                    gone.lock().unwrap().insert(pv.name_any(), Instant::now());
-                } else if phase == Some("Released") {
-                    released
-                        .lock()
-                        .unwrap()
-                        .entry(pv.name_any())
-                        .or_insert_with(Instant::now);
-                }
-            }
-        })
-    };
-    // The delete comes after the watch's initial list, which holds every PV
-    // of the run: no transition is missed.
-    tokio::time::timeout(Duration::from_secs(60), watching)
-        .await
-        .map_err(|_| "the PV watch did not list within 60 s")??;
+    let watch = PvDeletion::watch(client, name).await?;
     let deleting = Instant::now();
     namespaces.delete(name, &DeleteParams::default()).await?;
-    let pvs: Api<PersistentVolume> = Api::all(client.clone());
-    let deadline = Instant::now() + Duration::from_secs(600);
-    loop {
-        let left = pvs
-            .list(&ListParams::default())
-            .await?
-            .items
-            .iter()
-            .filter(|pv| {
-                pv.spec
-                    .as_ref()
-                    .and_then(|s| s.claim_ref.as_ref())
-                    .and_then(|r| r.namespace.as_deref())
-                    == Some(name)
-            })
-            .count();
-        let ns_left = namespaces.get_opt(name).await?.is_some();
-        if left == 0 && !ns_left {
-            break;
-        }
-        if Instant::now() > deadline {
-            return Err(
-                format!("namespace {name}: {left} PVs still there after 10 minutes").into(),
-            );
-        }
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    }
-    // The last deletions may reach the watch a moment after the list shows
-    // them: polled, with a deadline; the condition is the watch's count,
-    // the 100 ms only the poll's step.
     let expected = result.as_ref().map(|r| r.claims).unwrap_or(0);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while gone.lock().unwrap().len() < expected && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    pv_watch.abort();
+    let deletion = watch
+        .finish(client, deleting, expected, Duration::from_secs(600))
+        .await?;
+    bench::namespace_gone(client, name, Duration::from_secs(600)).await?;
     if let Ok(run) = &mut result {
-        let (released, gone) = (released.lock().unwrap(), gone.lock().unwrap());
-        let mut lat: Vec<Duration> = gone
-            .iter()
-            .filter_map(|(pv, t)| released.get(pv).map(|r| t.saturating_duration_since(*r)))
-            .collect();
-        lat.sort();
-        run.deletion = Deletion {
-            pvs: gone.len(),
-            all_gone: gone
-                .values()
-                .max()
-                .map(|t| t.saturating_duration_since(deleting))
-                .unwrap_or_default(),
-            released_p50: percentile(&lat, 0.5),
-            released_p99: percentile(&lat, 0.99),
-        };
+        run.deletion = deletion;
     }
     result
 }
