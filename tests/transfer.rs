@@ -658,6 +658,57 @@ async fn peers_of_another_ca_or_name_are_refused() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_goes_silent_after_the_handshake_is_given_up_on() {
+    // A peer that completes TLS with a certificate the client trusts, then
+    // never answers: no HTTP/2 settings, no headers, no data. The pull must
+    // end with an error that says so, not wait on it for ever.
+    let b = Bench::new();
+    let (source, _src) = b.sparse_snapshot("v-silent", &[(0, MIB)]);
+    let secret = Secret::new(
+        b._root.path(),
+        "silent",
+        &material(transfer::DEFAULT_SERVER_NAME),
+    );
+    let trust = secret.trust();
+    let config = trust.server_config().unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let (held_tx, mut held) = tokio::sync::mpsc::unbounded_channel();
+    let silent = tokio::spawn(async move {
+        loop {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let acceptor = tokio_rustls::TlsAcceptor::from(config.clone());
+            if let Ok(tls) = acceptor.accept(tcp).await {
+                // Held open, never read or written.
+                held_tx.send(tls).unwrap();
+            }
+        }
+    });
+    let options = Options {
+        attempts: 2,
+        stall: Duration::from_secs(2),
+        ..Options::default()
+    };
+    let r = tokio::time::timeout(
+        DEADLINE,
+        transfer::pull(&addr, &trust, &source, &b.target(), &options),
+    )
+    .await
+    .expect("a pull from a silent peer never ended");
+    let Err(e) = r else {
+        panic!("a silent peer served a pull");
+    };
+    assert!(
+        e.to_string().contains("without a byte"),
+        "the error names the silence: {e}"
+    );
+    // Both attempts reached the peer and were held.
+    assert!(held.recv().await.is_some() && held.recv().await.is_some());
+    assert_eq!(b.entries(), Vec::<String>::new(), "nothing made");
+    silent.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn swapped_trust_is_used_by_new_connections_without_a_restart() {
     let b = Bench::new();
     let (source, src) = b.sparse_snapshot("v-rotate", &[(0, 2 * MIB)]);

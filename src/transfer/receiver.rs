@@ -74,6 +74,11 @@ pub struct Options {
     pub wire_bytes: Option<Arc<AtomicU64>>,
     /// Set to the end of the data received so far after each chunk.
     pub progress: Option<tokio::sync::watch::Sender<u64>>,
+    /// How long a stream may go without a message (header, chunk or
+    /// trailer) before it counts as broken and is retried from its
+    /// checkpoint. The sender reads one chunk per message, so the default
+    /// is far above a slow disk's time for one.
+    pub stall: Duration,
 }
 
 impl Default for Options {
@@ -83,9 +88,15 @@ impl Default for Options {
             attempts: 5,
             wire_bytes: None,
             progress: None,
+            stall: Duration::from_secs(60),
         }
     }
 }
+
+/// HTTP/2 pings on the pull's connection, and how long one may go
+/// unanswered.
+pub(super) const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(15);
+pub(super) const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// What a pull did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -459,6 +470,20 @@ impl Staged {
 }
 
 impl Run<'_> {
+    /// A peer that sent nothing for `Options::stall`: a connection the
+    /// peer dropped without a word (a refused certificate, a node gone), so
+    /// the stream is retried from its checkpoint rather than waited on.
+    fn stalled(&self, what: &str) -> Failure {
+        Failure::Retry(Error::Connect {
+            peer: self.peer.to_owned(),
+            reason: format!(
+                "waited {:.1} s for {what} from {} without a byte",
+                self.options.stall.as_secs_f32(),
+                self.source
+            ),
+        })
+    }
+
     fn protocol(&self, reason: String) -> Failure {
         Failure::Fatal(Error::Protocol {
             source_ref: self.source.clone(),
@@ -480,12 +505,13 @@ impl Run<'_> {
             .await
             .map_err(Failure::Retry)?;
         self.streams += 1;
-        let response = client
-            .pull(pb::PullRequest {
-                source: Some(self.source.to_proto()),
-                offset,
-            })
+        let call = client.pull(pb::PullRequest {
+            source: Some(self.source.to_proto()),
+            offset,
+        });
+        let response = tokio::time::timeout(self.options.stall, call)
             .await
+            .map_err(|_| self.stalled("the response's headers"))?
             .map_err(|status| self.rpc_failure(status))?;
         let mut stream = response.into_inner();
 
@@ -544,7 +570,10 @@ impl Run<'_> {
         &self,
         stream: &mut tonic::Streaming<pb::PullResponse>,
     ) -> Result<Option<pb::pull_response::Message>, Failure> {
-        match stream.message().await {
+        let message = tokio::time::timeout(self.options.stall, stream.message())
+            .await
+            .map_err(|_| self.stalled("the next message"))?;
+        match message {
             Ok(Some(m)) => match m.message {
                 Some(m) => Ok(Some(m)),
                 None => Err(self.protocol("a message with no content".into())),
@@ -843,6 +872,11 @@ pub async fn connect(
     let endpoint = Endpoint::from_shared(format!("http://{peer}"))
         .map_err(|e| failed(format!("not an address: {e}")))?
         .connect_timeout(Duration::from_secs(10))
+        // A peer that stops answering (its node gone, its connection
+        // dropped after a refused handshake) is noticed by the pings.
+        .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+        .keep_alive_while_idle(true)
         // Windows wide enough that the sender is not held back waiting
         // for window updates (h2's default is 64 KiB).
         .initial_stream_window_size(Some(8 << 20))

@@ -274,6 +274,8 @@ pub async fn serve(
         }
     };
     let server = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(super::receiver::KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(super::receiver::KEEPALIVE_TIMEOUT))
         .add_service(service.into_server())
         .serve_with_incoming_shutdown(ReceiverStream::new(rx), shutdown);
     tokio::select! {
