@@ -230,6 +230,12 @@ pub fn concerns<K: Resource>(pvc: &K, node: &str, pv_here: bool) -> Concern {
 /// dropped claim that changes is looked at again (the watch still sees it)
 /// and kept once it concerns this node.
 pub fn kept_in_store<K: Resource>(pvc: &K, node: &str, pv_here: bool) -> bool {
+    dropped_from_store(pvc, node, pv_here).is_none()
+}
+
+/// Why the claim watch drops a claim from the store ([`kept_in_store`]),
+/// or `None` when it keeps it.
+pub fn dropped_from_store<K: Resource>(pvc: &K, node: &str, pv_here: bool) -> Option<&'static str> {
     let meta = pvc.meta();
     let stead = |k: &String| k.starts_with(STEAD_PREFIX);
     let marked = meta
@@ -238,7 +244,13 @@ pub fn kept_in_store<K: Resource>(pvc: &K, node: &str, pv_here: bool) -> bool {
         .is_some_and(|a| a.keys().any(stead))
         || meta.labels.as_ref().is_some_and(|l| l.keys().any(stead))
         || meta.finalizers.iter().flatten().any(stead);
-    marked || !matches!(concerns(pvc, node, pv_here), Concern::No(_))
+    if marked {
+        return None;
+    }
+    match concerns(pvc, node, pv_here) {
+        Concern::No(why) => Some(why),
+        _ => None,
+    }
 }
 
 /// The prefix of what Stead writes on claims.
@@ -582,6 +594,12 @@ pub(crate) mod tests {
         assert!(!kept_in_store(&meta(Some("n2"), &stead), "n1", false));
         assert!(!kept_in_store(&meta(None, &other), "n1", false));
         assert!(!kept_in_store(&meta(None, &bound), "n1", false));
+        // With the reason the agent logs as its verdict on the claim.
+        assert_eq!(
+            dropped_from_store(&meta(Some("n2"), &stead), "n1", false),
+            Some("claim is assigned to another node")
+        );
+        assert_eq!(dropped_from_store(&meta(None, &stead), "n1", false), None);
         // Marked by Stead (a move asked, a claim made again by a move), by a
         // label, or held by the move's finalizer: kept wherever it is.
         let asked = [(ANN_SELECTED_NODE, "n2"), ("stead.csi.dev/move-to", "n3")];

@@ -479,10 +479,10 @@ where
     // Of those, the store keeps the ones of this node (`claim::kept_in_store`):
     // a claim that stops concerning it leaves the store as if deleted.
     let (claims, claim_writer) = reflector::store();
-    let keep = {
+    let dropped = {
         let (volumes, node) = (volumes.clone(), config.node.clone());
         move |c: &PartialObjectMeta<PersistentVolumeClaim>| {
-            claim::kept_in_store(c, &node, has_pv(&volumes, c))
+            claim::dropped_from_store(c, &node, has_pv(&volumes, c))
         }
     };
     let claim_events = watcher(
@@ -491,8 +491,19 @@ where
     )
     .filter_map(move |event| {
         std::future::ready(match event {
-            Ok(watcher::Event::InitApply(c)) if !keep(&c) => None,
-            Ok(watcher::Event::Apply(c)) if !keep(&c) => Some(Ok(watcher::Event::Delete(c))),
+            Ok(watcher::Event::InitApply(c)) if dropped(&c).is_some() => None,
+            Ok(watcher::Event::Apply(c)) => match dropped(&c) {
+                // A change that makes a claim another node's (another
+                // agent took it, the scheduler chose elsewhere): this
+                // agent's verdict on it, logged as the reconcile logs its
+                // own, since the reconcile will not see it again.
+                Some(why) => {
+                    tracing::debug!(pvc = %claim::claim_key(&c), why,
+                        "skipped: dropped from this node's claim store");
+                    Some(Ok(watcher::Event::Delete(c)))
+                }
+                None => Some(Ok(watcher::Event::Apply(c))),
+            },
             other => Some(other),
         })
     })

@@ -210,6 +210,12 @@ impl Agent {
         .await;
     }
 
+    /// The lines of the agent's log that contain `needle`.
+    fn log_count(&self, needle: &str) -> usize {
+        let log = std::fs::read_to_string(self.log()).unwrap_or_default();
+        log.lines().filter(|l| l.contains(needle)).count()
+    }
+
     /// Waits until the agent's log has a line containing `needle`.
     async fn wait_log(&self, needle: &str, what: &str) {
         self.wait_log_count(needle, 1, what).await;
@@ -218,8 +224,7 @@ impl Agent {
     /// Waits until the agent's log has `count` lines containing `needle`.
     async fn wait_log_count(&self, needle: &str, count: usize, what: &str) {
         poll_until(what, Duration::from_secs(60), || {
-            let log = std::fs::read_to_string(self.log()).unwrap_or_default();
-            let seen = log.lines().filter(|l| l.contains(needle)).count();
+            let seen = self.log_count(needle);
             if seen >= count {
                 return Ok(());
             }
@@ -751,9 +756,27 @@ async fn agent_killed_at_each_step_converges_without_duplicates_or_leaks() {
         .iter()
         .map(|u| format!("pvc-{u}"))
         .collect();
+    // Until the restarted agent has looked at both claims again (its log is
+    // appended to across restarts: one more line of each than before).
     agent.kill();
+    let looked: Vec<(String, usize)> = ["before", "mid"]
+        .iter()
+        .map(|n| {
+            let needle = format!("pvc={}/{n}", scn.ns);
+            let seen = agent.log_count(&needle);
+            (needle, seen)
+        })
+        .collect();
     agent.start(true).await;
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    for (needle, seen) in &looked {
+        agent
+            .wait_log_count(
+                needle,
+                seen + 1,
+                "the restarted agent's verdict on the claim",
+            )
+            .await;
+    }
     agent
         .wait_volumes("dir", &expected, "the two volumes, no more")
         .await;
@@ -771,11 +794,11 @@ async fn agent_killed_at_each_step_converges_without_duplicates_or_leaks() {
     agent
         .wait_volumes("dir", &expected, "the leaked volume to be reclaimed")
         .await;
-    let log = std::fs::read_to_string(agent.log()).unwrap_or_default();
-    assert!(
-        log.contains("reclaimed leaked volume"),
-        "the reclaim is logged"
-    );
+    // Logged once DeleteVolume has returned, a moment after the volume's
+    // folder went.
+    agent
+        .wait_log("reclaimed leaked volume", "the reclaim is logged")
+        .await;
     assert!(
         Ledger::open(&agent.state())
             .unwrap()
