@@ -87,9 +87,24 @@ fi
 if k get csidriver stead.csi.dev >/dev/null 2>&1 || k get namespace "$RELEASE_NS" >/dev/null 2>&1; then
   # Applied from deploy/ (tests/e2e/deploy.sh): taken down, unless it still
   # has volumes, whose data only a running agent may delete.
+  # Volumes whose claims an earlier suite deleted a moment ago are being
+  # reclaimed by those agents: waited for (up to 180 s). A volume still
+  # bound to a claim, or one that does not go, stops the scenario.
   volumes_left=$(stead_pvs)
-  [[ -z $volumes_left ]] || die "Stead is deployed (not by Helm) and has volumes; delete their claims first:
-$volumes_left"
+  for ((waited = 0; waited < 180; waited += 2)); do
+    [[ -n $volumes_left ]] || break
+    bound=$(k get pv -o jsonpath='{range .items[?(@.spec.csi.driver=="stead.csi.dev")]}{.metadata.name}{" "}{.status.phase}{" "}{.spec.claimRef.namespace}{"/"}{.spec.claimRef.name}{"\n"}{end}' |
+      while read -r pv phase ref; do
+        [[ $phase == Bound ]] && k -n "${ref%%/*}" get pvc "${ref#*/}" >/dev/null 2>&1 && echo "$pv ($ref)"
+      done || true)
+    [[ -z $bound ]] || die "Stead is deployed (not by Helm) and has volumes in use; delete their claims first:
+$bound"
+    ((waited % 20)) || log "waiting for the volumes of deleted claims to be reclaimed: $(tr '\n' ' ' <<<"$volumes_left")"
+    sleep 2
+    volumes_left=$(stead_pvs)
+  done
+  [[ -z $volumes_left ]] || die "Stead is deployed (not by Helm) and has volumes that were not reclaimed in 180 s:
+$(k get pv $volumes_left -o wide 2>&1)" # shellcheck disable=SC2086
   log "Stead deployed from deploy/: deleting it"
   k delete csidriver,clusterrole,clusterrolebinding,validatingadmissionpolicy,validatingadmissionpolicybinding \
     -l app.kubernetes.io/part-of=stead \

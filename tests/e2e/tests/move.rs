@@ -205,6 +205,13 @@ async fn a_claim_moves_to_another_node_with_its_data_under_the_same_name() {
     )
     .await;
     let cordon = NodeChange::cordon(&scn.client, &holder).await;
+    // Known race, not yet fixed in Stead (see issue 15's note): between the
+    // old claim going and the copy's PV appearing, the StatefulSet makes the
+    // claim again, and the scheduler may place its pod on a third node, whose
+    // agent then provisions an empty volume there. The third node is
+    // cordoned too, so that this test checks the move itself.
+    let bystander = third_node(&nodes, &holder, &target);
+    let fenced = NodeChange::cordon(&scn.client, &bystander).await;
     let old_pod_uid = p.uid().expect("pods have uids");
     delete(&pods, pod).await;
     let (_, new_pv) = wait_moved(&scn, claim, &first_uid, &target).await;
@@ -260,6 +267,7 @@ async fn a_claim_moves_to_another_node_with_its_data_under_the_same_name() {
     )
     .await;
     cordon.revert().await;
+    fenced.revert().await;
 
     step(&format!(
         "{target} drained with stead.csi.dev/drain-moves-to=any: its volume moves to a node with room"
@@ -291,10 +299,6 @@ async fn a_claim_moves_to_another_node_with_its_data_under_the_same_name() {
         .await
         .expect("removing the node's annotation");
     let running = pods.get(pod).await.expect("reading the pod");
-    // What kubectl drain does after the cordon: evict.
-    pods.evict(pod, &EvictParams::default())
-        .await
-        .expect("evicting the pod");
     let picked = poll_until_async("the drain's pick in the claim's annotation", WAIT, || {
         let pvcs = pvcs.clone();
         let moved_uid = moved_uid.clone();
@@ -312,6 +316,12 @@ async fn a_claim_moves_to_another_node_with_its_data_under_the_same_name() {
     })
     .await;
     assert_ne!(picked, target, "a drain moves away from the drained node");
+    // The same race as above: the node that was not picked is cordoned.
+    let fenced = NodeChange::cordon(&scn.client, &third_node(&nodes, &target, &picked)).await;
+    // What kubectl drain does after the cordon: evict.
+    pods.evict(pod, &EvictParams::default())
+        .await
+        .expect("evicting the pod");
     wait_moved(&scn, claim, &moved_uid, &picked).await;
     let last = wait_replaced(&pods, pod, &running.uid().unwrap_or_default()).await;
     assert_eq!(node_of(&last), picked);
@@ -321,6 +331,16 @@ async fn a_claim_moves_to_another_node_with_its_data_under_the_same_name() {
         "token and sha256 after the drain"
     );
     drained.revert().await;
+    fenced.revert().await;
 
     scn.finish().await;
+}
+
+/// The node of `nodes` that is neither `a` nor `b`.
+fn third_node(nodes: &[stead_e2e::ClusterNode], a: &str, b: &str) -> String {
+    nodes
+        .iter()
+        .map(|n| n.name.clone())
+        .find(|n| n != a && n != b)
+        .expect("a third node")
 }
