@@ -100,6 +100,9 @@ if k get csidriver stead.csi.dev >/dev/null 2>&1 || k get namespace "$RELEASE_NS
     [[ -z $bound ]] || die "Stead is deployed (not by Helm) and has volumes in use; delete their claims first:
 $bound"
     ((waited % 20)) || log "waiting for the volumes of deleted claims to be reclaimed: $(tr '\n' ' ' <<<"$volumes_left")"
+    # The poll's interval, not its condition: the loop ends when the
+    # volumes are gone (or one is still in use), at the latest after 90
+    # polls.
     sleep 2
     volumes_left=$(stead_pvs)
   done
