@@ -167,6 +167,9 @@ pub(crate) struct Ctx<C> {
     /// back (by uid): their class and size, so that they are taken again
     /// only when this node could serve them.
     given_back: Mutex<HashMap<String, GivenBack>>,
+    /// The claims being moved, from the claim watch: a claim made again
+    /// under such a name gets no volume of its own (`moving::InFlight`).
+    in_flight: Arc<moving::InFlight>,
     metrics: Arc<Metrics>,
 }
 
@@ -485,11 +488,17 @@ where
             claim::dropped_from_store(c, &node, has_pv(&volumes, c))
         }
     };
+    let in_flight = Arc::new(moving::InFlight::default());
+    let seen = in_flight.clone();
     let claim_events = watcher(
         Api::<PartialObjectMeta<PersistentVolumeClaim>>::all(client.clone()),
         watcher::Config::default(),
     )
     .filter_map(move |event| {
+        // Every claim's event, before the store keeps this node's.
+        if let Ok(e) = &event {
+            seen.observe(e);
+        }
         std::future::ready(match event {
             Ok(watcher::Event::InitApply(c)) if dropped(&c).is_some() => None,
             Ok(watcher::Event::Apply(c)) => match dropped(&c) {
@@ -563,6 +572,7 @@ where
         made: Mutex::default(),
         sizes_read: Mutex::default(),
         given_back: Mutex::default(),
+        in_flight,
         metrics,
     });
 
@@ -1041,6 +1051,7 @@ pub(crate) mod tests {
             made: Mutex::default(),
             sizes_read: Mutex::default(),
             given_back: Mutex::default(),
+            in_flight: Default::default(),
             metrics,
         };
         Fake {

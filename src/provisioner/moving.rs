@@ -119,6 +119,144 @@ pub fn moving_here<K: Resource>(pvc: &K, node: &str) -> bool {
     move_to(pvc) == Some(node)
 }
 
+/// How long after a moving claim is gone a claim made again under its name
+/// still waits for the move's copy (or, after a failed move, its old
+/// volume) rather than being given a new, empty volume: the target makes
+/// the claim again at once, and the PV controller binds a StatefulSet's to
+/// the copy by name within seconds; this covers a target that is slow or
+/// restarting.
+pub const HOLD_AFTER_GONE: Duration = Duration::from_secs(15 * 60);
+
+/// The claims whose volume is being moved, as this agent's claim watch saw
+/// them (every agent sees every claim's metadata): a claim deleted by a
+/// move and kept by its finalizer, and for [`HOLD_AFTER_GONE`] after it is
+/// gone. A claim made again under its name meanwhile by someone else (a
+/// StatefulSet's controller for its Pending pod), which names no volume yet,
+/// is one no node may provision: the scheduler may well pick a third node
+/// for its pod before the copy binds, and that node's volume would be empty
+/// (see [`InFlight::holds`]).
+#[derive(Debug, Default)]
+pub struct InFlight {
+    claims: std::sync::Mutex<InFlightState>,
+}
+
+#[derive(Debug, Default)]
+struct InFlightState {
+    /// By `namespace/name`.
+    moving: std::collections::HashMap<String, Moving>,
+    /// During a re-list of the claim watch: the keys it showed.
+    listed: Option<std::collections::HashSet<String>>,
+}
+
+#[derive(Debug, Clone)]
+struct Moving {
+    uid: String,
+    to: String,
+    /// When the old claim was seen gone (`None`: still there).
+    gone: Option<std::time::Instant>,
+}
+
+impl InFlight {
+    /// Looks at one event of the claim watch (before the store's filter).
+    pub fn observe(
+        &self,
+        event: &kube::runtime::watcher::Event<PartialObjectMeta<PersistentVolumeClaim>>,
+    ) {
+        use kube::runtime::watcher::Event;
+        let now = std::time::Instant::now();
+        let mut state = self.claims.lock().unwrap_or_else(|e| e.into_inner());
+        match event {
+            Event::Init => state.listed = Some(Default::default()),
+            Event::InitApply(c) => {
+                if let Some(listed) = state.listed.as_mut() {
+                    listed.insert(claim::claim_key(c));
+                }
+                state.apply(c, now);
+            }
+            Event::InitDone => {
+                // A moving claim that left while the watch was down.
+                if let Some(listed) = state.listed.take() {
+                    for (key, m) in state.moving.iter_mut() {
+                        if m.gone.is_none() && !listed.contains(key) {
+                            m.gone = Some(now);
+                        }
+                    }
+                }
+            }
+            Event::Apply(c) => state.apply(c, now),
+            Event::Delete(c) => {
+                let key = claim::claim_key(c);
+                if let Some(m) = state.moving.get_mut(&key)
+                    && Some(m.uid.as_str()) == c.uid().as_deref()
+                {
+                    m.gone.get_or_insert(now);
+                }
+            }
+        }
+        state.moving.retain(|_, m| {
+            m.gone
+                .is_none_or(|at| now.duration_since(at) < HOLD_AFTER_GONE)
+        });
+    }
+
+    /// The node a move of claim `meta`'s name is under way to, when `meta`
+    /// is a claim made again under that name by someone else than the move
+    /// and not bound yet: no node gives it a volume of its own; the PV
+    /// controller binds it to the move's copy (bound ahead to its name), or
+    /// the target's agent gives it the copy (`recreate`), or after a failed
+    /// move its old volume.
+    pub fn holds(&self, meta: &ObjectMeta) -> Option<String> {
+        let key = format!(
+            "{}/{}",
+            meta.namespace.as_deref().unwrap_or_default(),
+            meta.name.as_deref().unwrap_or_default()
+        );
+        let state = self.claims.lock().unwrap_or_else(|e| e.into_inner());
+        let m = state.moving.get(&key)?;
+        let made_by_move_or_bound = meta.annotations.as_ref().is_some_and(|a| {
+            a.contains_key(ANN_RECREATED_BY) || a.contains_key(claim::ANN_BIND_COMPLETED)
+        });
+        let fresh = m.gone.is_none_or(|at| at.elapsed() < HOLD_AFTER_GONE);
+        (meta.uid.as_deref() != Some(m.uid.as_str()) && !made_by_move_or_bound && fresh)
+            .then(|| m.to.clone())
+    }
+}
+
+impl InFlightState {
+    fn apply(&mut self, c: &PartialObjectMeta<PersistentVolumeClaim>, now: std::time::Instant) {
+        let key = claim::claim_key(c);
+        let uid = c.uid().unwrap_or_default();
+        if c.meta().deletion_timestamp.is_some()
+            && has_finalizer(c)
+            && let Some(to) = move_to(c)
+        {
+            self.moving.insert(
+                key,
+                Moving {
+                    uid,
+                    to: to.to_string(),
+                    gone: None,
+                },
+            );
+            return;
+        }
+        let Some(m) = self.moving.get_mut(&key) else {
+            return;
+        };
+        if m.uid == uid {
+            return;
+        }
+        // A claim of that name made since: the old one is gone, and once the
+        // new one is bound (or made by the move, bound ahead) nothing is held.
+        m.gone.get_or_insert(now);
+        let settled = c.annotations().contains_key(ANN_RECREATED_BY)
+            || c.annotations().contains_key(claim::ANN_BIND_COMPLETED);
+        if settled {
+            self.moving.remove(&key);
+        }
+    }
+}
+
 /// What of a claim is made again: its labels, its annotations but those of
 /// the binding and the move, its owners (a StatefulSet's retention policy),
 /// and its spec without its volume and data source (the moved data is the
@@ -288,7 +426,11 @@ pub fn holder_step(pv: &PersistentVolume, claim_now: Option<&PersistentVolumeCla
             ))
         };
     }
-    if !recreated {
+    // The copy's name comes from the old claim's uid, and the PV controller
+    // binds a claim to it only by the name it was bound ahead to: a claim
+    // bound to it is the move's, whoever made the claim.
+    let to_copy = bound_uid.is_some_and(|u| volume == moved_name(u));
+    if !recreated && !to_copy {
         return HolderStep::Foreign(format!(
             "claim {} is a new claim of the same name that a move did not make (bound to {})",
             claim::claim_key(c),
@@ -1022,14 +1164,26 @@ async fn recreate<C>(
             annotations.insert((*k).into(), json!(v));
         }
         let patch = json!({"metadata": {"annotations": annotations}});
-        let marked = api
+        return match api
             .patch(
                 &template.name,
                 &PatchParams::default(),
                 &Patch::Merge(&patch),
             )
-            .await?;
-        return Ok(Some(marked));
+            .await
+        {
+            Ok(marked) => Ok(Some(marked)),
+            // Selected by the scheduler for another node before the binder
+            // bound it: the admission policy leaves that node's claim alone,
+            // and the mark is only a note (the holder knows the copy by its
+            // name, `holder_step`).
+            Err(kube::Error::Api(s)) if s.code == 403 || s.code == 409 => {
+                tracing::debug!(pvc = %claim::claim_key(&existing), reason = %s.message,
+                    "the claim made again is bound to the copy; not marked as the move's");
+                Ok(Some(existing))
+            }
+            Err(e) => Err(e.into()),
+        };
     }
     if !names.is_empty() {
         ctx.move_event(
@@ -1131,8 +1285,33 @@ async fn recreate_from_pv<C>(
     let claims: Api<PersistentVolumeClaim> =
         Api::namespaced(ctx.client.clone(), &template.namespace);
     match claims.get_opt(&template.name).await? {
-        // The old claim still there (a move under way), or the new one: the
-        // target's claim reconcile goes on with it.
+        // A claim made again by someone else (a StatefulSet), not bound
+        // yet: given the copy (the first try, right after the old claim
+        // went, may have been refused or raced).
+        Some(c)
+            if c.meta().deletion_timestamp.is_none()
+                && !has_finalizer(&c)
+                && c.spec
+                    .as_ref()
+                    .and_then(|s| s.volume_name.as_deref())
+                    .is_none_or(str::is_empty) =>
+        {
+            let moved_from = annotation(pv, ANN_MOVED_FROM)
+                .unwrap_or_default()
+                .to_string();
+            let node = ctx.config.node.clone();
+            recreate(
+                ctx,
+                &template,
+                &name,
+                &node,
+                &[(ANN_MOVED_FROM, moved_from)],
+            )
+            .await?;
+            Ok(Action::requeue(POLL))
+        }
+        // The old claim still there (a move under way), or the new one
+        // bound: the target's claim reconcile goes on with it.
         Some(_) => Ok(Action::requeue(POLL)),
         None => {
             let moved_from = annotation(pv, ANN_MOVED_FROM)
@@ -1519,6 +1698,73 @@ mod tests {
         );
     }
 
+    fn moving_claim(uid: &str, to: &str) -> PartialObjectMeta<PersistentVolumeClaim> {
+        use kube::core::PartialObjectMetaExt;
+        let mut c = pvc("data-0", "1Gi", Some("node-a"));
+        c.metadata.uid = Some(uid.into());
+        c.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+            Default::default(),
+        ));
+        c.metadata.finalizers = Some(vec![FINALIZER.into()]);
+        c.metadata
+            .annotations
+            .get_or_insert_default()
+            .insert(ANN_MOVE_TO.into(), to.into());
+        c.metadata.into_response_partial()
+    }
+
+    #[test]
+    fn only_a_claim_made_again_by_someone_else_and_not_bound_is_held_for_the_move() {
+        use kube::runtime::watcher::Event;
+        let seen = InFlight::default();
+        let old = moving_claim("old", "node-b");
+        let mut again = pvc("data-0", "1Gi", Some("node-c")).metadata;
+        again.uid = Some("new".into());
+        // Nothing moves yet.
+        assert_eq!(seen.holds(&again), None);
+        seen.observe(&Event::Apply(old.clone()));
+        // The old claim itself is the move's, not held.
+        assert_eq!(seen.holds(&old.metadata), None);
+        assert_eq!(seen.holds(&again), Some("node-b".into()));
+        // The claim the target made again (bound ahead, marked) is not held.
+        let mut recreated = again.clone();
+        recreated
+            .annotations
+            .get_or_insert_default()
+            .insert(ANN_RECREATED_BY.into(), "node-b".into());
+        assert_eq!(seen.holds(&recreated), None);
+        // Another claim's name is not held.
+        let mut other = again.clone();
+        other.name = Some("data-1".into());
+        assert_eq!(seen.holds(&other), None);
+        // Once a claim of that name is bound, nothing is held any more.
+        let mut bound = again.clone();
+        bound
+            .annotations
+            .get_or_insert_default()
+            .insert(claim::ANN_BIND_COMPLETED.into(), "yes".into());
+        {
+            use kube::core::PartialObjectMetaExt;
+            seen.observe(&Event::Apply(bound.into_response_partial()));
+        }
+        assert_eq!(seen.holds(&again), None);
+    }
+
+    #[test]
+    fn a_moving_claim_that_left_while_the_watch_was_down_is_gone_at_the_re_list() {
+        use kube::runtime::watcher::Event;
+        let seen = InFlight::default();
+        seen.observe(&Event::Apply(moving_claim("old", "node-b")));
+        seen.observe(&Event::Init);
+        seen.observe(&Event::InitDone);
+        let mut again = pvc("data-0", "1Gi", None).metadata;
+        again.uid = Some("new".into());
+        // Still held (gone only now, not for the hold's whole time).
+        assert_eq!(seen.holds(&again), Some("node-b".into()));
+        let state = seen.claims.lock().unwrap();
+        assert!(state.moving["db/data-0"].gone.is_some());
+    }
+
     fn pod(name: &str, node: Option<&str>, phase: &str, claim: &str) -> Pod {
         Pod {
             metadata: ObjectMeta {
@@ -1637,6 +1883,16 @@ mod tests {
             holder_step(&old_pv("Released", old_uid), Some(&claims_old)),
             HolderStep::Foreign(_)
         ));
+        // A StatefulSet's claim, not marked by the move (the scheduler had
+        // selected a third node for it), bound by the PV controller to the
+        // copy of the old claim: moved.
+        let copy = moved_name(old_uid);
+        let mut adopted = bound(pvc("data", "1Gi", Some("node-c")), &copy);
+        adopted.metadata.uid = Some("sts-uid".into());
+        assert_eq!(
+            holder_step(&old_pv("Released", old_uid), Some(&adopted)),
+            HolderStep::Moved { to: copy }
+        );
     }
 
     fn node(name: &str, cordoned: bool, ready: bool) -> Node {

@@ -93,6 +93,33 @@ pub(crate) async fn reconcile_meta<C: CsiController>(
         return Ok(Action::await_change());
     }
     let key = claim::claim_key(&*meta);
+    // Made again (by a StatefulSet) while its volume moves: the move's copy
+    // is its volume, not one of this node's (`moving::InFlight`).
+    if let Some(to) = ctx.in_flight.holds(meta.meta()) {
+        let node = &ctx.config.node;
+        let selected_here = meta
+            .annotations()
+            .get(claim::ANN_SELECTED_NODE)
+            .is_some_and(|n| n == node);
+        if selected_here
+            && ctx.first_no_room(&format!(
+                "move-in-flight/{}",
+                meta.uid().unwrap_or_default()
+            ))
+        {
+            ctx.events.post(
+                meta.object_ref(&()),
+                EventType::Normal,
+                "MoveInFlight",
+                "Provision",
+                format!(
+                    "claim {key} was made again while its volume moves to node {to}: node {node} gives it no volume of its own; it is bound to the move's copy there (or, if the move failed, to its old volume), and its pod is scheduled again"
+                ),
+            );
+        }
+        tracing::debug!(pvc = %key, to = %to, "skipped: made again while its volume moves");
+        return Ok(Action::requeue(Duration::from_secs(10)));
+    }
     match claim::concerns(&*meta, &ctx.config.node, ctx.has_pv(&*meta)) {
         Concern::Read => {}
         // Not on a node that takes no Immediate claims: there, the claim is
@@ -1383,6 +1410,60 @@ mod tests {
         reconcile_meta(meta(&pvc("data-0", "16Mi", Some(NODE))), f.ctx.clone())
             .await
             .unwrap();
+        assert!(
+            f.requested("GET /api/v1/namespaces/db/persistentvolumeclaims/data-0"),
+            "{:?}",
+            f.requests
+        );
+    }
+
+    #[tokio::test]
+    async fn a_claim_made_again_while_its_volume_moves_gets_no_volume_of_its_own() {
+        use kube::runtime::watcher::Event;
+        let f = fake(&[stead()]).await;
+        // The old claim, deleted by a move to node-b and kept by the move's
+        // finalizer, then gone.
+        let mut old = pvc("data-0", "16Mi", Some("node-c"));
+        old.metadata.deletion_timestamp = Some(Time(Default::default()));
+        old.metadata.finalizers = Some(vec![super::super::moving::FINALIZER.into()]);
+        old.metadata
+            .annotations
+            .get_or_insert_default()
+            .insert(super::super::moving::ANN_MOVE_TO.into(), "node-b".into());
+        f.ctx
+            .in_flight
+            .observe(&Event::Apply((*meta(&old)).clone()));
+        f.ctx
+            .in_flight
+            .observe(&Event::Delete((*meta(&old)).clone()));
+        // A StatefulSet makes it again; the scheduler picks this node before
+        // the PV controller binds it to the copy: nothing is made here.
+        let mut again = pvc("data-0", "16Mi", Some(NODE));
+        again.metadata.uid = Some("0a1b2c3d-0000-4000-8000-000000000002".into());
+        f.ctx
+            .in_flight
+            .observe(&Event::Apply((*meta(&again)).clone()));
+        for _ in 0..2 {
+            let action = reconcile_meta(meta(&again), f.ctx.clone()).await.unwrap();
+            assert_eq!(action, Action::requeue(Duration::from_secs(10)));
+        }
+        assert!(f.requests.lock().unwrap().is_empty(), "{:?}", f.requests);
+        let posted = f.posted();
+        assert_eq!(posted.len(), 1, "said once: {posted:?}");
+        assert_eq!(posted[0].0, "MoveInFlight");
+        assert!(posted[0].1.contains("moves to node node-b"), "{posted:?}");
+        // Bound (to the copy): the claim is reconciled as any other again.
+        let mut bound = again.clone();
+        bound
+            .metadata
+            .annotations
+            .get_or_insert_default()
+            .insert(claim::ANN_BIND_COMPLETED.into(), "yes".into());
+        f.ctx
+            .in_flight
+            .observe(&Event::Apply((*meta(&bound)).clone()));
+        assert_eq!(f.ctx.in_flight.holds(&again.metadata), None);
+        reconcile_meta(meta(&bound), f.ctx.clone()).await.unwrap();
         assert!(
             f.requested("GET /api/v1/namespaces/db/persistentvolumeclaims/data-0"),
             "{:?}",
