@@ -335,3 +335,99 @@ async fn a_claim_moves_to_another_node_with_its_data_under_the_same_name() {
 
     scn.finish().await;
 }
+
+/// The window of a move the StatefulSet can race into, made on purpose: a
+/// claim deleted by a move (its finalizer, `move-to`) is gone, and a claim
+/// of the same name is made again by someone else than the move, with a pod
+/// the scheduler places on a node of its choosing. No agent gives it a
+/// volume of its own (it would be empty where the moved data should be):
+/// the node the scheduler picked says why, and no PV is made for it.
+#[tokio::test]
+async fn a_claim_made_again_while_it_moves_gets_no_empty_volume() {
+    let scn = Scenario::new("move-race").await;
+    let pods: Api<Pod> = scn.api();
+    let pvcs: Api<PersistentVolumeClaim> = scn.api();
+    let pvs: Api<PersistentVolume> = Api::all(scn.client.clone());
+    let claim = "db-vol-held-0";
+    let pvc =
+        |annotations: serde_json::Value, finalizers: serde_json::Value| -> PersistentVolumeClaim {
+            from_json(json!({
+                "metadata": { "name": claim, "annotations": annotations, "finalizers": finalizers },
+                "spec": {
+                    "storageClassName": "stead",
+                    "accessModes": ["ReadWriteOnce"],
+                    "resources": { "requests": { "storage": "64Mi" } },
+                },
+            }))
+        };
+
+    step(
+        "a claim is deleted by a move (to a node no agent serves, so that nothing finishes it) and goes",
+    );
+    create(
+        &pvcs,
+        &pvc(
+            json!({"stead.csi.dev/move-to": "stead-node-elsewhere"}),
+            json!(["stead.csi.dev/move"]),
+        ),
+    )
+    .await;
+    let old_uid = delete(&pvcs, claim).await.expect("the claim was there");
+    pvcs.patch(
+        claim,
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"finalizers": null}})),
+    )
+    .await
+    .expect("letting the old claim go");
+    wait_deleted(&pvcs, claim, &old_uid, "the moving claim").await;
+
+    step(
+        "made again under its name by someone else, with a pod: the scheduler picks a node, whose agent makes no volume",
+    );
+    create(&pvcs, &pvc(json!({}), json!([]))).await;
+    let again = pvcs.get(claim).await.expect("reading the claim made again");
+    let new_uid = again.uid().expect("claims have uids");
+    create(
+        &pods,
+        &busybox_pod(
+            "held",
+            "true",
+            json!({"volumes": [{"name": "v", "persistentVolumeClaim": {"claimName": claim}}],
+                   "containers": [{"volumeMounts": [{"name": "v", "mountPath": "/data"}]}]}),
+        ),
+    )
+    .await;
+    let events = wait_event(
+        &scn.client,
+        claim,
+        "MoveInFlight",
+        &[
+            "moves to node stead-node-elsewhere",
+            "gives it no volume of its own",
+        ],
+        WAIT,
+    )
+    .await;
+    if let Some(said) = events.lines().find(|l| l.contains("MoveInFlight")) {
+        step(said.trim());
+    }
+    // The agent that said so passes on the claim at each look (every 10 s)
+    // and the scheduler waits for the claim's binding: after the event, a
+    // PV for it would have been made at once, before it.
+    let made = pvs
+        .get_opt(&format!("pvc-{new_uid}"))
+        .await
+        .expect("reading PVs");
+    assert!(
+        made.is_none(),
+        "no volume of its own for the claim made again"
+    );
+    let now = pvcs.get(claim).await.expect("reading the claim");
+    assert_eq!(
+        now.status.and_then(|s| s.phase).as_deref(),
+        Some("Pending"),
+        "the claim waits for the move's copy"
+    );
+    scn.finish().await;
+}
