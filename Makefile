@@ -53,3 +53,4 @@ test: lint unit helm-check dashboard-check sanity cluster-smoke provision-test e
 -include tests/scale/scale.mk
 -include tests/bench/compare.mk
 -include tests/bench/io.mk
+-include tests/bench/nodes.mk

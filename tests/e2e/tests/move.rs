@@ -17,12 +17,23 @@ use kube::{Api, ResourceExt};
 use serde_json::json;
 use stead_e2e::*;
 
-/// A move copies 32 MiB and waits for the StatefulSet's pod to be made
+/// A move copies 32 MiB (or `STEAD_MOVE_MIB`) and waits for the StatefulSet's pod to be made
 /// again, scheduled and started; on a loaded machine that is well under
 /// this.
 const WAIT: Duration = Duration::from_secs(240);
 
-/// The seed's StatefulSet, one replica, free to run on any node.
+/// How many MiB of random data the moved replica writes: 32, or what
+/// `STEAD_MOVE_MIB` says (`make bench-nodes` moves 1 GiB this way).
+fn data_mib() -> u64 {
+    std::env::var("STEAD_MOVE_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&m| m > 0)
+        .unwrap_or(32)
+}
+
+/// The seed's StatefulSet, one replica, free to run on any node; its claim
+/// holds the data with room to spare.
 fn one_replica(name: &str) -> (Service, StatefulSet) {
     let svc: Service = example("statefulset.yaml", "Service");
     let mut sts: StatefulSet = example("statefulset.yaml", "StatefulSet");
@@ -31,6 +42,18 @@ fn one_replica(name: &str) -> (Service, StatefulSet) {
     spec.replicas = Some(1);
     if let Some(pod) = spec.template.spec.as_mut() {
         pod.affinity = None;
+    }
+    let size = format!("{}Mi", (data_mib() + 256).max(500));
+    for t in spec.volume_claim_templates.iter_mut().flatten() {
+        if let Some(r) = t.spec.as_mut().and_then(|s| s.resources.as_mut()) {
+            r.requests = Some(
+                [(
+                    "storage".to_string(),
+                    k8s_openapi::apimachinery::pkg::api::resource::Quantity(size.clone()),
+                )]
+                .into(),
+            );
+        }
     }
     (svc, sts)
 }
@@ -45,7 +68,7 @@ async fn annotate(pvcs: &Api<PersistentVolumeClaim>, name: &str, key: &str, valu
     .unwrap_or_else(|e| panic!("annotating claim {name}: {e}"));
 }
 
-/// The token and the sha256 of the 32 MiB file in the pod's volume.
+/// The token and the sha256 of the data file in the pod's volume.
 async fn fingerprint(pods: &Api<Pod>, pod: &str) -> (String, String) {
     let token = sh(pods, pod, "cat /data/token").await;
     let sum = sh(pods, pod, "sha256sum /data/big | cut -d' ' -f1").await;
@@ -123,13 +146,16 @@ async fn a_claim_moves_to_another_node_with_its_data_under_the_same_name() {
     let pod = "mv-0";
     let claim = "db-vol-mv-0";
 
-    step("the replica writes its token, and 32 MiB of random bytes beside it");
+    let mib = data_mib();
+    step(&format!(
+        "the replica writes its token, and {mib} MiB of random bytes beside it"
+    ));
     let p = wait_ready(&pods, pod).await;
     let holder = node_of(&p);
     sh(
         &pods,
         pod,
-        "dd if=/dev/urandom of=/data/big bs=1M count=32 2>/dev/null && sync",
+        &format!("dd if=/dev/urandom of=/data/big bs=1M count={mib} 2>/dev/null && sync"),
     )
     .await;
     let written = fingerprint(&pods, pod).await;
