@@ -154,6 +154,11 @@ struct Moving {
     to: String,
     /// When the old claim was seen gone (`None`: still there).
     gone: Option<std::time::Instant>,
+    /// The uid of the claim made again under its name, once bound (or
+    /// made by the move): nothing is held any more, and the node the
+    /// scheduler had picked for it hands its node choice over
+    /// ([`InFlight::settled`]).
+    settled: Option<String>,
 }
 
 impl InFlight {
@@ -206,13 +211,11 @@ impl InFlight {
     /// the target's agent gives it the copy (`recreate`), or after a failed
     /// move its old volume.
     pub fn holds(&self, meta: &ObjectMeta) -> Option<String> {
-        let key = format!(
-            "{}/{}",
-            meta.namespace.as_deref().unwrap_or_default(),
-            meta.name.as_deref().unwrap_or_default()
-        );
         let state = self.claims.lock().unwrap_or_else(|e| e.into_inner());
-        let m = state.moving.get(&key)?;
+        let m = state.moving.get(&key_of(meta))?;
+        if m.settled.is_some() {
+            return None;
+        }
         let made_by_move_or_bound = meta.annotations.as_ref().is_some_and(|a| {
             a.contains_key(ANN_RECREATED_BY) || a.contains_key(claim::ANN_BIND_COMPLETED)
         });
@@ -220,6 +223,33 @@ impl InFlight {
         (meta.uid.as_deref() != Some(m.uid.as_str()) && !made_by_move_or_bound && fresh)
             .then(|| m.to.clone())
     }
+
+    /// Whether `meta` is the claim made again under a moving claim's name,
+    /// now bound: the scheduler may have picked a node for it before it was
+    /// (`volume.kubernetes.io/selected-node`), which that node's agent hands
+    /// over to the node of its volume (`reconcile::hand_over`), so that the
+    /// claim is in that node's store (drains, expansion).
+    pub fn settled(&self, meta: &ObjectMeta) -> bool {
+        let state = self.claims.lock().unwrap_or_else(|e| e.into_inner());
+        state
+            .moving
+            .get(&key_of(meta))
+            .is_some_and(|m| m.settled.is_some() && m.settled == meta.uid)
+    }
+
+    /// Forgets the move of `meta`'s name (its claim made again is settled).
+    pub fn forget(&self, meta: &ObjectMeta) {
+        let mut state = self.claims.lock().unwrap_or_else(|e| e.into_inner());
+        state.moving.remove(&key_of(meta));
+    }
+}
+
+fn key_of(meta: &ObjectMeta) -> String {
+    format!(
+        "{}/{}",
+        meta.namespace.as_deref().unwrap_or_default(),
+        meta.name.as_deref().unwrap_or_default()
+    )
 }
 
 impl InFlightState {
@@ -236,6 +266,7 @@ impl InFlightState {
                     uid,
                     to: to.to_string(),
                     gone: None,
+                    settled: None,
                 },
             );
             return;
@@ -243,7 +274,7 @@ impl InFlightState {
         let Some(m) = self.moving.get_mut(&key) else {
             return;
         };
-        if m.uid == uid {
+        if m.uid == uid || m.settled.is_some() {
             return;
         }
         // A claim of that name made since: the old one is gone, and once the
@@ -252,7 +283,7 @@ impl InFlightState {
         let settled = c.annotations().contains_key(ANN_RECREATED_BY)
             || c.annotations().contains_key(claim::ANN_BIND_COMPLETED);
         if settled {
-            self.moving.remove(&key);
+            m.settled = Some(uid);
         }
     }
 }
@@ -1510,11 +1541,18 @@ async fn drain_round<C: CsiController>(ctx: &Ctx<C>) -> Result<(), Error> {
         let claims: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &ns);
         // From the claim store (its metadata keeps the move's annotation):
         // a round sends nothing for claims already asked.
-        let Some(c) = ctx
+        let stored = ctx
             .claims
-            .get(&ObjectRef::<PartialObjectMeta<PersistentVolumeClaim>>::new(&name).within(&ns))
-        else {
-            continue;
+            .get(&ObjectRef::<PartialObjectMeta<PersistentVolumeClaim>>::new(&name).within(&ns));
+        // Not in the store: a claim whose node choice names another node
+        // (made again by a StatefulSet during a move, before the handover);
+        // read once.
+        let c = match stored {
+            Some(c) => c,
+            None => match claims.get_metadata_opt(&name).await? {
+                Some(c) => Arc::new(c),
+                None => continue,
+            },
         };
         if c.uid().as_deref() != r.uid.as_deref() || move_to(&*c).is_some() {
             continue;
@@ -1745,9 +1783,14 @@ mod tests {
             .insert(claim::ANN_BIND_COMPLETED.into(), "yes".into());
         {
             use kube::core::PartialObjectMetaExt;
-            seen.observe(&Event::Apply(bound.into_response_partial()));
+            seen.observe(&Event::Apply(bound.clone().into_response_partial()));
         }
         assert_eq!(seen.holds(&again), None);
+        // ... and the node the scheduler had picked for it hands it over.
+        assert!(seen.settled(&bound));
+        assert!(!seen.settled(&old.metadata));
+        seen.forget(&bound);
+        assert!(!seen.settled(&bound));
     }
 
     #[test]

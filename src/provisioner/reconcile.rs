@@ -117,8 +117,17 @@ pub(crate) async fn reconcile_meta<C: CsiController>(
                 ),
             );
         }
+        // The node choice goes to the move's target, whose store then
+        // holds the claim; the scheduler picks again once it is bound.
+        if selected_here && to != *node {
+            select_node(&ctx, &*meta, &to).await?;
+        }
         tracing::debug!(pvc = %key, to = %to, "skipped: made again while its volume moves");
         return Ok(Action::requeue(Duration::from_secs(10)));
+    }
+    if ctx.in_flight.settled(meta.meta()) {
+        hand_over(&ctx, &meta).await?;
+        ctx.in_flight.forget(meta.meta());
     }
     match claim::concerns(&*meta, &ctx.config.node, ctx.has_pv(&*meta)) {
         Concern::Read => {}
@@ -156,6 +165,44 @@ pub(crate) async fn reconcile_meta<C: CsiController>(
         // Deleted since the event: its deletion is an event of its own.
         None => Ok(Action::await_change()),
     }
+}
+
+/// A claim made again during a move of its name, now bound: when the
+/// scheduler had picked this node for it, the node choice goes to the node
+/// of its volume (the move's copy, or after a failed move the old one), so
+/// that the claim is in that node's claim store (and leaves this one's).
+async fn hand_over<C: CsiController>(
+    ctx: &Ctx<C>,
+    meta: &PartialObjectMeta<PersistentVolumeClaim>,
+) -> Result<(), Error> {
+    let node = &ctx.config.node;
+    if meta.annotations().get(claim::ANN_SELECTED_NODE) != Some(node) {
+        return Ok(());
+    }
+    let api: Api<PersistentVolumeClaim> =
+        Api::namespaced(ctx.client.clone(), &meta.namespace().unwrap_or_default());
+    let Some(pvc) = api.get_opt(&meta.name_any()).await? else {
+        return Ok(());
+    };
+    let Some(volume) = pvc
+        .spec
+        .as_ref()
+        .and_then(|s| s.volume_name.clone())
+        .filter(|v| !v.is_empty())
+    else {
+        return Ok(());
+    };
+    if ctx.pv_known(&volume) {
+        return Ok(());
+    }
+    let pvs: Api<PersistentVolume> = Api::all(ctx.client.clone());
+    let Some(pv) = pvs.get_opt(&volume).await? else {
+        return Ok(());
+    };
+    if let Some(holder) = pv::pv_node(&pv).filter(|n| *n != node.as_str()) {
+        move_node(ctx, &pvc, holder).await?;
+    }
+    Ok(())
 }
 
 /// An Immediate claim of Stead's that no node took yet, taken from its
@@ -1437,22 +1484,48 @@ mod tests {
             .in_flight
             .observe(&Event::Delete((*meta(&old)).clone()));
         // A StatefulSet makes it again; the scheduler picks this node before
-        // the PV controller binds it to the copy: nothing is made here.
+        // the PV controller binds it to the copy: nothing is made here, and
+        // the node choice goes to the move's target (one optimistic patch).
         let mut again = pvc("data-0", "16Mi", Some(NODE));
         again.metadata.uid = Some("0a1b2c3d-0000-4000-8000-000000000002".into());
+        again.metadata.resource_version = Some("7".into());
         f.ctx
             .in_flight
             .observe(&Event::Apply((*meta(&again)).clone()));
-        for _ in 0..2 {
-            let action = reconcile_meta(meta(&again), f.ctx.clone()).await.unwrap();
-            assert_eq!(action, Action::requeue(Duration::from_secs(10)));
-        }
+        let action = reconcile_meta(meta(&again), f.ctx.clone()).await.unwrap();
+        assert_eq!(action, Action::requeue(Duration::from_secs(10)));
+        let seen = f.requests.lock().unwrap().clone();
+        assert_eq!(seen.len(), 1, "{seen:?}");
+        assert!(
+            seen[0].body.contains(r#""resourceVersion":"7""#),
+            "{:?}",
+            seen[0]
+        );
+        assert!(
+            seen[0]
+                .body
+                .contains(&format!(r#""{}":"node-b""#, claim::ANN_SELECTED_NODE)),
+            "{:?}",
+            seen[0]
+        );
+        f.requests.lock().unwrap().clear();
+        // Selected for the target now: this node sends nothing more.
+        let mut handed = again.clone();
+        handed
+            .metadata
+            .annotations
+            .get_or_insert_default()
+            .insert(claim::ANN_SELECTED_NODE.into(), "node-b".into());
+        let action = reconcile_meta(meta(&handed), f.ctx.clone()).await.unwrap();
+        assert_eq!(action, Action::requeue(Duration::from_secs(10)));
         assert!(f.requests.lock().unwrap().is_empty(), "{:?}", f.requests);
         let posted = f.posted();
         assert_eq!(posted.len(), 1, "said once: {posted:?}");
         assert_eq!(posted[0].0, "MoveInFlight");
         assert!(posted[0].1.contains("moves to node node-b"), "{posted:?}");
-        // Bound (to the copy): the claim is reconciled as any other again.
+        // Bound (to the copy) before the handover: this node reads it (its
+        // volume's node takes the node choice), then reconciles it as any
+        // other again.
         let mut bound = again.clone();
         bound
             .metadata

@@ -23,7 +23,7 @@ blog "log: $log"
 for ((i = 1; i <= moves; i++)); do
   blog "move $i of $moves ($mib MiB)"
   STEAD_MOVE_MIB=$mib "$cargo" test --locked -p stead-e2e --test move \
-    a_claim_moves_to_another_node -- --exact --test-threads=1 --nocapture 2>&1 | tee -a "$log" >&2 ||
+    a_claim_moves_to_another_node_with_its_data_under_the_same_name -- --exact --test-threads=1 --nocapture 2>&1 | tee -a "$log" >&2 ||
     bdie "the move suite failed (log: $log)"
 done
 for ((i = 1; i <= losses; i++)); do
@@ -40,6 +40,7 @@ src=$pool/bench-nodes-src
 dst=$pool/bench-nodes-dst
 trap 'rm -f "$src" "$dst"' EXIT
 dd if=/dev/urandom of="$src" bs=1M count="$mib" conv=fsync status=none
+sync # the source written back before the first copy is timed
 for ((i = 1; i <= copies; i++)); do
   # The source read from the disk, as the holder reads its volume.
   dd if="$src" iflag=nocache count=0 status=none
