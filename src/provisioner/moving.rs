@@ -216,9 +216,7 @@ impl InFlight {
         if m.settled.is_some() {
             return None;
         }
-        let made_by_move_or_bound = meta.annotations.as_ref().is_some_and(|a| {
-            a.contains_key(ANN_RECREATED_BY) || a.contains_key(claim::ANN_BIND_COMPLETED)
-        });
+        let made_by_move_or_bound = meta.annotations.as_ref().is_some_and(settles);
         let fresh = m.gone.is_none_or(|at| at.elapsed() < HOLD_AFTER_GONE);
         (meta.uid.as_deref() != Some(m.uid.as_str()) && !made_by_move_or_bound && fresh)
             .then(|| m.to.clone())
@@ -242,6 +240,13 @@ impl InFlight {
         let mut state = self.claims.lock().unwrap_or_else(|e| e.into_inner());
         state.moving.remove(&key_of(meta));
     }
+}
+
+/// Whether a claim made again under a moving claim's name needs nothing
+/// more from the hold: made by the move (bound ahead), or bound.
+fn settles(annotations: &BTreeMap<String, String>) -> bool {
+    annotations.contains_key(ANN_RECREATED_BY)
+        || annotations.contains_key(claim::ANN_BIND_COMPLETED)
 }
 
 fn key_of(meta: &ObjectMeta) -> String {
@@ -280,9 +285,7 @@ impl InFlightState {
         // A claim of that name made since: the old one is gone, and once the
         // new one is bound (or made by the move, bound ahead) nothing is held.
         m.gone.get_or_insert(now);
-        let settled = c.annotations().contains_key(ANN_RECREATED_BY)
-            || c.annotations().contains_key(claim::ANN_BIND_COMPLETED);
-        if settled {
+        if settles(c.annotations()) {
             m.settled = Some(uid);
         }
     }
