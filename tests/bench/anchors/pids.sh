@@ -41,8 +41,10 @@ done
 
 # Every process whose PID namespace is one of those tasks'. A task in the
 # host's PID namespace (hostPID) stands for itself alone.
+# find exits 1 when a process of the glob exits before it reads the link,
+# which is common while pods start and stop: that process is simply gone.
 host_ns=$(readlink /proc/self/ns/pid)
-find /proc/[0-9]*/ns/pid -maxdepth 0 -printf '%p %l\n' 2>/dev/null |
+{ find /proc/[0-9]*/ns/pid -maxdepth 0 -printf '%p %l\n' 2>/dev/null || true; } |
   awk -v host="$host_ns" -v inits="${inits[*]}" '
     BEGIN { n = split(inits, list, " "); for (k = 1; k <= n; k++) init[list[k]] = 1 }
     { split($1, part, "/"); pid = part[3]; ns[pid] = $2 }
