@@ -20,3 +20,18 @@ bench-compare: image cluster-up
 	ROUNDS='$(ROUNDS)' CONFIGS='$(CONFIGS)' CARGO='$(CARGO)' \
 	  STEAD_IMAGE_ARCHIVE='$(abspath $(STEAD_IMAGE_ARCHIVE))' \
 	  tests/bench/compare.sh
+
+# Where the time of one burst goes (issue 16, item 2): tests/bench/trace.py
+# runs (a) and (c) of bench-compare once on Stead and prints each stage's
+# median, p90 and max from its own watches and the agents' CSI log lines.
+#
+#   make bench-trace                 # 100 pods
+#   make bench-trace TRACE_PODS=20
+
+TRACE_PODS ?= 100
+
+.PHONY: bench-trace
+
+bench-trace: image cluster-up
+	STEAD_IMAGE_ARCHIVE='$(abspath $(STEAD_IMAGE_ARCHIVE))' tests/bench/anchors/deploy.sh stead
+	tests/bench/trace.py --pods $(TRACE_PODS)
