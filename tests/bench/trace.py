@@ -155,6 +155,47 @@ def agent_log_lines(since):
     return out
 
 
+QUEUES = ("claims", "volumes", "pvcprotection", "pvprotection")
+
+
+def controller_queues():
+    """{queue: (adds, queue seconds, work seconds)} of kube-controller-manager's
+    PV binder and protection controllers, from its /metrics (the admin
+    certificate of the bundled cluster; None when it cannot be read)."""
+    pki = f"{STATE}/pki"
+    try:
+        text = subprocess.run(
+            ["curl", "-sfk", "--compressed", "--cert", f"{pki}/admin.crt", "--key", f"{pki}/admin.key",
+             "https://127.0.0.1:10257/metrics"], capture_output=True, text=True, check=True,
+            timeout=30).stdout
+    except (subprocess.SubprocessError, OSError):
+        return None
+    out = {}
+    for q in QUEUES:
+        vals = []
+        for metric in ("workqueue_adds_total", "workqueue_queue_duration_seconds_sum",
+                       "workqueue_work_duration_seconds_sum"):
+            m = re.search(rf'^{metric}{{name="{q}"}} (\S+)$', text, re.M)
+            vals.append(float(m.group(1)) if m else 0.0)
+        out[q] = tuple(vals)
+    return out
+
+
+def queue_rows(before, after):
+    if before is None or after is None:
+        return ["(kube-controller-manager's /metrics could not be read: no queue figures)"]
+    rows = ["| kube-controller-manager queue | adds | mean wait in the queue | mean work per item |",
+            "|---|---|---|---|"]
+    for q in QUEUES:
+        adds = after[q][0] - before[q][0]
+        if adds <= 0:
+            continue
+        wait = (after[q][1] - before[q][1]) / adds
+        work = (after[q][2] - before[q][2]) / adds
+        rows.append(f"| {q} | {adds:.0f} | {wait * 1000:.0f} ms | {work * 1000:.1f} ms |")
+    return rows
+
+
 def stats(name, values, out):
     values = [v for v in values if v is not None]
     if not values:
@@ -182,6 +223,7 @@ def main():
     time.sleep(1)  # lets the three watches open before the first create
 
     items = [manifests(ns, i, args.cls) for i in range(args.pods)]
+    queues_before = controller_queues()
     created = {}
     t0 = time.time()
     with concurrent.futures.ThreadPoolExecutor(args.creators) as pool:
@@ -198,6 +240,7 @@ def main():
 
     wait_for("every pod Running", all_running)
     t_running = time.time() - t0
+    queues_bound = controller_queues()
 
     # Deletion: pods and claims at once.
     t_del = time.time()
@@ -214,6 +257,7 @@ def main():
 
     wait_for("every PV gone", pvs_gone)
     t_gone = time.time() - t_del
+    queues_gone = controller_queues()
     time.sleep(2)  # lets the agents' last log lines reach their files
     calls = agent_log_lines(since)
     for w in (w_pvc, w_pod, w_pv):
@@ -283,6 +327,8 @@ def main():
            "|---|---|---|---|---|"]
     for name, f in stages:
         stats(name, [f(r) for r in rows.values()], out)
+    out += ["", "From the first create until every pod ran:"] + queue_rows(queues_before, queues_bound)
+    out += ["", "From the deletion until every PV was gone:"] + queue_rows(queues_bound, queues_gone)
     print("\n".join(out))
 
 
