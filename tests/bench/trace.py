@@ -29,6 +29,7 @@ kubectl access to the agents' logs. Removes what it made.
 """
 
 import argparse
+import calendar
 import concurrent.futures
 import json
 import os
@@ -149,8 +150,7 @@ def agent_log_lines(since):
             ts = m.group(1)
             # RFC 3339 with nanoseconds from kubectl --timestamps.
             base, frac = (ts.rstrip("Z").split(".") + ["0"])[:2]
-            t = time.mktime(time.strptime(base, "%Y-%m-%dT%H:%M:%S")) - time.timezone
-            t += float("0." + frac)
+            t = calendar.timegm(time.strptime(base, "%Y-%m-%dT%H:%M:%S")) + float("0." + frac)
             out.append((t, rpc.group(1), vol.group(1)))
     return out
 
